@@ -1,0 +1,1 @@
+"""Numerical checks: pure functions, tensors in, Findings out, no I/O."""

@@ -1,0 +1,134 @@
+"""The `influence-doctor` command line: a thin shell over the library.
+
+Exit codes: 0 healthy or healed, 1 sick, 2 bad usage or bad input (one sentence, no traceback),
+130 interrupted (a partial report is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from influence_doctor import __version__
+from influence_doctor.errors import UsageError
+
+EXIT_OK, EXIT_SICK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one sentence and exit 2 (argparse's default code, kept)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(
+            f"{message[:1].upper()}{message[1:]} (see 'influence-doctor {self.prog.split()[-1]} --help')."
+        )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="influence-doctor",
+        description="Run kronfluence influence pipelines instrumented, find what breaks them, and say why.",
+    )
+    parser.add_argument("--version", action="version", version=f"influence-doctor {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="rehearse a pipeline on a subsample, check every stage and write a report",
+        description="Run TARGET (or a built-in demo) through covariance, eigendecomposition, lambda and "
+        "scores with every stage checked, and write reports/<pipeline>/<run-id>/report.json.",
+    )
+    diagnose.add_argument(
+        "target",
+        nargs="?",
+        metavar="TARGET",
+        help="'package.module:attr' or 'path/to/file.py:attr' naming a Pipeline or a function returning one; "
+        "omitted: the built-in demo (tiny-lm unless --demo says otherwise)",
+    )
+    diagnose.add_argument(
+        "--demo", metavar="NAME", help="built-in demo to run: tiny-lm (default), uci-mlp, conv"
+    )
+    diagnose.add_argument("--out", default="reports", metavar="DIR", help="reports folder (default: reports)")
+    diagnose.add_argument("--no-fix", action="store_true", help="diagnose only; apply no remedy")
+    diagnose.add_argument("--full", action="store_true", help="analyse every training example (no rehearsal)")
+    diagnose.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="rehearsal size: training examples analysed, a seeded subsample (default: 1024)",
+    )
+    diagnose.add_argument(
+        "--queries", type=_positive_int, default=16, metavar="N", help="query examples analysed (default: 16)"
+    )
+    diagnose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
+    diagnose.add_argument("--seed", type=int, default=None, help="override the pipeline's seed")
+    diagnose.add_argument(
+        "--format",
+        choices=("text", "json", "md"),
+        default="text",
+        help="what goes to stdout; json prints exactly the report.json document",
+    )
+    diagnose.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    diagnose.set_defaults(handler=_diagnose)
+    return parser
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from influence_doctor.demos import DEFAULT_DEMO, load_demo
+    from influence_doctor.targets import load_target
+
+    if args.target and args.demo:
+        raise UsageError("Give either a TARGET or --demo, not both.")
+    pipeline = load_target(args.target) if args.target else load_demo(args.demo or DEFAULT_DEMO)
+    target = args.target or f"demo:{args.demo or DEFAULT_DEMO}"
+
+    from influence_doctor.doctor import diagnose
+    from influence_doctor.report.text import render
+
+    report = diagnose(
+        pipeline,
+        fix=not args.no_fix,
+        out_dir=args.out,
+        examples=None if args.full else args.examples,
+        queries=args.queries,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+        target=target,
+    )
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.document, indent=2) + "\n")
+    else:
+        sys.stdout.write(render(report.document, markdown=args.format == "md"))
+        sys.stdout.write(f"\nReport: {report.json_path}\n")
+    return EXIT_OK if report.status in ("healthy", "healed") else EXIT_SICK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"influence-doctor: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("influence-doctor: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

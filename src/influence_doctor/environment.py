@@ -1,0 +1,78 @@
+"""What a report must record to be reproduced: versions, device, determinism, the user's git commit."""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run touches, so two runs with one seed compute the same numbers."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks CUDA when present; asking for CUDA without it is a usage error."""
+    import torch
+
+    from influence_doctor.errors import UsageError
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {requested!r}.")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
+    return requested
+
+
+def git_commit(directory: Path) -> dict[str, Any]:
+    """Commit and dirtiness of the repository holding `directory`; None outside a git checkout."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=directory, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit, "dirty": dirty}
+
+
+def describe_environment(device: str, seed: int) -> dict[str, Any]:
+    import kronfluence
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "kronfluence": getattr(kronfluence, "__version__", None),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "seed": seed,
+        "deterministic": {
+            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        },
+        "git": git_commit(Path.cwd()),
+    }

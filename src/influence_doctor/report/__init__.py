@@ -1,0 +1,1 @@
+"""Turning a finished run into report.json / report.md and terminal text."""

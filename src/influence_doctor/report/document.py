@@ -1,0 +1,102 @@
+"""The report.json document (SPEC section 6): fixed top-level keys, built from a finished Run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from influence_doctor import __version__
+from influence_doctor.environment import describe_environment
+from influence_doctor.pipeline import STAGES
+from influence_doctor.report.scores import summarize_scores, total_scores
+from influence_doctor.runner.run import Run
+
+SCHEMA_VERSION = 1
+TOP_LEVEL_KEYS: tuple[str, ...] = (
+    "schema_version",
+    "tool",
+    "pipeline",
+    "status",
+    "environment",
+    "config",
+    "stages",
+    "remedies",
+    "prescription",
+    "scores",
+    "fidelity",
+    "projection",
+    "gates",
+)
+SCORE_STAGES: dict[str, str] = {"pairwise": "pairwise_scores", "self": "self_scores"}
+
+
+def build_report(run: Run, status: str, target: str | None = None) -> dict[str, Any]:
+    """Everything a person or a CI gate needs to judge and reproduce the run, as plain JSON types."""
+    document: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "influence-doctor", "version": __version__},
+        "pipeline": {
+            "name": run.pipeline.name,
+            "target": target,
+            "run_id": run.run_dir.name,
+            "run_dir": str(run.run_dir),
+            "analysis_dir": str(run.analysis_dir),
+            "rehearsal": {
+                "examples": len(run.train_indices),
+                "examples_total": run.train_examples_total,
+                "queries": len(run.query_indices),
+                "full": run.options.examples is None,
+            },
+            "partial": run.interrupted_in is not None,
+            "interrupted_in": run.interrupted_in,
+        },
+        "status": status,
+        "environment": describe_environment(run.device, run.seed),
+        "config": {
+            "factor_args": run.factor_args.to_dict(),
+            "score_args": run.score_args.to_dict(),
+            "scores": list(run.pipeline.scores),
+            "batch_size": run.pipeline.batch_size,
+            "query_batch_size": run.pipeline.query_batch_size,
+            "seed": run.seed,
+            "examples": run.options.examples,
+            "queries": run.options.queries,
+            "device": run.device,
+            "fix": run.options.fix,
+        },
+        "stages": [_stage_entry(run, name) for name in STAGES],
+        "remedies": [],
+        "prescription": {},
+        "scores": _scores_block(run),
+        "fidelity": {},
+        "projection": {},
+        "gates": {},
+    }
+    assert tuple(document) == TOP_LEVEL_KEYS
+    return document
+
+
+def _stage_entry(run: Run, name: str) -> dict[str, Any]:
+    record = run.stages[name]
+    metrics = dict(record.metrics)
+    if name == "train":
+        metrics["curve"] = run.monitor.to_dict()
+    return {
+        "name": name,
+        "status": record.status,
+        "seconds": record.seconds,
+        "findings": [finding.to_dict() for finding in record.findings],
+        "metrics": metrics,
+        "configured_dtypes": record.configured_dtypes,
+        "error": record.error,
+        "reason": record.reason,
+        "calls": record.calls,
+    }
+
+
+def _scores_block(run: Run) -> dict[str, Any]:
+    block: dict[str, Any] = {}
+    for kind, stage in SCORE_STAGES.items():
+        artifact = run.artifacts.get(stage)
+        if artifact:
+            block[kind] = summarize_scores(total_scores(artifact))
+    return block

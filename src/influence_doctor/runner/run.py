@@ -1,0 +1,81 @@
+"""The records a run keeps: options, one StageRecord per stage, and the in-memory artifacts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from influence_doctor.findings import Finding
+from influence_doctor.pipeline import STAGES, Pipeline, TrainingMonitor
+
+STAGE_STATUSES = ("ok", "warn", "fail", "error", "skipped", "not-run", "interrupted")
+"""ok/warn/fail: the stage ran and its checks say so; error: it raised; skipped: the strategy does not
+need it; not-run: a stage it depends on did not complete; interrupted: the run was stopped inside it."""
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path = field(
+        default=Path("reports"), metadata={"help": "Where reports/<pipeline>/<run-id>/ go."}
+    )
+    examples: int | None = field(
+        default=1024, metadata={"help": "Rehearsal size: training examples analysed; None analyses all."}
+    )
+    queries: int | None = field(default=16, metadata={"help": "Query examples analysed; None uses all."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda."})
+    seed: int | None = field(default=None, metadata={"help": "Overrides Pipeline.seed when given."})
+    progress: bool = field(default=True, metadata={"help": "Print per-stage progress on stderr."})
+    run_id: str | None = field(
+        default=None, metadata={"help": "Name of the run folder; a timestamp if None."}
+    )
+    fix: bool = field(default=True, metadata={"help": "Apply remedies to heal what the checks find."})
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str = "not-run"
+    seconds: float | None = None
+    configured_dtypes: dict[str, str | None] = field(default_factory=dict)
+    error: dict[str, str] | None = None  # {"type": qualified exception type, "message": text}
+    reason: str | None = None  # why the stage was skipped or not run
+    findings: list[Finding] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)  # the kronfluence calls made, in order
+
+    @property
+    def completed(self) -> bool:
+        return self.status in ("ok", "warn", "fail")
+
+
+@dataclass
+class Run:
+    """Everything one pass through the pipeline produced; the checks read it, the report serialises it."""
+
+    pipeline: Pipeline
+    options: RunOptions
+    run_dir: Path
+    device: str
+    seed: int
+    factor_args: Any
+    score_args: Any
+    model: Any = None
+    analyzer: Any = None
+    train_subset: Any = None
+    query_subset: Any = None
+    train_indices: list[int] = field(default_factory=list)
+    query_indices: list[int] = field(default_factory=list)
+    train_examples_total: int = 0
+    monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
+    stages: dict[str, StageRecord] = field(
+        default_factory=lambda: {name: StageRecord(name) for name in STAGES}
+    )
+    artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
+    factors_name: str = "factors"
+    interrupted_in: str | None = None
+
+    @property
+    def analysis_dir(self) -> Path:
+        """Where kronfluence writes; always inside the run's own folder."""
+        return self.run_dir / "kronfluence"

@@ -1,0 +1,370 @@
+"""Run the pipeline: train, then one kronfluence call per influence stage, recording every outcome.
+
+A stage that raises is recorded (exception type and message) and the stages that depend on it are
+marked not-run; the run itself never crashes on a stage's exception. Ctrl-C marks the current stage
+interrupted and propagates, so the caller can still write a partial report.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from influence_doctor.environment import resolve_device, seed_everything
+from influence_doctor.findings import Finding, worst_severity
+from influence_doctor.pipeline import STAGES, Pipeline, resolve
+from influence_doctor.progress import StageProgress
+from influence_doctor.runner.run import Run, RunOptions, StageRecord
+
+INFLUENCE_STAGES: tuple[str, ...] = STAGES[1:]
+
+
+def create_run(pipeline: Pipeline, options: RunOptions, progress: StageProgress | None = None) -> Run:
+    """Resolve device and seed and create the run's own folder; nothing of the user's is touched."""
+    progress = progress or StageProgress(enabled=options.progress)
+    seed = pipeline.seed if options.seed is None else options.seed
+    device = resolve_device(options.device)
+    run = Run(
+        pipeline=pipeline,
+        options=options,
+        run_dir=_new_run_dir(Path(options.out_dir), pipeline.name, options.run_id),
+        device=device,
+        seed=seed,
+        factor_args=pipeline.factor_args,
+        score_args=pipeline.score_args,
+    )
+    progress.note(f"pipeline {pipeline.name!r} on {device}, seed {seed}, writing to {run.run_dir}")
+    return run
+
+
+def run_train_stage(run: Run, progress: StageProgress | None = None) -> Run:
+    """Seed, build and train the model, subsample the data and set up kronfluence's Analyzer."""
+    progress = progress or StageProgress(enabled=run.options.progress)
+    pipeline = run.pipeline
+    record = run.stages["train"]
+    with _stage(run, record, progress):
+        seed_everything(run.seed)
+        model = resolve(pipeline.model)
+        train_dataset = resolve(pipeline.train_dataset)
+        query_dataset = resolve(pipeline.query_dataset)
+        model.to(run.device)
+        if pipeline.train is not None:
+            record.calls.append("train")
+            pipeline.train(model, train_dataset, run.monitor)
+            record.metrics["trained"] = True
+        else:
+            record.metrics["trained"] = False
+            record.reason = "the pipeline gives no train function: the model is analysed as built"
+        record.metrics["steps"] = len(run.monitor.loss)
+        record.metrics["parameters"] = sum(p.numel() for p in model.parameters())
+        record.metrics["parameter_dtypes"] = sorted({_dtype_name(p.dtype) for p in model.parameters()})
+        _prepare_analysis(run, model, train_dataset, query_dataset)
+    return run
+
+
+def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: Any) -> None:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from torch.utils.data import Subset
+
+    run.train_examples_total = len(train_dataset)
+    run.train_indices = _subsample(len(train_dataset), run.options.examples, run.seed)
+    run.query_indices = list(range(len(query_dataset)))[: run.options.queries]
+    run.train_subset = Subset(train_dataset, run.train_indices)
+    run.query_subset = Subset(query_dataset, run.query_indices)
+    run.model = prepare_model(model=model, task=run.pipeline.task)
+    with _quiet_kronfluence():
+        run.analyzer = Analyzer(
+            analysis_name=run.pipeline.name,
+            model=run.model,
+            task=run.pipeline.task,
+            cpu=run.device == "cpu",
+            disable_tqdm=True,
+            log_level=logging.WARNING,
+            output_dir=str(run.analysis_dir),
+        )
+    run.stages["train"].metrics["tracked_modules"] = _tracked_module_names(run.model)
+    run.stages["train"].metrics["examples_analysed"] = len(run.train_indices)
+    run.stages["train"].metrics["queries_analysed"] = len(run.query_indices)
+
+
+def _subsample(total: int, examples: int | None, seed: int) -> list[int]:
+    """A seeded, sorted subsample: the rehearsal sees a fixed, representative slice of the data."""
+    import torch
+
+    if examples is None or examples >= total:
+        return list(range(total))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=generator)[:examples].tolist())
+
+
+def run_influence_stages(
+    run: Run,
+    progress: StageProgress | None = None,
+    *,
+    first_stage: str = "covariance",
+    factors_name: str | None = None,
+    load_covariance_from: str | None = None,
+    on_stage_done: Callable[[StageRecord], None] | None = None,
+) -> Run:
+    """Run the influence stages from `first_stage` on, with `run.factor_args` / `run.score_args`.
+
+    `load_covariance_from` names another factors folder whose covariances the eigendecomposition
+    should start from (kronfluence's `load_from_factors_name`), for doctored covariances.
+    `on_stage_done` is called as each stage finishes, before its verdict is settled, so the checks
+    run while artifacts are fresh and their findings decide the stage's status.
+    """
+    from kronfluence.factor.config import FactorConfig
+
+    progress = progress or StageProgress(enabled=run.options.progress)
+    if first_stage not in INFLUENCE_STAGES:
+        raise ValueError(f"first_stage must be one of {INFLUENCE_STAGES}, not {first_stage!r}")
+    if factors_name is not None:
+        run.factors_name = factors_name
+    strategy = FactorConfig.CONFIGS[run.factor_args.strategy]
+    needed = {
+        "covariance": strategy.requires_covariance_matrices,
+        "eigendecomposition": strategy.requires_eigendecomposition,
+        "lambda": strategy.requires_lambda_matrices,
+        "pairwise_scores": "pairwise" in run.pipeline.scores,
+        "self_scores": "self" in run.pipeline.scores,
+    }
+    reasons = {
+        "pairwise_scores": "the pipeline does not ask for pairwise scores",
+        "self_scores": "the pipeline does not ask for self scores",
+    }
+    start = INFLUENCE_STAGES.index(first_stage)
+    for index, name in enumerate(INFLUENCE_STAGES):
+        if index < start:
+            continue
+        record = run.stages[name] = StageRecord(name)
+        record.configured_dtypes = _configured_dtypes(run, name)
+        if not needed[name]:
+            record.status = "skipped"
+            record.reason = reasons.get(name, f"strategy {run.factor_args.strategy!r} does not need it")
+            if name == "covariance":
+                # Still let kronfluence record the factor arguments the score stages will read.
+                _CALLS[name](run, None)
+            progress.end(name, record.status, detail=record.reason)
+            continue
+        blocker = _blocking_stage(run, name)
+        if blocker is not None:
+            record.reason = f"stage {blocker!r} did not complete"
+            progress.end(name, "not-run", detail=record.reason)
+            continue
+        with _stage(run, record, progress):
+            seed_everything(run.seed + STAGES.index(name))
+            record.calls.append(_CALL_NAMES[name])
+            started = time.perf_counter()
+            with _quiet_kronfluence():
+                _CALLS[name](run, load_covariance_from)
+            record.seconds = time.perf_counter() - started
+            run.artifacts[name] = _LOADERS[name](run)
+            record.metrics.update(_artifact_metrics(name, run.artifacts[name]))
+            if on_stage_done is not None:
+                on_stage_done(record)
+    return run
+
+
+def _blocking_stage(run: Run, name: str) -> str | None:
+    """The earliest stage this one depends on that did not complete, or None."""
+    prerequisites = ["train", "covariance", "eigendecomposition", "lambda"]
+    for earlier in prerequisites[: STAGES.index(name)]:
+        status = run.stages[earlier].status
+        if status not in ("ok", "warn", "fail", "skipped"):
+            return earlier
+    return None
+
+
+@contextmanager
+def _stage(run: Run, record: StageRecord, progress: StageProgress) -> Iterator[None]:
+    """Time the stage, turn an exception into a recorded error, and mark Ctrl-C as interrupted."""
+    progress.start(record.name)
+    started = time.perf_counter()
+    try:
+        yield
+    except KeyboardInterrupt:
+        record.status = "interrupted"
+        record.seconds = time.perf_counter() - started
+        run.interrupted_in = record.name
+        progress.end(record.name, record.status, record.seconds)
+        raise
+    except Exception as exc:  # any failure inside the user's or kronfluence's code is data, not a crash
+        record.status = "error"
+        record.seconds = time.perf_counter() - started
+        record.error = {"type": _qualified_name(type(exc)), "message": str(exc).strip()}
+        record.findings.append(
+            Finding(
+                check=f"{record.name}.raised",
+                stage=record.name,
+                subject="",
+                severity="fail",
+                value=None,
+                limit=None,
+                cause=None,
+                message=f"The {record.name} stage raised {type(exc).__name__}: {_first_line(exc)}",
+            )
+        )
+        progress.end(record.name, record.status, record.seconds, f"{type(exc).__name__}: {_first_line(exc)}")
+        return
+    if record.status == "not-run":
+        record.status = {"fail": "fail", "warn": "warn"}.get(worst_severity(record.findings) or "", "ok")
+    if record.seconds is None:
+        record.seconds = time.perf_counter() - started
+    progress.end(record.name, record.status, record.seconds)
+
+
+@contextmanager
+def _quiet_kronfluence() -> Iterator[None]:
+    """kronfluence emits deprecation warnings from torch on every call; they are noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"kronfluence|torch")
+        yield
+
+
+def _fit_covariance(run: Run, _load_from: str | None) -> None:
+    run.analyzer.fit_covariance_matrices(
+        factors_name=run.factors_name,
+        dataset=run.train_subset,
+        per_device_batch_size=run.pipeline.batch_size,
+        factor_args=run.factor_args,
+        overwrite_output_dir=True,
+    )
+
+
+def _eigendecompose(run: Run, load_covariance_from: str | None) -> None:
+    run.analyzer.perform_eigendecomposition(
+        factors_name=run.factors_name,
+        factor_args=run.factor_args,
+        overwrite_output_dir=True,
+        load_from_factors_name=load_covariance_from,
+    )
+
+
+def _fit_lambda(run: Run, _load_from: str | None) -> None:
+    run.analyzer.fit_lambda_matrices(
+        factors_name=run.factors_name,
+        dataset=run.train_subset,
+        per_device_batch_size=run.pipeline.batch_size,
+        factor_args=run.factor_args,
+        overwrite_output_dir=True,
+    )
+
+
+def _pairwise(run: Run, _load_from: str | None) -> None:
+    run.analyzer.compute_pairwise_scores(
+        scores_name=f"{run.factors_name}_pairwise",
+        factors_name=run.factors_name,
+        query_dataset=run.query_subset,
+        train_dataset=run.train_subset,
+        per_device_query_batch_size=run.pipeline.query_batch_size,
+        per_device_train_batch_size=run.pipeline.batch_size,
+        score_args=run.score_args,
+        overwrite_output_dir=True,
+    )
+
+
+def _self(run: Run, _load_from: str | None) -> None:
+    run.analyzer.compute_self_scores(
+        scores_name=f"{run.factors_name}_self",
+        factors_name=run.factors_name,
+        train_dataset=run.train_subset,
+        per_device_train_batch_size=run.pipeline.batch_size,
+        score_args=run.score_args,
+        overwrite_output_dir=True,
+    )
+
+
+_CALLS: dict[str, Callable[[Run, str | None], None]] = {
+    "covariance": _fit_covariance,
+    "eigendecomposition": _eigendecompose,
+    "lambda": _fit_lambda,
+    "pairwise_scores": _pairwise,
+    "self_scores": _self,
+}
+_CALL_NAMES: dict[str, str] = {
+    "covariance": "fit_covariance_matrices",
+    "eigendecomposition": "perform_eigendecomposition",
+    "lambda": "fit_lambda_matrices",
+    "pairwise_scores": "compute_pairwise_scores",
+    "self_scores": "compute_self_scores",
+}
+_LOADERS: dict[str, Callable[[Run], Any]] = {
+    "covariance": lambda run: run.analyzer.load_covariance_matrices(run.factors_name),
+    "eigendecomposition": lambda run: run.analyzer.load_eigendecomposition(run.factors_name),
+    "lambda": lambda run: run.analyzer.load_lambda_matrices(run.factors_name),
+    "pairwise_scores": lambda run: run.analyzer.load_pairwise_scores(f"{run.factors_name}_pairwise"),
+    "self_scores": lambda run: run.analyzer.load_self_scores(f"{run.factors_name}_self"),
+}
+
+
+def _configured_dtypes(run: Run, stage: str) -> dict[str, str | None]:
+    """The precision settings that govern each stage, as configured (not as observed)."""
+    fa, sa = run.factor_args, run.score_args
+    fields = {
+        "covariance": (fa, ("amp_dtype", "activation_covariance_dtype", "gradient_covariance_dtype")),
+        "eigendecomposition": (fa, ("eigendecomposition_dtype",)),
+        "lambda": (fa, ("amp_dtype", "per_sample_gradient_dtype", "lambda_dtype")),
+        "pairwise_scores": (
+            sa,
+            ("amp_dtype", "per_sample_gradient_dtype", "precondition_dtype", "score_dtype"),
+        ),
+        "self_scores": (sa, ("amp_dtype", "per_sample_gradient_dtype", "precondition_dtype", "score_dtype")),
+    }[stage]
+    args, names = fields
+    return {name: _dtype_name(getattr(args, name)) for name in names}
+
+
+def _artifact_metrics(stage: str, artifact: Any) -> dict[str, Any]:
+    """Shapes and stored dtypes of what kronfluence wrote: {factor: {module: {shape, dtype}}}."""
+    if artifact is None:
+        return {}
+    stored: dict[str, dict[str, Any]] = {}
+    for factor, per_module in artifact.items():
+        stored[factor] = (
+            {
+                module: {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+                for module, tensor in per_module.items()
+            }
+            if isinstance(per_module, dict)
+            else {"shape": list(per_module.shape), "dtype": _dtype_name(per_module.dtype)}
+        )
+    return {"stored": stored}
+
+
+def _tracked_module_names(model: Any) -> list[str]:
+    from kronfluence.module.utils import get_tracked_module_names
+
+    return list(get_tracked_module_names(model))
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _new_run_dir(out_dir: Path, pipeline_name: str, run_id: str | None) -> Path:
+    """reports/<pipeline>/<run-id>/, never reusing an existing folder."""
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", pipeline_name)
+    base = run_id or time.strftime("%Y%m%d-%H%M%S")
+    candidate = out_dir / safe_name / base
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = out_dir / safe_name / f"{base}-{suffix}"
+    candidate.mkdir(parents=True)
+    return candidate

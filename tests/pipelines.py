@@ -1,0 +1,67 @@
+"""Small pipelines for the tests: a linear regression model that finishes in well under a second."""
+
+from __future__ import annotations
+
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from influence_doctor import Pipeline, TrainingMonitor
+from influence_doctor.demos.uci_mlp import RegressionTask
+
+
+def regression_data(count: int = 64, features: int = 4, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, features, generator=generator)
+    y = x @ torch.arange(1.0, features + 1) + 0.1 * torch.randn(count, generator=generator)
+    return TensorDataset(x, y.unsqueeze(1))
+
+
+def build_small_mlp(features: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def quick_train(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = dataset.tensors
+    for _ in range(20):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.log(loss)
+
+
+def small_pipeline(**overrides) -> Pipeline:
+    settings = dict(
+        name="small",
+        model=build_small_mlp,
+        task=RegressionTask(),
+        train_dataset=regression_data(64),
+        query_dataset=regression_data(4, seed=1),
+        train=quick_train,
+        factor_args=FactorArguments(strategy="ekfac"),
+        score_args=ScoreArguments(damping_factor=None),
+        batch_size=16,
+        query_batch_size=4,
+    )
+    settings.update(overrides)
+    return Pipeline(**settings)
+
+
+def small() -> Pipeline:
+    """Zero-argument factory, as a TARGET would name it."""
+    return small_pipeline()
+
+
+SMALL = small_pipeline()
+
+
+def not_a_pipeline() -> int:
+    return 42
+
+
+def factory_that_raises() -> Pipeline:
+    raise RuntimeError("the dataset server is down")

@@ -1,0 +1,66 @@
+"""The real `influence-doctor` command in a subprocess, end to end on a built-in demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from influence_doctor import STAGES
+from influence_doctor.report.document import TOP_LEVEL_KEYS
+
+
+@pytest.mark.slow
+def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
+    done = cli("diagnose", "--demo", "uci-mlp", "--out", str(tmp_path), "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    (report_path,) = tmp_path.glob("uci-mlp/*/report.json")
+    on_disk = json.loads(report_path.read_text())
+    assert printed == on_disk  # --format json prints exactly the report document
+    assert tuple(on_disk) == TOP_LEVEL_KEYS
+    assert on_disk["status"] == "healthy"
+    assert [stage["name"] for stage in on_disk["stages"]] == list(STAGES)
+    assert all(stage["status"] == "ok" for stage in on_disk["stages"])
+    assert all(isinstance(stage["seconds"], float) for stage in on_disk["stages"])
+    assert on_disk["environment"]["device"] == "cpu"
+    assert on_disk["environment"]["kronfluence"] == "1.0.1"
+    assert on_disk["scores"]["pairwise"]["shape"] == [16, 1000]
+    # Progress went to stderr, one line per stage.
+    for stage in STAGES:
+        assert stage in done.stderr
+    assert (report_path.parent / "report.md").read_text().startswith("# influence-doctor: uci-mlp")
+
+
+def test_diagnose_target_text_output_and_reports(cli, tmp_path):
+    done = cli("diagnose", "tests.pipelines:small", "--out", str(tmp_path), "--examples", "32", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "Status: HEALTHY" in done.stdout
+    assert "32 of 64 training examples" in done.stdout
+    for stage in STAGES:
+        assert stage in done.stdout
+    report_line = done.stdout.strip().splitlines()[-1]
+    assert report_line.startswith("Report: ") and report_line.endswith("report.json")
+
+
+def test_diagnose_md_format(cli, tmp_path):
+    done = cli("diagnose", "tests.pipelines:small", "--out", str(tmp_path), "--format", "md", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# influence-doctor: small")
+    assert "| stage" in done.stdout
+
+
+def test_sick_pipeline_exits_1(cli, tmp_path):
+    target = tmp_path / "broken.py"
+    target.write_text(
+        "from tests.pipelines import small_pipeline\n"
+        "def broken():\n"
+        "    def train(model, data, monitor):\n"
+        "        raise ValueError('loss exploded')\n"
+        "    return small_pipeline(train=train)\n"
+    )
+    done = cli("diagnose", f"{target}:broken", "--out", str(tmp_path / "r"), "--quiet")
+    assert done.returncode == 1
+    assert "Status: SICK" in done.stdout
+    assert "ValueError: loss exploded" in done.stdout

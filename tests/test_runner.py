@@ -1,0 +1,141 @@
+"""The stage runner on real kronfluence: stages, skips, recorded exceptions, partial reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kronfluence.arguments import FactorArguments
+
+from influence_doctor import STAGES, diagnose
+from tests.pipelines import regression_data, small_pipeline
+
+
+def _statuses(report) -> dict[str, str]:
+    return {stage["name"]: stage["status"] for stage in report.document["stages"]}
+
+
+def test_healthy_small_pipeline_runs_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = diagnose(small_pipeline(), out_dir=tmp_path / "reports", progress=False)
+    assert report.status == "healthy"
+    assert _statuses(report) == dict.fromkeys(STAGES, "ok")
+    stages = {stage["name"]: stage for stage in report.document["stages"]}
+    assert stages["covariance"]["calls"] == ["fit_covariance_matrices"]
+    assert stages["self_scores"]["calls"] == ["compute_self_scores"]
+    assert stages["covariance"]["configured_dtypes"]["activation_covariance_dtype"] == "float32"
+    stored = stages["eigendecomposition"]["metrics"]["stored"]["activation_eigenvectors"]
+    assert stored["0"] == {"shape": [5, 5], "dtype": "float32"}
+    assert report.document["scores"]["pairwise"]["shape"] == [4, 64]
+    assert report.document["scores"]["self"]["finite_fraction"] == 1.0
+    # kronfluence wrote only inside the run's own folder.
+    assert not (tmp_path / "influence_results").exists()
+    assert (report.run_dir / "kronfluence" / "small" / "factors_factors").is_dir()
+    assert json.loads((report.run_dir / "report.json").read_text()) == report.document
+
+
+def test_eigh_failure_is_recorded_and_dependants_not_run(tmp_path):
+    data = regression_data(64)
+    data.tensors[0][5, 2] = float("nan")  # one corrupt feature: the covariance holds NaN, eigh gives up
+    report = diagnose(small_pipeline(train=None, train_dataset=data), out_dir=tmp_path, progress=False)
+    stages = {stage["name"]: stage for stage in report.document["stages"]}
+    assert stages["eigendecomposition"]["status"] == "error"
+    assert stages["eigendecomposition"]["error"]["type"] == "torch._C._LinAlgError"
+    assert "linalg.eigh" in stages["eigendecomposition"]["error"]["message"]
+    assert [f["check"] for f in stages["eigendecomposition"]["findings"]] == ["eigendecomposition.raised"]
+    for later in ("lambda", "pairwise_scores", "self_scores"):
+        assert stages[later]["status"] == "not-run"
+        assert stages[later]["reason"] == "stage 'eigendecomposition' did not complete"
+        assert stages[later]["calls"] == []
+    assert report.status == "sick"
+    assert report.document["scores"] == {}
+
+
+def test_exception_in_user_training_is_recorded(tmp_path):
+    def exploding_train(model, dataset, monitor):
+        monitor.log(1.0)
+        raise RuntimeError("CUDA driver went away")
+
+    report = diagnose(small_pipeline(train=exploding_train), out_dir=tmp_path, progress=False)
+    statuses = _statuses(report)
+    assert statuses["train"] == "error"
+    assert all(statuses[name] == "not-run" for name in STAGES[1:])
+    train = report.document["stages"][0]
+    assert train["error"] == {"type": "RuntimeError", "message": "CUDA driver went away"}
+    assert train["metrics"]["curve"]["loss"] == [1.0]
+    assert report.status == "sick"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "skipped"),
+    [
+        ("kfac", {"lambda"}),
+        ("diagonal", {"covariance", "eigendecomposition"}),
+        ("identity", {"covariance", "eigendecomposition", "lambda"}),
+    ],
+)
+def test_stages_a_strategy_does_not_need_are_skipped(tmp_path, strategy, skipped):
+    report = diagnose(
+        small_pipeline(factor_args=FactorArguments(strategy=strategy)), out_dir=tmp_path, progress=False
+    )
+    statuses = _statuses(report)
+    assert {name for name, status in statuses.items() if status == "skipped"} == skipped
+    assert all(statuses[name] == "ok" for name in set(STAGES) - skipped)
+    assert report.document["scores"]["self"]["finite_fraction"] == 1.0
+
+
+def test_only_requested_scores_are_computed(tmp_path):
+    report = diagnose(small_pipeline(scores=("self",)), out_dir=tmp_path, progress=False)
+    assert _statuses(report)["pairwise_scores"] == "skipped"
+    assert set(report.document["scores"]) == {"self"}
+
+
+def test_rehearsal_subsample_is_seeded_and_sized(tmp_path):
+    first = diagnose(small_pipeline(), out_dir=tmp_path, examples=20, queries=2, progress=False)
+    second = diagnose(small_pipeline(), out_dir=tmp_path, examples=20, queries=2, progress=False)
+    assert first.run.train_indices == second.run.train_indices
+    assert len(first.run.train_indices) == 20
+    assert first.document["scores"]["pairwise"]["shape"] == [2, 20]
+    assert first.document["pipeline"]["rehearsal"] == {
+        "examples": 20,
+        "examples_total": 64,
+        "queries": 2,
+        "full": False,
+    }
+    # Same pipeline, same seed, same machine: bit-identical scores.
+    assert first.document["scores"]["pairwise"]["digest"] == second.document["scores"]["pairwise"]["digest"]
+    assert first.run_dir != second.run_dir
+
+
+def test_interrupt_writes_a_partial_report(tmp_path):
+    def interrupted_train(model, dataset, monitor):
+        monitor.log(3.0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(small_pipeline(train=interrupted_train), out_dir=tmp_path, progress=False)
+    (report_path,) = Path(tmp_path).glob("small/*/report.json")
+    document = json.loads(report_path.read_text())
+    assert document["pipeline"]["partial"] is True
+    assert document["pipeline"]["interrupted_in"] == "train"
+    assert document["stages"][0]["status"] == "interrupted"
+    assert document["status"] == "sick"
+
+
+def test_model_given_as_module_and_nonfinite_scores_fail(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    queries = regression_data(4, seed=1)
+    queries.tensors[0][1, 0] = float("inf")  # one broken query poisons its row of pairwise scores
+    report = diagnose(
+        small_pipeline(model=model, train=None, query_dataset=queries), out_dir=tmp_path, progress=False
+    )
+    statuses = _statuses(report)
+    assert statuses["self_scores"] == "ok"
+    assert statuses["pairwise_scores"] == "fail"
+    (finding,) = report.document["stages"][4]["findings"]
+    assert finding["check"] == "scores.finite"
+    assert finding["value"] == pytest.approx(0.75)  # one query row of four is non-finite
+    assert report.document["scores"]["pairwise"]["nonfinite"] == 64
+    assert report.status == "sick"
