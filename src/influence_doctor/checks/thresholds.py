@@ -1,0 +1,177 @@
+"""Every limit the checks hold numbers to, with the reason for its default.
+
+Limits on rounding-sized quantities are multiples of the relevant dtype's epsilon (see `eps`), so the
+same setting is right for fp16, bf16, fp32 and fp64. Users override any field under
+`[tool.influence-doctor.thresholds]` in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype (integers and bools count as exact: float64's epsilon)."""
+    return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+
+
+def max_value(dtype: torch.dtype) -> float:
+    """Largest finite value of a floating dtype (fp16: 65504)."""
+    return torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # covariance
+    headroom_warn_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Warn when a stored sum reaches this share of its dtype's max: 10x more data overflows."
+        },
+    )
+    symmetry_eps: float = field(
+        default=1024.0,
+        metadata={
+            "help": "‖C−Cᵀ‖/‖C‖ allowed, in epsilons of the stored dtype; sums of xxᵀ are symmetric "
+            "up to accumulation rounding, which stays far below a thousand epsilons."
+        },
+    )
+    negative_diagonal_eps: float = field(
+        default=64.0,
+        metadata={"help": "A diagonal entry below −this·eps·max(diag) is truly negative, not rounding."},
+    )
+    dead_unit_eps: float = field(
+        default=1.0,
+        metadata={
+            "help": "A row whose largest |entry| is ≤ this·eps·max|C| carries no signal (a dead unit)."
+        },
+    )
+    dead_unit_warn_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Warn when more than this share of a factor's units are dead: the factor is "
+            "rank-deficient by that much, and only damping keeps its inverse finite."
+        },
+    )
+    # eigendecomposition
+    orthogonality_eps: float = field(
+        default=64.0,
+        metadata={
+            "help": "‖QᵀQ−I‖_F/√d allowed, in epsilons of the stored dtype times √d (rounding grows as √d)."
+        },
+    )
+    reconstruction_eps: float = field(
+        default=256.0,
+        metadata={"help": "‖QΛQᵀ−C‖_F/‖C‖_F allowed, in epsilons of the eigendecomposition dtype times √d."},
+    )
+    negative_eigenvalue_eps: float = field(
+        default=64.0,
+        metadata={"help": "An eigenvalue below −this·d·eps·λmax is a real negative curvature, not rounding."},
+    )
+    effective_rank_eps: float = field(
+        default=1.0,
+        metadata={
+            "help": "Eigenvalues ≤ this·d·eps·λmax count as zero for the effective rank (LAPACK's rule)."
+        },
+    )
+    rank_deficient_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fail a factor whose effective rank is below this share of its size and whose "
+            "damping is below the numerical floor: its inverse is then unbounded."
+        },
+    )
+    max_condition_error: float = field(
+        default=0.01,
+        metadata={
+            "help": "cond(Λ+δ)·eps(precondition dtype) above this leaves preconditioned gradients "
+            "with errors above 1%."
+        },
+    )
+    damping_floor_eps: float = field(
+        default=1.0,
+        metadata={"help": "Damping below this·eps·λmax vanishes in rounding when added: it damps nothing."},
+    )
+    # scores
+    outlier_mad: float = field(
+        default=1e4,
+        metadata={
+            "help": "Scores further than this many robust SDs (1.4826·MAD) from the median are absurd; "
+            "heavy-tailed but healthy influence stays within a few hundred."
+        },
+    )
+    outlier_warn_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of absurd scores tolerated; none by default, one absurd score skews rankings."
+        },
+    )
+    negative_self_influence_eps: float = field(
+        default=64.0,
+        metadata={"help": "A self-influence below −this·eps·max|self| is negative for real: H was not PSD."},
+    )
+    module_dominance_share: float = field(
+        default=0.9,
+        metadata={"help": "Warn when one module carries more than this share of total |score| mass."},
+    )
+    damping_sensitivity_min_spearman: float = field(
+        default=0.9,
+        metadata={
+            "help": "Rankings that change more than this under 10x damping depend on the damping guess."
+        },
+    )
+    # precision probe
+    precision_error_eps: float = field(
+        default=4096.0,
+        metadata={
+            "help": "Relative factor error vs float64 allowed, in epsilons of the configured dtype: "
+            "sums of n terms lose up to √n·eps, so a few thousand eps is the limit of honest rounding."
+        },
+    )
+    precision_min_spearman: float = field(
+        default=0.99,
+        metadata={"help": "Score rankings must agree with the float64 shadow run at least this well."},
+    )
+    # training
+    loss_window_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of steps averaged at the start and at the end of training to compare loss."},
+    )
+    divergence_ratio: float = field(
+        default=3.0,
+        metadata={
+            "help": "Training diverged when the final loss exceeds this multiple of the lowest smoothed loss."
+        },
+    )
+    oscillation_max_sign_changes: float = field(
+        default=0.35,
+        metadata={
+            "help": "Share of steps where the smoothed loss changes direction; a converging curve "
+            "changes direction rarely once smoothed, noise near a minimum stays below a third."
+        },
+    )
+    oscillation_min_amplitude: float = field(
+        default=0.25,
+        metadata={
+            "help": "Swing of the smoothed loss in its last half, relative to its level, that makes "
+            "frequent direction changes an oscillation rather than noise at convergence."
+        },
+    )
+    max_generalization_gap: float = field(
+        default=1.0,
+        metadata={"help": "Warn when final validation loss exceeds training loss by more than this ratio."},
+    )
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> Thresholds:
+        """Build from a config table; an unknown key is a ValueError naming it and the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown threshold {unknown[0]!r}; known thresholds are: {', '.join(sorted(known))}"
+            )
+        return cls(**{name: float(value) for name, value in values.items()})
