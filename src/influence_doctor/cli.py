@@ -21,9 +21,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one sentence and exit 2 (argparse's default code, kept)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(
-            f"{message[:1].upper()}{message[1:]} (see 'influence-doctor {self.prog.split()[-1]} --help')."
-        )
+        raise UsageError(f"{message[:1].upper()}{message[1:]} (see 'influence-doctor {self.prog.split()[-1]} --help').")
 
 
 def _positive_int(text: str) -> int:
@@ -58,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'package.module:attr' or 'path/to/file.py:attr' naming a Pipeline or a function returning one; "
         "omitted: the built-in demo (tiny-lm unless --demo says otherwise)",
     )
-    diagnose.add_argument(
-        "--demo", metavar="NAME", help="built-in demo to run: tiny-lm (default), uci-mlp, conv"
-    )
+    diagnose.add_argument("--demo", metavar="NAME", help="built-in demo to run: tiny-lm (default), uci-mlp, conv")
     diagnose.add_argument("--out", default="reports", metavar="DIR", help="reports folder (default: reports)")
     diagnose.add_argument("--no-fix", action="store_true", help="diagnose only; apply no remedy")
     diagnose.add_argument("--full", action="store_true", help="analyse every training example (no rehearsal)")

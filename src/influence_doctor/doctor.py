@@ -65,8 +65,9 @@ def diagnose(
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
     try:
-        run_train_stage(run, reporter)
-        run_influence_stages(run, reporter, on_stage_done=lambda record: examine_stage(run, record))
+        examine = lambda record: examine_stage(run, record)  # noqa: E731
+        run_train_stage(run, reporter, on_stage_done=examine)
+        run_influence_stages(run, reporter, on_stage_done=examine)
     except KeyboardInterrupt:
         _write(run, "sick", target)
         reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")

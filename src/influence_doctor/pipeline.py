@@ -96,9 +96,7 @@ class Pipeline:
     factor_args: Any = field(default=None, metadata={"help": "kronfluence FactorArguments, used as given."})
     score_args: Any = field(default=None, metadata={"help": "kronfluence ScoreArguments, used as given."})
     scores: Sequence[str] = field(default=("pairwise", "self"), metadata={"help": "Which scores to compute."})
-    batch_size: int = field(
-        default=64, metadata={"help": "Per-device batch size for factors and train scores."}
-    )
+    batch_size: int = field(default=64, metadata={"help": "Per-device batch size for factors and train scores."})
     query_batch_size: int = field(default=8, metadata={"help": "Per-device batch size for query gradients."})
     seed: int = field(default=0, metadata={"help": "Seed for every random number generator the run touches."})
     query_labels: Sequence[str] | None = field(

@@ -34,12 +34,9 @@ def load_target(target: str) -> Pipeline:
         if isinstance(pipeline, Pipeline):
             return pipeline
         raise UsageError(
-            f"TARGET {target!r}: {attr}() returned {type(pipeline).__name__}, "
-            "not an influence_doctor.Pipeline."
+            f"TARGET {target!r}: {attr}() returned {type(pipeline).__name__}, not an influence_doctor.Pipeline."
         )
-    raise UsageError(
-        f"TARGET {target!r} is a {type(obj).__name__}, not a Pipeline or a callable returning one."
-    )
+    raise UsageError(f"TARGET {target!r} is a {type(obj).__name__}, not a Pipeline or a callable returning one.")
 
 
 def _import_module(name: str):
@@ -51,14 +48,10 @@ def _import_module(name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and name.startswith(exc.name):
-            raise UsageError(
-                f"TARGET module {name!r} cannot be found (is it installed or on the path?)."
-            ) from exc
+            raise UsageError(f"TARGET module {name!r} cannot be found (is it installed or on the path?).") from exc
         raise UsageError(f"TARGET module {name!r} failed to import: {_first_line(exc)}") from exc
     except Exception as exc:
-        raise UsageError(
-            f"TARGET module {name!r} failed to import: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
+        raise UsageError(f"TARGET module {name!r} failed to import: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def _import_file(path_text: str):

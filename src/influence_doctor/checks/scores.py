@@ -1,9 +1,15 @@
-"""Checks on influence scores."""
+"""Checks on influence scores: finite, no absurd outliers, self-influence ≥ 0, no dominant module,
+and stable rankings when the damping changes."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from influence_doctor.checks.measures import as_float64, robust_z_max
+from influence_doctor.checks.outcome import CheckOutcome, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps
 from influence_doctor.findings import Finding
 
 
@@ -15,7 +21,7 @@ def finite_fraction(scores: torch.Tensor) -> float:
 
 
 def check_scores_finite(
-    stage: str, subject: str, scores: torch.Tensor, min_fraction: float = 1.0
+    stage: str, subject: str, scores: torch.Tensor, min_fraction: float = 1.0, cause: str | None = None
 ) -> list[Finding]:
     """Every score must be finite: a single inf or NaN poisons rankings and sums.
 
@@ -33,7 +39,108 @@ def check_scores_finite(
             severity="fail",
             value=fraction,
             limit=min_fraction,
-            cause=None,
+            cause=cause,
             message=f"{bad} of {scores.numel()} {subject} scores are inf or NaN.",
         )
     ]
+
+
+def check_scores(
+    stage: str, subject: str, scores: torch.Tensor, thresholds: Thresholds, *, overflow_prone: bool = False
+) -> CheckOutcome:
+    """Finite share, robust outliers (median/MAD) and, for self-influence, non-negativity."""
+    outcome = CheckOutcome(metrics={"finite_fraction": finite_fraction(scores)})
+    outcome.findings += check_scores_finite(
+        stage,
+        subject,
+        scores,
+        cause="fp16-overflow" if overflow_prone and bool(torch.isinf(scores).any()) else None,
+    )
+    z = robust_z_max(scores)
+    outcome.metrics["max_robust_z"] = z
+    if not math.isnan(z) and z > thresholds.outlier_mad:
+        outcome.findings.append(
+            Finding(
+                check="scores.outliers",
+                stage=stage,
+                subject=subject,
+                severity="fail",
+                value=z,
+                limit=thresholds.outlier_mad,
+                cause="score-outliers",
+                message=f"A {subject} score lies {fmt(z)} robust SDs from the median: it dwarfs every other score.",
+            )
+        )
+    if subject == "self":
+        values = as_float64(scores)
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            lowest = float(values.min().item())
+            limit = -thresholds.negative_self_influence_eps * eps(scores.dtype) * float(values.abs().max().item())
+            outcome.metrics["min_self_influence"] = lowest
+            if lowest < limit:
+                negatives = int((values < limit).sum().item())
+                outcome.findings.append(
+                    Finding(
+                        check="scores.self_nonnegative",
+                        stage=stage,
+                        subject=subject,
+                        severity="fail",
+                        value=lowest,
+                        limit=limit,
+                        cause="not-psd",
+                        message=f"{negatives} self-influence scores are negative (lowest {fmt(lowest)}): "
+                        "gᵀ(H+δ)⁻¹g cannot be negative when the curvature is positive semidefinite.",
+                    )
+                )
+    return outcome
+
+
+def check_module_dominance(stage: str, per_module: dict[str, torch.Tensor], thresholds: Thresholds) -> CheckOutcome:
+    """Share of total |score| mass per module; one module carrying nearly all of it hides the rest."""
+    masses = {
+        name: float(as_float64(tensor).nan_to_num(0.0, 0.0, 0.0).abs().sum().item())
+        for name, tensor in per_module.items()
+        if name != "all_modules"
+    }
+    total = sum(masses.values())
+    outcome = CheckOutcome()
+    if len(masses) < 2 or total <= 0.0:
+        return outcome
+    top_module, top_mass = max(masses.items(), key=lambda item: item[1])
+    share = top_mass / total
+    outcome.metrics["dominant_module"] = top_module
+    outcome.metrics["dominant_share"] = share
+    if share > thresholds.module_dominance_share:
+        outcome.findings.append(
+            Finding(
+                check="scores.module_dominance",
+                stage=stage,
+                subject=top_module,
+                severity="warn",
+                value=share,
+                limit=thresholds.module_dominance_share,
+                cause=None,
+                message=f"{top_module} carries {share:.0%} of all score mass: the other modules barely count.",
+            )
+        )
+    return outcome
+
+
+def check_damping_sensitivity(stage: str, spearman: float, thresholds: Thresholds) -> CheckOutcome:
+    """Rankings should survive a 10× damping change; if not, the damping guess decides the answer."""
+    outcome = CheckOutcome(metrics={"damping_x10_spearman": spearman})
+    if not math.isnan(spearman) and spearman < thresholds.damping_sensitivity_min_spearman:
+        outcome.findings.append(
+            Finding(
+                check="scores.damping_sensitivity",
+                stage=stage,
+                subject="",
+                severity="warn",
+                value=spearman,
+                limit=thresholds.damping_sensitivity_min_spearman,
+                cause=None,
+                message=f"Rankings change under 10× damping (Spearman {spearman:.3f}): they depend on the damping.",
+            )
+        )
+    return outcome

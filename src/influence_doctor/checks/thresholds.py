@@ -28,9 +28,7 @@ class Thresholds:
     # covariance
     headroom_warn_fraction: float = field(
         default=0.1,
-        metadata={
-            "help": "Warn when a stored sum reaches this share of its dtype's max: 10x more data overflows."
-        },
+        metadata={"help": "Warn when a stored sum reaches this share of its dtype's max: 10x more data overflows."},
     )
     symmetry_eps: float = field(
         default=1024.0,
@@ -45,9 +43,7 @@ class Thresholds:
     )
     dead_unit_eps: float = field(
         default=1.0,
-        metadata={
-            "help": "A row whose largest |entry| is ≤ this·eps·max|C| carries no signal (a dead unit)."
-        },
+        metadata={"help": "A row whose largest |entry| is ≤ this·eps·max|C| carries no signal (a dead unit)."},
     )
     dead_unit_warn_fraction: float = field(
         default=0.25,
@@ -58,14 +54,18 @@ class Thresholds:
     )
     # eigendecomposition
     orthogonality_eps: float = field(
-        default=64.0,
+        default=8.0,
         metadata={
-            "help": "‖QᵀQ−I‖_F/√d allowed, in epsilons of the stored dtype times √d (rounding grows as √d)."
+            "help": "‖QᵀQ−I‖_F/√d allowed, in epsilons of the precondition dtype; stored eigenvectors "
+            "sit about 0.3 eps of their own dtype from orthonormal, so storage is fine below this."
         },
     )
     reconstruction_eps: float = field(
-        default=256.0,
-        metadata={"help": "‖QΛQᵀ−C‖_F/‖C‖_F allowed, in epsilons of the eigendecomposition dtype times √d."},
+        default=16.0,
+        metadata={
+            "help": "‖QΛQᵀ−C‖_F/‖C‖_F allowed, in √d·eps of the coarser of the eigendecomposition "
+            "and storage dtypes; a backward-stable eigh stays well below one such unit."
+        },
     )
     negative_eigenvalue_eps: float = field(
         default=64.0,
@@ -73,9 +73,7 @@ class Thresholds:
     )
     effective_rank_eps: float = field(
         default=1.0,
-        metadata={
-            "help": "Eigenvalues ≤ this·d·eps·λmax count as zero for the effective rank (LAPACK's rule)."
-        },
+        metadata={"help": "Eigenvalues ≤ this·d·eps·λmax count as zero for the effective rank (LAPACK's rule)."},
     )
     rank_deficient_fraction: float = field(
         default=0.5,
@@ -87,8 +85,15 @@ class Thresholds:
     max_condition_error: float = field(
         default=0.01,
         metadata={
-            "help": "cond(Λ+δ)·eps(precondition dtype) above this leaves preconditioned gradients "
-            "with errors above 1%."
+            "help": "Warn when cond(Λ+δ)·eps(precondition dtype) exceeds this: preconditioned "
+            "gradients then carry errors above 1% in their smallest directions."
+        },
+    )
+    fail_condition_error: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fail when cond(Λ+δ)·eps(precondition dtype) exceeds this: rounding then swamps "
+            "the smallest directions entirely."
         },
     )
     damping_floor_eps: float = field(
@@ -105,9 +110,7 @@ class Thresholds:
     )
     outlier_warn_fraction: float = field(
         default=0.0,
-        metadata={
-            "help": "Share of absurd scores tolerated; none by default, one absurd score skews rankings."
-        },
+        metadata={"help": "Share of absurd scores tolerated; none by default, one absurd score skews rankings."},
     )
     negative_self_influence_eps: float = field(
         default=64.0,
@@ -119,9 +122,7 @@ class Thresholds:
     )
     damping_sensitivity_min_spearman: float = field(
         default=0.9,
-        metadata={
-            "help": "Rankings that change more than this under 10x damping depend on the damping guess."
-        },
+        metadata={"help": "Rankings that change more than this under 10x damping depend on the damping guess."},
     )
     # precision probe
     precision_error_eps: float = field(
@@ -142,9 +143,7 @@ class Thresholds:
     )
     divergence_ratio: float = field(
         default=3.0,
-        metadata={
-            "help": "Training diverged when the final loss exceeds this multiple of the lowest smoothed loss."
-        },
+        metadata={"help": "Training diverged when the final loss exceeds this multiple of the lowest smoothed loss."},
     )
     oscillation_max_sign_changes: float = field(
         default=0.35,
@@ -171,7 +170,5 @@ class Thresholds:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"unknown threshold {unknown[0]!r}; known thresholds are: {', '.join(sorted(known))}"
-            )
+            raise ValueError(f"unknown threshold {unknown[0]!r}; known thresholds are: {', '.join(sorted(known))}")
         return cls(**{name: float(value) for name, value in values.items()})

@@ -65,9 +65,7 @@ def build_convnet() -> nn.Module:
     )
 
 
-def train_classifier(
-    model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 8
-) -> None:
+def train_classifier(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 8) -> None:
     device = next(model.parameters()).device
     x, y = (tensor.to(device) for tensor in dataset.tensors)
     generator = torch.Generator().manual_seed(0)

@@ -144,9 +144,7 @@ def train_tiny_lm(
     val_idx = val_idx.to(next(model.parameters()).device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     total_steps = epochs * math.ceil(len(train_idx) / 32)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1)
     device = next(model.parameters()).device
     input_ids, labels = (tensor.to(device) for tensor in dataset.tensors)
     model.train()

@@ -45,9 +45,7 @@ def build_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
 
 
-def train_regression(
-    model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 30
-) -> None:
+def train_regression(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 30) -> None:
     device = next(model.parameters()).device
     x, y = (tensor.to(device) for tensor in dataset.tensors)
     generator = torch.Generator().manual_seed(0)

@@ -84,17 +84,13 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         f"{rehearsal['queries']} queries, on {document['environment']['device']}, "
         f"seed {document['config']['seed']}",
         "",
-        tabulate(
-            stage_rows(document), headers=["stage", "status", "seconds", "findings", "detail"], tablefmt=fmt
-        ),
+        tabulate(stage_rows(document), headers=["stage", "status", "seconds", "findings", "detail"], tablefmt=fmt),
     ]
     findings = finding_rows(document)
     if findings:
         parts += ["", "Findings:" if not markdown else "## Findings", ""]
         parts.append(
-            tabulate(
-                findings, headers=["severity", "stage", "check", "subject", "cause", "message"], tablefmt=fmt
-            )
+            tabulate(findings, headers=["severity", "stage", "check", "subject", "cause", "message"], tablefmt=fmt)
         )
     if document["scores"]:
         parts += ["", "Scores:" if not markdown else "## Scores", ""]

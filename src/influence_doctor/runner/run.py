@@ -16,9 +16,7 @@ need it; not-run: a stage it depends on did not complete; interrupted: the run w
 
 @dataclass
 class RunOptions:
-    out_dir: Path = field(
-        default=Path("reports"), metadata={"help": "Where reports/<pipeline>/<run-id>/ go."}
-    )
+    out_dir: Path = field(default=Path("reports"), metadata={"help": "Where reports/<pipeline>/<run-id>/ go."})
     examples: int | None = field(
         default=1024, metadata={"help": "Rehearsal size: training examples analysed; None analyses all."}
     )
@@ -26,9 +24,7 @@ class RunOptions:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda."})
     seed: int | None = field(default=None, metadata={"help": "Overrides Pipeline.seed when given."})
     progress: bool = field(default=True, metadata={"help": "Print per-stage progress on stderr."})
-    run_id: str | None = field(
-        default=None, metadata={"help": "Name of the run folder; a timestamp if None."}
-    )
+    run_id: str | None = field(default=None, metadata={"help": "Name of the run folder; a timestamp if None."})
     fix: bool = field(default=True, metadata={"help": "Apply remedies to heal what the checks find."})
 
 
@@ -68,9 +64,7 @@ class Run:
     query_indices: list[int] = field(default_factory=list)
     train_examples_total: int = 0
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
-    stages: dict[str, StageRecord] = field(
-        default_factory=lambda: {name: StageRecord(name) for name in STAGES}
-    )
+    stages: dict[str, StageRecord] = field(default_factory=lambda: {name: StageRecord(name) for name in STAGES})
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
     factors_name: str = "factors"
     interrupted_in: str | None = None

@@ -43,7 +43,11 @@ def create_run(pipeline: Pipeline, options: RunOptions, progress: StageProgress 
     return run
 
 
-def run_train_stage(run: Run, progress: StageProgress | None = None) -> Run:
+def run_train_stage(
+    run: Run,
+    progress: StageProgress | None = None,
+    on_stage_done: Callable[[StageRecord], None] | None = None,
+) -> Run:
     """Seed, build and train the model, subsample the data and set up kronfluence's Analyzer."""
     progress = progress or StageProgress(enabled=run.options.progress)
     pipeline = run.pipeline
@@ -65,6 +69,8 @@ def run_train_stage(run: Run, progress: StageProgress | None = None) -> Run:
         record.metrics["parameters"] = sum(p.numel() for p in model.parameters())
         record.metrics["parameter_dtypes"] = sorted({_dtype_name(p.dtype) for p in model.parameters()})
         _prepare_analysis(run, model, train_dataset, query_dataset)
+        if on_stage_done is not None:
+            on_stage_done(record)
     return run
 
 

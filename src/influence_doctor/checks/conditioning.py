@@ -1,0 +1,77 @@
+"""Conditioning of the damped curvature spectrum that preconditioning divides by (Λ+δ)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from influence_doctor.checks.measures import damped_condition
+from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps
+from influence_doctor.findings import Finding
+
+HEURISTIC_DAMPING_SCALE = 0.1
+"""kronfluence's damping when `damping_factor=None`: 0.1 × the mean of the spectrum."""
+
+
+def effective_damping(damping_factor: float | None, mean: float) -> float:
+    """The δ kronfluence will add: the configured factor, or its heuristic."""
+    return HEURISTIC_DAMPING_SCALE * mean if damping_factor is None else float(damping_factor)
+
+
+def check_damped_spectrum(
+    smallest: float,
+    largest: float,
+    mean: float,
+    damping_factor: float | None,
+    precondition_dtype: torch.dtype,
+    subject: str,
+    stage: str,
+    thresholds: Thresholds,
+) -> CheckOutcome:
+    """cond(Λ+δ) against the precondition dtype's precision, and whether δ is lost in rounding.
+
+    A δ below eps·λmax adds nothing once rounded, so an ill-conditioned spectrum with such a δ is
+    blamed on the damping (`tiny-damping`); otherwise on the spectrum itself (`ill-conditioned`).
+    """
+    delta = effective_damping(damping_factor, mean)
+    condition = damped_condition(smallest, largest, delta)
+    unit = eps(precondition_dtype)
+    floor = thresholds.damping_floor_eps * unit * largest if math.isfinite(largest) else math.nan
+    below_floor = bool(delta < floor) if math.isfinite(floor) else False
+    outcome = CheckOutcome(
+        metrics={
+            "damping": delta,
+            "damping_floor": floor,
+            "condition_after_damping": condition,
+            "min_eigenvalue": smallest,
+            "max_eigenvalue": largest,
+        }
+    )
+    if math.isnan(condition):
+        return outcome
+    error = condition * unit
+    if error <= thresholds.max_condition_error:
+        return outcome
+    severity = "fail" if error > thresholds.fail_condition_error else "warn"
+    limit = (thresholds.fail_condition_error if severity == "fail" else thresholds.max_condition_error) / unit
+    reason = (
+        f"the damping {fmt(delta)} is below eps·λmax = {fmt(floor)} and vanishes in rounding"
+        if below_floor
+        else f"the spectrum spans {fmt(largest)} down to {fmt(smallest)}"
+    )
+    outcome.findings.append(
+        Finding(
+            check=f"{stage}.condition",
+            stage=stage,
+            subject=subject,
+            severity=severity,
+            value=condition,
+            limit=limit,
+            cause="tiny-damping" if below_floor else "ill-conditioned",
+            message=f"cond(Λ+δ) is {fmt(condition)}, beyond what {dtype_name(precondition_dtype)} "
+            f"preconditioning resolves ({fmt(limit)}): {reason}.",
+        )
+    )
+    return outcome

@@ -1,0 +1,174 @@
+"""Checks on kronfluence's covariance factors: the unnormalised sums Σ xxᵀ and their example counts."""
+
+from __future__ import annotations
+
+import torch
+
+from influence_doctor.checks.measures import (
+    as_float64,
+    dead_rows,
+    first_nonfinite_position,
+    max_abs_finite,
+    nonfinite_count,
+    symmetry_error,
+)
+from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps, max_value
+from influence_doctor.findings import Finding
+
+STAGE = "covariance"
+
+
+def overflow_prone(dtype: torch.dtype) -> bool:
+    """Dtypes whose range is far below float32's: a sum that is finite in fp32 can overflow in them."""
+    return dtype.is_floating_point and max_value(dtype) < max_value(torch.float32)
+
+
+def check_covariance_sum(
+    covariance_sum: torch.Tensor, count: int | float, subject: str, thresholds: Thresholds
+) -> CheckOutcome:
+    """Finite, headroom to the dtype's max, symmetry, non-negative diagonal and dead units of one factor."""
+    outcome = CheckOutcome()
+    dtype = covariance_sum.dtype
+    bad = nonfinite_count(covariance_sum)
+    peak = max_abs_finite(covariance_sum)
+    headroom = peak / max_value(dtype) if dtype.is_floating_point else 0.0
+    outcome.metrics.update(
+        dtype=dtype_name(dtype),
+        size=int(covariance_sum.shape[0]) if covariance_sum.ndim else 0,
+        examples=float(count),
+        nonfinite=bad,
+        max_abs=peak,
+        headroom_used=headroom,
+    )
+    if bad:
+        position = first_nonfinite_position(covariance_sum)
+        infs = int(torch.isinf(covariance_sum).sum().item())
+        overflow = overflow_prone(dtype) and infs > 0
+        outcome.findings.append(
+            Finding(
+                check="covariance.finite",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=float(bad),
+                limit=0.0,
+                cause="fp16-overflow" if overflow else "nonfinite-model",
+                message=(
+                    f"{bad} of {covariance_sum.numel()} entries are inf/NaN (first at {position}); "
+                    + (
+                        f"the {dtype_name(dtype)} sum passed its maximum {fmt(max_value(dtype))}."
+                        if overflow
+                        else "the activations or gradients feeding it were already non-finite."
+                    )
+                ),
+            )
+        )
+    elif headroom > thresholds.headroom_warn_fraction:
+        outcome.findings.append(
+            Finding(
+                check="covariance.headroom",
+                stage=STAGE,
+                subject=subject,
+                severity="warn",
+                value=headroom,
+                limit=thresholds.headroom_warn_fraction,
+                cause="fp16-overflow" if overflow_prone(dtype) else None,
+                message=f"The largest entry {fmt(peak)} uses {headroom:.0%} of {dtype_name(dtype)}'s range: "
+                f"a little more data will overflow it.",
+            )
+        )
+    if covariance_sum.ndim != 2 or covariance_sum.numel() == 0:
+        return outcome
+    finite = torch.where(torch.isfinite(covariance_sum), covariance_sum, torch.zeros_like(covariance_sum))
+    asymmetry = symmetry_error(finite)
+    limit = thresholds.symmetry_eps * eps(dtype)
+    outcome.metrics["asymmetry"] = asymmetry
+    if asymmetry > limit:
+        outcome.findings.append(
+            Finding(
+                check="covariance.symmetry",
+                stage=STAGE,
+                subject=subject,
+                severity="warn",
+                value=asymmetry,
+                limit=limit,
+                cause="asymmetric",
+                message=f"‖C−Cᵀ‖/‖C‖ is {fmt(asymmetry)}, above {dtype_name(dtype)} rounding ({fmt(limit)}).",
+            )
+        )
+    diagonal = as_float64(torch.diagonal(finite))
+    top = float(diagonal.abs().max().item())
+    lowest = float(diagonal.min().item())
+    negative_limit = -thresholds.negative_diagonal_eps * eps(dtype) * top
+    outcome.metrics["min_diagonal"] = lowest
+    if lowest < negative_limit:
+        outcome.findings.append(
+            Finding(
+                check="covariance.diagonal",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=lowest,
+                limit=negative_limit,
+                cause="not-psd",
+                message=f"A diagonal entry is {fmt(lowest)}: a sum of squares cannot be negative.",
+            )
+        )
+    dead = dead_rows(finite, thresholds.dead_unit_eps)
+    size = covariance_sum.shape[0]
+    outcome.metrics["dead_units"] = dead
+    if size and dead / size > thresholds.dead_unit_warn_fraction:
+        outcome.findings.append(
+            Finding(
+                check="covariance.dead_units",
+                stage=STAGE,
+                subject=subject,
+                severity="warn",
+                value=dead / size,
+                limit=thresholds.dead_unit_warn_fraction,
+                cause="rank-deficient",
+                message=f"{dead} of {size} units never carried signal (zero rows): the factor is singular.",
+            )
+        )
+    return outcome
+
+
+def check_examples_processed(activation_counts: dict[str, float], gradient_counts: dict[str, float]) -> CheckOutcome:
+    """Every module must have seen examples, its two factors the same number of them.
+
+    Counts differ legitimately across modules (Conv2d counts spatial positions, masked tokens vary),
+    so the spread across modules is recorded as a metric, not judged.
+    """
+    outcome = CheckOutcome(metrics={"activation_examples": dict(activation_counts)})
+    for module in sorted(set(activation_counts) | set(gradient_counts)):
+        activation = activation_counts.get(module, 0.0)
+        gradient = gradient_counts.get(module, 0.0)
+        if min(activation, gradient) <= 0:
+            outcome.findings.append(
+                Finding(
+                    check="covariance.examples",
+                    stage=STAGE,
+                    subject=module,
+                    severity="fail",
+                    value=float(min(activation, gradient)),
+                    limit=1.0,
+                    cause=None,
+                    message=f"No examples reached {module}: its covariance factors are empty.",
+                )
+            )
+        elif activation != gradient:
+            outcome.findings.append(
+                Finding(
+                    check="covariance.examples_equal",
+                    stage=STAGE,
+                    subject=module,
+                    severity="warn",
+                    value=float(abs(activation - gradient)),
+                    limit=0.0,
+                    cause=None,
+                    message=f"{module} saw {fmt(activation)} examples for its activation covariance but "
+                    f"{fmt(gradient)} for its gradient covariance.",
+                )
+            )
+    return outcome

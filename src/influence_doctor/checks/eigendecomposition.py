@@ -1,0 +1,148 @@
+"""Checks on stored eigendecompositions Q, λ of each covariance factor.
+
+Only products with the stored Q are formed (O(d³) matmuls, estimated with probes for large d): the
+eigendecomposition itself is never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from influence_doctor.checks.measures import (
+    effective_rank,
+    nonfinite_count,
+    orthogonality_error,
+    reconstruction_error,
+    spectrum_extremes,
+)
+from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps
+from influence_doctor.findings import Finding
+
+STAGE = "eigendecomposition"
+
+
+def coarsest(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The least precise of the given floating dtypes: the precision a result can claim."""
+    present = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(present, key=eps) if present else torch.float64
+
+
+def check_eigenpairs(
+    values: torch.Tensor,
+    vectors: torch.Tensor,
+    subject: str,
+    thresholds: Thresholds,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    source_dtype: torch.dtype | None = None,
+    precondition_dtype: torch.dtype = torch.float32,
+    covariance: torch.Tensor | None = None,
+) -> CheckOutcome:
+    """Finite, orthonormal, reconstructs C, PSD, effective rank, and stored vs computed precision.
+
+    `compute_dtype` is `eigendecomposition_dtype`; `source_dtype` the covariance's stored dtype;
+    `precondition_dtype` the precision the scores will use Q in; `covariance` the normalised C.
+    """
+    outcome = CheckOutcome()
+    size = int(values.shape[0]) if values.ndim == 1 else 0
+    stored = vectors.dtype
+    outcome.metrics.update(size=size, stored_dtype=dtype_name(stored), compute_dtype=dtype_name(compute_dtype))
+    bad = nonfinite_count(values) + nonfinite_count(vectors)
+    if bad:
+        outcome.findings.append(
+            Finding(
+                check="eigendecomposition.finite",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=float(bad),
+                limit=0.0,
+                cause="eigendecomposition-failed",
+                message=f"The eigendecomposition returned {bad} inf/NaN entries: its input was not a valid matrix.",
+            )
+        )
+        return outcome
+    if size == 0 or vectors.shape != (size, size):
+        return outcome
+    drift = eps(stored) > eps(precondition_dtype)
+    orthogonality = orthogonality_error(vectors)
+    limit = thresholds.orthogonality_eps * eps(precondition_dtype)
+    outcome.metrics["orthogonality_error"] = orthogonality
+    if orthogonality > limit:
+        outcome.findings.append(
+            Finding(
+                check="eigendecomposition.orthogonality" if not drift else "eigendecomposition.stored_dtype",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=orthogonality,
+                limit=limit,
+                cause="dtype-drift" if drift else "eigendecomposition-inaccurate",
+                message=(
+                    f"Eigenvectors computed in {dtype_name(compute_dtype)} were stored in {dtype_name(stored)}: "
+                    f"‖QᵀQ−I‖ is {fmt(orthogonality)}, too coarse for {dtype_name(precondition_dtype)} "
+                    f"preconditioning ({fmt(limit)})."
+                    if drift
+                    else f"‖QᵀQ−I‖ is {fmt(orthogonality)}: the eigenvectors are not orthonormal ({fmt(limit)})."
+                ),
+            )
+        )
+    precision = coarsest(compute_dtype, source_dtype, values.dtype)
+    if covariance is not None and covariance.shape == vectors.shape:
+        error = reconstruction_error(vectors, values, covariance)
+        limit = thresholds.reconstruction_eps * math.sqrt(size) * eps(coarsest(compute_dtype, stored))
+        outcome.metrics["reconstruction_error"] = error
+        if error > limit:
+            outcome.findings.append(
+                Finding(
+                    check="eigendecomposition.reconstruction",
+                    stage=STAGE,
+                    subject=subject,
+                    severity="fail",
+                    value=error,
+                    limit=limit,
+                    cause="eigendecomposition-inaccurate",
+                    message=f"QΛQᵀ differs from the covariance by {fmt(error)} (relative), above {fmt(limit)}.",
+                )
+            )
+    smallest, largest, _mean = spectrum_extremes(values)
+    negative_limit = -thresholds.negative_eigenvalue_eps * size * eps(precision) * max(largest, 0.0)
+    rank = effective_rank(values, thresholds.effective_rank_eps, precision)
+    condition = largest / smallest if smallest > 0 else math.inf
+    outcome.metrics.update(
+        min_eigenvalue=smallest,
+        max_eigenvalue=largest,
+        condition_number=condition,
+        effective_rank=rank,
+        rank_fraction=rank / size,
+    )
+    if smallest < negative_limit:
+        outcome.findings.append(
+            Finding(
+                check="eigendecomposition.psd",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=smallest,
+                limit=negative_limit,
+                cause="not-psd",
+                message=f"The smallest eigenvalue is {fmt(smallest)}: a covariance must be positive semidefinite.",
+            )
+        )
+    if rank < thresholds.rank_deficient_fraction * size:
+        outcome.findings.append(
+            Finding(
+                check="eigendecomposition.effective_rank",
+                stage=STAGE,
+                subject=subject,
+                severity="warn",
+                value=float(rank),
+                limit=thresholds.rank_deficient_fraction * size,
+                cause="rank-deficient",
+                message=f"Only {rank} of {size} eigenvalues are above rounding: the factor is rank-deficient.",
+            )
+        )
+    return outcome

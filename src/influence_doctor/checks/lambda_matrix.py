@@ -1,0 +1,71 @@
+"""Checks on EK-FAC's Lambda matrices: the corrected eigenvalues, stored as sums over examples."""
+
+from __future__ import annotations
+
+import torch
+
+from influence_doctor.checks.conditioning import check_damped_spectrum, effective_damping
+from influence_doctor.checks.covariance import overflow_prone
+from influence_doctor.checks.measures import as_float64, nonfinite_count, spectrum_extremes
+from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps
+from influence_doctor.findings import Finding
+
+STAGE = "lambda"
+
+
+def check_lambda(
+    lambda_sum: torch.Tensor,
+    count: float,
+    subject: str,
+    thresholds: Thresholds,
+    *,
+    damping_factor: float | None = 1e-8,
+    precondition_dtype: torch.dtype = torch.float32,
+    low_precision_inputs: bool = False,
+) -> CheckOutcome:
+    """Finite, non-negative, share dominated by damping, and cond(Λ+δ).
+
+    `low_precision_inputs` says the per-sample gradients or AMP ran in an overflow-prone dtype, which
+    makes overflow the likely reason for inf here.
+    """
+    outcome = CheckOutcome(metrics={"dtype": dtype_name(lambda_sum.dtype), "examples": float(count)})
+    bad = nonfinite_count(lambda_sum)
+    if bad:
+        overflow = low_precision_inputs or overflow_prone(lambda_sum.dtype)
+        outcome.findings.append(
+            Finding(
+                check="lambda.finite",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=float(bad),
+                limit=0.0,
+                cause="fp16-overflow" if overflow else None,
+                message=f"{bad} of {lambda_sum.numel()} Lambda entries are inf/NaN.",
+            )
+        )
+        return outcome
+    if lambda_sum.numel() == 0 or count <= 0:
+        return outcome
+    values = as_float64(lambda_sum) / float(count)
+    smallest, largest, mean = spectrum_extremes(values)
+    negative_limit = -thresholds.negative_eigenvalue_eps * eps(lambda_sum.dtype) * max(largest, 0.0)
+    if smallest < negative_limit:
+        outcome.findings.append(
+            Finding(
+                check="lambda.nonnegative",
+                stage=STAGE,
+                subject=subject,
+                severity="fail",
+                value=smallest,
+                limit=negative_limit,
+                cause="not-psd",
+                message=f"A Lambda entry is {fmt(smallest)}: corrected eigenvalues are sums of squares.",
+            )
+        )
+    delta = effective_damping(damping_factor, mean)
+    outcome.metrics["damping_dominated_share"] = float((values < delta).double().mean().item())
+    return outcome.extend(
+        check_damped_spectrum(smallest, largest, mean, damping_factor, precondition_dtype, subject, STAGE, thresholds)
+    )
