@@ -77,9 +77,7 @@ def test_exception_in_user_training_is_recorded(tmp_path):
     ],
 )
 def test_stages_a_strategy_does_not_need_are_skipped(tmp_path, strategy, skipped):
-    report = diagnose(
-        small_pipeline(factor_args=FactorArguments(strategy=strategy)), out_dir=tmp_path, progress=False
-    )
+    report = diagnose(small_pipeline(factor_args=FactorArguments(strategy=strategy)), out_dir=tmp_path, progress=False)
     statuses = _statuses(report)
     assert {name for name, status in statuses.items() if status == "skipped"} == skipped
     assert all(statuses[name] == "ok" for name in set(STAGES) - skipped)
@@ -128,9 +126,7 @@ def test_model_given_as_module_and_nonfinite_scores_fail(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     queries = regression_data(4, seed=1)
     queries.tensors[0][1, 0] = float("inf")  # one broken query poisons its row of pairwise scores
-    report = diagnose(
-        small_pipeline(model=model, train=None, query_dataset=queries), out_dir=tmp_path, progress=False
-    )
+    report = diagnose(small_pipeline(model=model, train=None, query_dataset=queries), out_dir=tmp_path, progress=False)
     statuses = _statuses(report)
     assert statuses["self_scores"] == "ok"
     assert statuses["pairwise_scores"] == "fail"

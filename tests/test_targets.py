@@ -17,8 +17,7 @@ def test_module_attr_pipeline_and_factory():
 def test_file_path_target(tmp_path):
     target = tmp_path / "my_pipeline.py"
     target.write_text(
-        "from tests.pipelines import small_pipeline\n"
-        "def build():\n    return small_pipeline(name='from-file')\n"
+        "from tests.pipelines import small_pipeline\ndef build():\n    return small_pipeline(name='from-file')\n"
     )
     assert load_target(f"{target}:build").name == "from-file"
 

@@ -80,6 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose.add_argument("--quiet", action="store_true", help="no progress on stderr")
     diagnose.set_defaults(handler=_diagnose)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="check the factors and scores kronfluence already wrote, without the model",
+        description="Read a kronfluence analysis folder (<output_dir>/<analysis_name>, holding factors_*/ and "
+        "scores_*/), or one factors_NAME/ or scores_NAME/ folder, partitioned files included, and check what "
+        "it holds. Reads only: nothing is written unless --out is given. Every factors and scores folder "
+        "found is read; --factors and --scores narrow that down.",
+    )
+    inspect.add_argument("path", metavar="PATH", help="analysis, factors or scores folder written by kronfluence")
+    inspect.add_argument(
+        "--factors",
+        action="append",
+        metavar="NAME",
+        help="read only factors_NAME/ of the analysis folder (repeatable); when --factors or --scores is "
+        "given, only the named folders are read",
+    )
+    inspect.add_argument(
+        "--scores", action="append", metavar="NAME", help="read only scores_NAME/ of the analysis folder (repeatable)"
+    )
+    inspect.add_argument(
+        "--out", metavar="DIR", default=None, help="also write DIR/inspect.json (DIR outside PATH); default: none"
+    )
+    inspect.add_argument(
+        "--format",
+        choices=("text", "json", "md"),
+        default="text",
+        help="what goes to stdout; json prints the inspect.json document",
+    )
+    inspect.set_defaults(handler=_inspect)
     return parser
 
 
@@ -112,6 +142,23 @@ def _diagnose(args: argparse.Namespace) -> int:
         sys.stdout.write(render(report.document, markdown=args.format == "md"))
         sys.stdout.write(f"\nReport: {report.json_path}\n")
     return EXIT_OK if report.status in ("healthy", "healed") else EXIT_SICK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Exit 1 when any stage fails its checks: what kronfluence wrote is not fit to use."""
+    from influence_doctor.inspect import check_out_dir, inspect_path, render, write_document
+
+    if args.out:
+        check_out_dir(args.out, args.path)
+    document = inspect_path(args.path, factors=args.factors, scores=args.scores)
+    written = write_document(document, args.out, args.path) if args.out else None
+    if args.format == "json":
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write(render(document, markdown=args.format == "md"))
+        if written is not None:
+            sys.stdout.write(f"\nReport: {written}\n")
+    return EXIT_OK if document["status"] == "healthy" else EXIT_SICK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from influence_doctor.examine import examine_stage, overall_status
+from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
+from influence_doctor.examine import examine_stage
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline
 from influence_doctor.progress import StageProgress
@@ -23,6 +24,7 @@ class Report:
 
     status: str
     findings: list[Finding]
+    problems: list[Problem]
     remedies: list[dict[str, Any]]
     prescription: dict[str, Any]
     document: dict[str, Any]
@@ -69,20 +71,24 @@ def diagnose(
         run_train_stage(run, reporter, on_stage_done=examine)
         run_influence_stages(run, reporter, on_stage_done=examine)
     except KeyboardInterrupt:
-        _write(run, "sick", target)
+        _write(run, target)
         reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
         raise
-    return _write(run, overall_status(run), target)
+    return _write(run, target)
 
 
-def _write(run: Run, status: str, target: str | None) -> Report:
-    document = build_report(run, status, target)
+def _write(run: Run, target: str | None) -> Report:
+    problems = diagnose_findings(stage_views(run))
+    broken = any(record.status in ("error", "fail", "interrupted") for record in run.stages.values())
+    status = "sick" if problems or broken else "healthy"
+    document = build_report(run, status, target, problems)
     write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
     findings = [finding for record in run.stages.values() for finding in record.findings]
     return Report(
         status=status,
         findings=findings,
+        problems=problems,
         remedies=document["remedies"],
         prescription=document["prescription"],
         document=document,

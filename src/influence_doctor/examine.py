@@ -198,9 +198,3 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
     record.findings.extend(found.findings)
     record.metrics.update(found.metrics)
     return found.findings
-
-
-def overall_status(run: Run) -> str:
-    """`sick` when any stage raised, failed its checks or was interrupted; `healthy` otherwise."""
-    broken = {"error", "fail", "interrupted"}
-    return "sick" if any(record.status in broken for record in run.stages.values()) else "healthy"

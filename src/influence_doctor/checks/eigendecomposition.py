@@ -15,6 +15,7 @@ from influence_doctor.checks.measures import (
     nonfinite_count,
     orthogonality_error,
     reconstruction_error,
+    rounding_floor,
     spectrum_extremes,
 )
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
@@ -109,7 +110,7 @@ def check_eigenpairs(
                 )
             )
     smallest, largest, _mean = spectrum_extremes(values)
-    negative_limit = -thresholds.negative_eigenvalue_eps * size * eps(precision) * max(largest, 0.0)
+    negative_limit = -thresholds.negative_eigenvalue_eps * rounding_floor(values, precision)
     rank = effective_rank(values, thresholds.effective_rank_eps, precision)
     condition = largest / smallest if smallest > 0 else math.inf
     outcome.metrics.update(

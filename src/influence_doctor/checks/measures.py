@@ -95,16 +95,21 @@ def reconstruction_error(vectors: torch.Tensor, values: torch.Tensor, matrix: to
     return relative_frobenius(residual, c @ probes)
 
 
-def effective_rank(values: torch.Tensor, tolerance_eps: float, dtype: torch.dtype) -> int:
-    """Eigenvalues above tolerance_eps·d·eps·λmax: LAPACK's numerical rank rule."""
+def rounding_floor(values: torch.Tensor, dtype: torch.dtype) -> float:
+    """eps·‖λ‖₂ = eps·‖C‖_F: by Weyl's inequality, eigenvalues below this are indistinguishable from
+    the rounding of a matrix stored or computed in `dtype`."""
     lam = as_float64(values).flatten()
     lam = lam[torch.isfinite(lam)]
-    if lam.numel() == 0:
+    return eps(dtype) * float(torch.linalg.vector_norm(lam).item()) if lam.numel() else 0.0
+
+
+def effective_rank(values: torch.Tensor, tolerance_eps: float, dtype: torch.dtype) -> int:
+    """Eigenvalues above tolerance_eps · eps·‖λ‖₂: the directions the factor actually resolves."""
+    lam = as_float64(values).flatten()
+    lam = lam[torch.isfinite(lam)]
+    if lam.numel() == 0 or float(lam.max().item()) <= 0.0:
         return 0
-    top = float(lam.max().item())
-    if top <= 0.0:
-        return 0
-    return int((lam > tolerance_eps * lam.numel() * eps(dtype) * top).sum().item())
+    return int((lam > tolerance_eps * rounding_floor(lam, dtype)).sum().item())
 
 
 def spectrum_extremes(values: torch.Tensor) -> tuple[float, float, float]:

@@ -69,11 +69,14 @@ class Thresholds:
     )
     negative_eigenvalue_eps: float = field(
         default=64.0,
-        metadata={"help": "An eigenvalue below −this·d·eps·λmax is a real negative curvature, not rounding."},
+        metadata={"help": "An eigenvalue below −this·eps·‖λ‖₂ is a real negative curvature, not rounding."},
     )
     effective_rank_eps: float = field(
         default=1.0,
-        metadata={"help": "Eigenvalues ≤ this·d·eps·λmax count as zero for the effective rank (LAPACK's rule)."},
+        metadata={
+            "help": "Eigenvalues ≤ this·eps·‖λ‖₂ count as zero for the effective rank: Weyl's bound "
+            "on what rounding a matrix to eps can move."
+        },
     )
     rank_deficient_fraction: float = field(
         default=0.5,

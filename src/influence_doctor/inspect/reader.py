@@ -143,7 +143,7 @@ def locate(
 
 
 def folder_kind(directory: Path) -> str | None:
-    """ "scores" or "factors" when `directory` itself holds kronfluence output, else None."""
+    """Whether `directory` itself is a scores or a factors folder ("scores", "factors"), else None."""
     names = _file_names(directory)
     if SCORE_ARGUMENTS_FILE in names or any(_is_data_file(n, SCORE_STAGES) for n in names):
         return "scores"
@@ -372,7 +372,7 @@ def _read_score_stage(source: Source, stage: str) -> None:
     whole = _SCORE_PATHS[stage](output_dir=source.directory)
     if whole.is_file():
         scores = _load(source, whole)
-        _check_scores(stage, scores, whole)
+        _check_scores(source, stage, scores, whole)
         source.artifacts[stage] = scores
         return
     partitions = _present_partitions(source, stage)
@@ -390,7 +390,7 @@ def _merge_score_partitions(source: Source, stage: str, partitions: list[Partiti
         for partition in (p for p in partitions if p[0] == data):
             file = _SCORE_PATHS[stage](output_dir=source.directory, partition=partition)
             scores = _load(source, file)
-            _check_scores(stage, scores, file)
+            _check_scores(source, stage, scores, file)
             for module, tensor in scores.items():
                 if module not in per_data:
                     per_data[module] = torch.zeros_like(tensor, requires_grad=False)
@@ -416,13 +416,18 @@ def _merge_score_partitions(source: Source, stage: str, partitions: list[Partiti
     return merged
 
 
-def _check_scores(stage: str, scores: Tensors, file: Path) -> None:
-    ndim = _SCORE_NDIM[stage]
+def _check_scores(source: Source, stage: str, scores: Tensors, file: Path) -> None:
+    """Pairwise scores are queries × train, self scores one per train example; per-token adds a dimension."""
+    per_token = source.score_args is not None and source.score_args.compute_per_token_scores
+    ndim = _SCORE_NDIM[stage] + int(per_token)
     shapes = set()
     for module, tensor in scores.items():
         if tensor.dim() != ndim or not tensor.is_floating_point():
-            kind = "queries × training examples matrix" if ndim == 2 else "vector over training examples"
-            raise UsageError(f"{file} holds {module!r} as {_shape(tensor)} {tensor.dtype}, not a {kind}.")
+            kind = "queries × training examples" if stage == "pairwise_scores" else "one per training example"
+            token = " × tokens" if per_token else ""
+            raise UsageError(
+                f"{file} holds {module!r} as {_shape(tensor)} {tensor.dtype}, not floating scores ({kind}{token})."
+            )
         shapes.add(tuple(tensor.shape))
     if len(shapes) > 1:
         raise UsageError(f"{file} holds scores of different shapes ({', '.join(map(str, sorted(shapes)))}).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from influence_doctor import __version__
+from influence_doctor.diagnosis import Problem, relabel
 from influence_doctor.environment import describe_environment
 from influence_doctor.pipeline import STAGES
 from influence_doctor.report.scores import summarize_scores, total_scores
@@ -29,8 +30,15 @@ TOP_LEVEL_KEYS: tuple[str, ...] = (
 SCORE_STAGES: dict[str, str] = {"pairwise": "pairwise_scores", "self": "self_scores"}
 
 
-def build_report(run: Run, status: str, target: str | None = None) -> dict[str, Any]:
-    """Everything a person or a CI gate needs to judge and reproduce the run, as plain JSON types."""
+def build_report(
+    run: Run, status: str, target: str | None = None, problems: list[Problem] | None = None
+) -> dict[str, Any]:
+    """Everything a person or a CI gate needs to judge and reproduce the run, as plain JSON types.
+
+    Each stage lists the problems rooted in it; each finding's `cause` is the root cause the
+    diagnosis traced it to (an eigh failure on an overflowed fp16 covariance reads `fp16-overflow`).
+    """
+    problems = problems or []
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "influence-doctor", "version": __version__},
@@ -63,7 +71,7 @@ def build_report(run: Run, status: str, target: str | None = None) -> dict[str, 
             "device": run.device,
             "fix": run.options.fix,
         },
-        "stages": [_stage_entry(run, name) for name in STAGES],
+        "stages": [_stage_entry(run, name, problems) for name in STAGES],
         "remedies": [],
         "prescription": {},
         "scores": _scores_block(run),
@@ -75,16 +83,18 @@ def build_report(run: Run, status: str, target: str | None = None) -> dict[str, 
     return document
 
 
-def _stage_entry(run: Run, name: str) -> dict[str, Any]:
+def _stage_entry(run: Run, name: str, problems: list[Problem]) -> dict[str, Any]:
     record = run.stages[name]
     metrics = dict(record.metrics)
     if name == "train":
         metrics["curve"] = run.monitor.to_dict()
+    causes = relabel(problems)
     return {
         "name": name,
         "status": record.status,
         "seconds": record.seconds,
-        "findings": [finding.to_dict() for finding in record.findings],
+        "findings": [{**f.to_dict(), "cause": causes.get(id(f), f.cause)} for f in record.findings],
+        "problems": [p.to_dict() for p in problems if p.stage == name],
         "metrics": metrics,
         "configured_dtypes": record.configured_dtypes,
         "error": record.error,

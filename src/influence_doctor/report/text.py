@@ -43,13 +43,28 @@ def _clip(text: str, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+MAX_FINDING_ROWS = 12
+"""Findings shown in the terminal; the rest are in report.json and report.md."""
+
+
 def finding_rows(document: dict[str, Any]) -> list[list[str]]:
-    return [
+    """Fails before warns, in pipeline order: the first rows are the ones to read."""
+    rows = [
         [f["severity"], f["stage"], f["check"], f["subject"] or "—", f["cause"] or "—", f["message"]]
         for stage in document["stages"]
         for f in stage["findings"]
         if f["severity"] != "info"
     ]
+    return sorted(rows, key=lambda row: row[0] != "fail")
+
+
+def problem_lines(document: dict[str, Any]) -> list[str]:
+    lines = []
+    for stage in document["stages"]:
+        for problem in stage.get("problems", []):
+            cause = problem["cause"] or "unexplained"
+            lines.append(f"- [{cause}] at {problem['stage']}: {problem['message']}")
+    return lines
 
 
 def score_rows(document: dict[str, Any]) -> list[list[str]]:
@@ -86,12 +101,18 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         "",
         tabulate(stage_rows(document), headers=["stage", "status", "seconds", "findings", "detail"], tablefmt=fmt),
     ]
+    problems = problem_lines(document)
+    if problems:
+        parts += ["", "Diagnosis:" if not markdown else "## Diagnosis", "", *problems]
     findings = finding_rows(document)
     if findings:
+        shown = findings if markdown else findings[:MAX_FINDING_ROWS]
         parts += ["", "Findings:" if not markdown else "## Findings", ""]
         parts.append(
-            tabulate(findings, headers=["severity", "stage", "check", "subject", "cause", "message"], tablefmt=fmt)
+            tabulate(shown, headers=["severity", "stage", "check", "subject", "cause", "message"], tablefmt=fmt)
         )
+        if len(shown) < len(findings):
+            parts.append(f"… and {len(findings) - len(shown)} more findings in report.json / report.md")
     if document["scores"]:
         parts += ["", "Scores:" if not markdown else "## Scores", ""]
         parts.append(
