@@ -7,6 +7,7 @@ Exit codes: 0 healthy or healed, 1 sick, 2 bad usage or bad input (one sentence,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument(
         "--queries", type=_positive_int, default=16, metavar="N", help="query examples analysed (default: 16)"
     )
+    diagnose.add_argument(
+        "--probe-examples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="examples in the float64 precision and 10x-damping probes; 0 turns them off (default: 64)",
+    )
     diagnose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     diagnose.add_argument("--seed", type=int, default=None, help="override the pipeline's seed")
     diagnose.add_argument(
@@ -125,6 +133,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     from influence_doctor.doctor import diagnose
     from influence_doctor.report.text import render
 
+    # kronfluence calls gc.collect() around every stage and partition; with torch loaded that walks
+    # hundreds of thousands of long-lived objects each time. Freezing them makes those calls cheap.
+    gc.freeze()
+
     report = diagnose(
         pipeline,
         fix=not args.no_fix,
@@ -135,6 +147,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         target=target,
+        probe_examples=max(args.probe_examples, 0),
     )
     if args.format == "json":
         sys.stdout.write(json.dumps(report.document, indent=2) + "\n")

@@ -11,6 +11,7 @@ from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
 from influence_doctor.examine import examine_stage
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline
+from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import build_report
@@ -48,6 +49,7 @@ def diagnose(
     progress: bool = True,
     target: str | None = None,
     run_id: str | None = None,
+    probe_examples: int = 64,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
@@ -70,6 +72,9 @@ def diagnose(
         examine = lambda record: examine_stage(run, record)  # noqa: E731
         run_train_stage(run, reporter, on_stage_done=examine)
         run_influence_stages(run, reporter, on_stage_done=examine)
+        if options.probe_examples > 0:
+            reporter.note(f"probing precision and damping on {options.probe_examples} examples")
+            run.probes = run_probes(run, options.probe_examples)
     except KeyboardInterrupt:
         _write(run, target)
         reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")

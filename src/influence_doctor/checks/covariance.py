@@ -20,8 +20,8 @@ STAGE = "covariance"
 
 
 def overflow_prone(dtype: torch.dtype) -> bool:
-    """Dtypes whose range is far below float32's: a sum that is finite in fp32 can overflow in them."""
-    return dtype.is_floating_point and max_value(dtype) < max_value(torch.float32)
+    """Dtypes with float16's narrow range (or narrower): sums finite in fp32 or bf16 overflow in them."""
+    return dtype.is_floating_point and max_value(dtype) <= max_value(torch.float16)
 
 
 def check_covariance_sum(
@@ -82,7 +82,7 @@ def check_covariance_sum(
         return outcome
     finite = torch.where(torch.isfinite(covariance_sum), covariance_sum, torch.zeros_like(covariance_sum))
     asymmetry = symmetry_error(finite)
-    limit = thresholds.symmetry_eps * eps(dtype)
+    limit = min(thresholds.symmetry_eps * eps(dtype), thresholds.symmetry_max)
     outcome.metrics["asymmetry"] = asymmetry
     if asymmetry > limit:
         outcome.findings.append(

@@ -110,8 +110,8 @@ def check_eigenpairs(
                 )
             )
     smallest, largest, _mean = spectrum_extremes(values)
-    negative_limit = -thresholds.negative_eigenvalue_eps * rounding_floor(values, precision)
-    rank = effective_rank(values, thresholds.effective_rank_eps, precision)
+    negative_limit = -thresholds.negative_eigenvalue_eps * rounding_floor(values, precision, compute_dtype)
+    rank = effective_rank(values, thresholds.effective_rank_eps, precision, compute_dtype)
     condition = largest / smallest if smallest > 0 else math.inf
     outcome.metrics.update(
         min_eigenvalue=smallest,

@@ -82,7 +82,9 @@ def orthogonality_error(vectors: torch.Tensor, seed: int = 0) -> float:
 
 def reconstruction_error(vectors: torch.Tensor, values: torch.Tensor, matrix: torch.Tensor, seed: int = 0) -> float:
     """‖QΛQᵀ−C‖_F/‖C‖_F: whether the stored eigenpairs still describe the covariance."""
-    if vectors.ndim != 2 or matrix.shape != vectors.shape or values.shape != vectors.shape[:1]:
+    if vectors.ndim != 2 or vectors.shape[0] != vectors.shape[1]:
+        return math.nan
+    if matrix.shape != vectors.shape or values.shape != vectors.shape[:1]:
         return math.nan
     if vectors.numel() == 0:
         return math.nan
@@ -95,21 +97,27 @@ def reconstruction_error(vectors: torch.Tensor, values: torch.Tensor, matrix: to
     return relative_frobenius(residual, c @ probes)
 
 
-def rounding_floor(values: torch.Tensor, dtype: torch.dtype) -> float:
-    """eps·‖λ‖₂ = eps·‖C‖_F: by Weyl's inequality, eigenvalues below this are indistinguishable from
-    the rounding of a matrix stored or computed in `dtype`."""
+def rounding_floor(values: torch.Tensor, source: torch.dtype, compute: torch.dtype = torch.float64) -> float:
+    """Eigenvalues below this are indistinguishable from rounding: the larger of the storage rounding
+    eps(source)·‖λ‖₂ (Weyl's bound for a matrix rounded entrywise) and eigh's own d·eps(compute)·λmax."""
     lam = as_float64(values).flatten()
     lam = lam[torch.isfinite(lam)]
-    return eps(dtype) * float(torch.linalg.vector_norm(lam).item()) if lam.numel() else 0.0
+    if lam.numel() == 0:
+        return 0.0
+    storage = eps(source) * float(torch.linalg.vector_norm(lam).item())
+    solver = lam.numel() * eps(compute) * float(lam.abs().max().item())
+    return max(storage, solver)
 
 
-def effective_rank(values: torch.Tensor, tolerance_eps: float, dtype: torch.dtype) -> int:
-    """Eigenvalues above tolerance_eps · eps·‖λ‖₂: the directions the factor actually resolves."""
+def effective_rank(
+    values: torch.Tensor, tolerance_eps: float, dtype: torch.dtype, compute: torch.dtype = torch.float64
+) -> int:
+    """Eigenvalues above tolerance_eps × the rounding floor: the directions the factor actually resolves."""
     lam = as_float64(values).flatten()
     lam = lam[torch.isfinite(lam)]
     if lam.numel() == 0 or float(lam.max().item()) <= 0.0:
         return 0
-    return int((lam > tolerance_eps * rounding_floor(lam, dtype)).sum().item())
+    return int((lam > tolerance_eps * rounding_floor(lam, dtype, compute)).sum().item())
 
 
 def spectrum_extremes(values: torch.Tensor) -> tuple[float, float, float]:

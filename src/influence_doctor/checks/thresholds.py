@@ -37,6 +37,10 @@ class Thresholds:
             "up to accumulation rounding, which stays far below a thousand epsilons."
         },
     )
+    symmetry_max: float = field(
+        default=1e-2,
+        metadata={"help": "Cap on the symmetry limit: in fp16/bf16 a thousand epsilons would allow anything."},
+    )
     negative_diagonal_eps: float = field(
         default=64.0,
         metadata={"help": "A diagonal entry below −this·eps·max(diag) is truly negative, not rounding."},
@@ -148,18 +152,18 @@ class Thresholds:
         default=3.0,
         metadata={"help": "Training diverged when the final loss exceeds this multiple of the lowest smoothed loss."},
     )
-    oscillation_max_sign_changes: float = field(
-        default=0.35,
+    oscillation_autocorrelation: float = field(
+        default=-0.45,
         metadata={
-            "help": "Share of steps where the smoothed loss changes direction; a converging curve "
-            "changes direction rarely once smoothed, noise near a minimum stays below a third."
+            "help": "A detrended loss whose autocorrelation at some lag falls below this swings back "
+            "and forth; white batch noise stays above about -0.4 at every lag."
         },
     )
     oscillation_min_amplitude: float = field(
         default=0.25,
         metadata={
-            "help": "Swing of the smoothed loss in its last half, relative to its level, that makes "
-            "frequent direction changes an oscillation rather than noise at convergence."
+            "help": "Peak-to-peak swing (2√2·std of the detrended second half) relative to the loss "
+            "level that makes a swinging loss an oscillation rather than noise at convergence."
         },
     )
     max_generalization_gap: float = field(

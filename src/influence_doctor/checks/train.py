@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -25,13 +24,35 @@ def smooth(values: Sequence[float], span: int) -> list[float]:
     return smoothed
 
 
-def sign_change_share(values: Sequence[float]) -> float:
-    """Share of consecutive steps where the curve reverses direction."""
-    steps = [b - a for a, b in itertools.pairwise(values) if b != a]
-    if len(steps) < 2:
-        return 0.0
-    changes = sum(1 for a, b in itertools.pairwise(steps) if (a > 0) != (b > 0))
-    return changes / (len(steps) - 1)
+def detrend(values: Sequence[float]) -> list[float]:
+    """Residuals of a least-squares line: what is left of a curve once its steady trend is removed."""
+    n = len(values)
+    if n < 2:
+        return [0.0] * n
+    mean_x, mean_y = (n - 1) / 2.0, sum(values) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx
+    return [v - (mean_y + slope * (i - mean_x)) for i, v in enumerate(values)]
+
+
+def lowest_autocorrelation(values: Sequence[float], max_lag: int) -> tuple[float, int]:
+    """The most negative autocorrelation over lags 1..max_lag, and its lag.
+
+    A loss that swings back and forth is anti-correlated with itself half a period later; batch noise
+    around a trend is not (its autocorrelations stay near zero).
+    """
+    n = len(values)
+    mean = sum(values) / n if n else 0.0
+    centred = [v - mean for v in values]
+    energy = sum(c * c for c in centred)
+    best, best_lag = 0.0, 0
+    if energy == 0.0:
+        return best, best_lag
+    for lag in range(1, min(max_lag, n - 1) + 1):
+        value = sum(centred[i] * centred[i + lag] for i in range(n - lag)) / energy
+        if value < best:
+            best, best_lag = value, lag
+    return best, best_lag
 
 
 def check_loss_curve(
@@ -89,14 +110,15 @@ def check_loss_curve(
                 "training diverged.",
             )
         )
-    tail = smoothed[len(smoothed) // 2 :]
-    share = sign_change_share(tail)
-    level = sum(abs(v) for v in tail) / len(tail) if tail else 0.0
-    amplitude = (max(tail) - min(tail)) / level if tail and level > 0 else 0.0
-    outcome.metrics.update(sign_change_share=share, oscillation_amplitude=amplitude)
+    tail = detrend(loss[len(loss) // 2 :])
+    correlation, lag = lowest_autocorrelation(tail, max_lag=max(1, len(tail) // 4))
+    level = abs(end) if end else 0.0
+    spread = math.sqrt(sum(v * v for v in tail) / len(tail)) if tail else 0.0
+    amplitude = 2 * math.sqrt(2) * spread / level if level > 0 else 0.0
+    outcome.metrics.update(lowest_autocorrelation=correlation, oscillation_lag=lag, oscillation_amplitude=amplitude)
     if (
         len(tail) >= 8
-        and share > thresholds.oscillation_max_sign_changes
+        and correlation < thresholds.oscillation_autocorrelation
         and amplitude > thresholds.oscillation_min_amplitude
     ):
         outcome.findings.append(
@@ -105,11 +127,11 @@ def check_loss_curve(
                 stage=STAGE,
                 subject="loss",
                 severity="fail",
-                value=share,
-                limit=thresholds.oscillation_max_sign_changes,
+                value=correlation,
+                limit=thresholds.oscillation_autocorrelation,
                 cause="training-oscillating",
-                message=f"The smoothed loss reverses direction on {share:.0%} of its last half with swings of "
-                f"{amplitude:.0%} of its level: training is oscillating, not converging.",
+                message=f"The loss swings back and forth every ~{2 * lag} steps by {amplitude:.0%} of its level "
+                "in the second half of training: it oscillates instead of converging.",
             )
         )
     validation = [value for value in validation_loss if value is not None and math.isfinite(value)]

@@ -26,6 +26,9 @@ class RunOptions:
     progress: bool = field(default=True, metadata={"help": "Print per-stage progress on stderr."})
     run_id: str | None = field(default=None, metadata={"help": "Name of the run folder; a timestamp if None."})
     fix: bool = field(default=True, metadata={"help": "Apply remedies to heal what the checks find."})
+    probe_examples: int = field(
+        default=64, metadata={"help": "Subsample size of the float64 and damping probes; 0 turns them off."}
+    )
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Run:
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
     factors_name: str = "factors"
     interrupted_in: str | None = None
+    probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
 
     @property
     def analysis_dir(self) -> Path:

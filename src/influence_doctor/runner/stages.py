@@ -84,7 +84,7 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     run.train_subset = Subset(train_dataset, run.train_indices)
     run.query_subset = Subset(query_dataset, run.query_indices)
     run.model = prepare_model(model=model, task=run.pipeline.task)
-    with _quiet_kronfluence():
+    with quiet_kronfluence():
         run.analyzer = Analyzer(
             analysis_name=run.pipeline.name,
             model=run.model,
@@ -167,7 +167,7 @@ def run_influence_stages(
             seed_everything(run.seed + STAGES.index(name))
             record.calls.append(_CALL_NAMES[name])
             started = time.perf_counter()
-            with _quiet_kronfluence():
+            with quiet_kronfluence():
                 _CALLS[name](run, load_covariance_from)
             record.seconds = time.perf_counter() - started
             run.artifacts[name] = _LOADERS[name](run)
@@ -219,14 +219,21 @@ def _stage(run: Run, record: StageRecord, progress: StageProgress) -> Iterator[N
         progress.end(record.name, record.status, record.seconds, f"{type(exc).__name__}: {_first_line(exc)}")
         return
     if record.status == "not-run":
-        record.status = {"fail": "fail", "warn": "warn"}.get(worst_severity(record.findings) or "", "ok")
+        record.status = "ok"
+        settle_status(record)
     if record.seconds is None:
         record.seconds = time.perf_counter() - started
     progress.end(record.name, record.status, record.seconds)
 
 
+def settle_status(record: StageRecord) -> None:
+    """A completed stage's status is the worst severity among its findings (ok, warn or fail)."""
+    if record.completed:
+        record.status = {"fail": "fail", "warn": "warn"}.get(worst_severity(record.findings) or "", "ok")
+
+
 @contextmanager
-def _quiet_kronfluence() -> Iterator[None]:
+def quiet_kronfluence() -> Iterator[None]:
     """kronfluence emits deprecation warnings from torch on every call; they are noise to our users."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,162 @@
+"""Score checks: finite share, robust outliers, self-influence sign, module dominance, damping sensitivity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from influence_doctor.checks.scores import (
+    check_damping_sensitivity,
+    check_module_dominance,
+    check_scores,
+    check_scores_finite,
+    finite_fraction,
+)
+from influence_doctor.checks.thresholds import Thresholds, eps
+from tests.checks.helpers import assert_valid, checks_of, generator, only
+
+T = Thresholds()
+
+
+def _gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator(seed))
+
+
+def test_healthy_gaussian_scores_have_no_findings():
+    outcome = check_scores("pairwise_scores", "pairwise", _gaussian(50, 200), T)
+    assert outcome.findings == []
+    assert outcome.metrics["finite_fraction"] == 1.0
+    assert 2.0 < outcome.metrics["max_robust_z"] < 10.0
+
+
+def test_nan_scores_report_the_finite_fraction():
+    scores = _gaussian(10, 10)
+    scores[0, :5] = math.nan
+    finding = only(check_scores("pairwise_scores", "pairwise", scores, T), "scores.finite")
+    assert finding.severity == "fail"
+    assert finding.value == pytest.approx(0.95)
+    assert finding.limit == 1.0
+    assert finding.cause is None
+    assert "5 of 100" in finding.message
+
+
+def test_inf_scores_under_fp16_settings_are_overflow():
+    scores = _gaussian(4, 4)
+    scores[1, 2] = math.inf
+    outcome = check_scores("pairwise_scores", "pairwise", scores, T, overflow_prone=True)
+    assert only(outcome, "scores.finite").cause == "fp16-overflow"
+    nan_only = _gaussian(4, 4)
+    nan_only[0, 0] = math.nan
+    assert (
+        only(check_scores("pairwise_scores", "pairwise", nan_only, T, overflow_prone=True), "scores.finite").cause
+        is None
+    )
+
+
+def test_finite_fraction_and_scores_finite_helpers():
+    assert finite_fraction(torch.ones(0)) == 1.0
+    assert finite_fraction(torch.tensor([1.0, math.inf, math.nan, 2.0])) == 0.5
+    assert check_scores_finite("self_scores", "self", torch.tensor([1.0, math.nan]), min_fraction=0.4) == []
+    assert len(check_scores_finite("self_scores", "self", torch.tensor([1.0, math.nan]), min_fraction=0.6)) == 1
+
+
+def test_absurd_outlier_is_flagged():
+    scores = _gaussian(1000)
+    scores[123] = 1e7
+    outcome = check_scores("pairwise_scores", "pairwise", scores, T)
+    finding = only(outcome, "scores.outliers")
+    assert finding.severity == "fail"
+    assert finding.cause == "score-outliers"
+    assert finding.value > T.outlier_mad
+    assert finding.value == outcome.metrics["max_robust_z"]
+
+
+def test_heavy_tailed_but_healthy_scores_are_not_outliers():
+    # A Cauchy sample: heavy tails, yet its extremes stay within the 1e4 robust-SD limit at this size.
+    u = torch.rand(2000, generator=generator(3), dtype=torch.float64)
+    cauchy = torch.tan(math.pi * (u - 0.5)).clamp(-500, 500)
+    assert "scores.outliers" not in checks_of(check_scores("pairwise_scores", "pairwise", cauchy, T))
+
+
+def test_constant_scores_have_no_robust_z():
+    outcome = check_scores("pairwise_scores", "pairwise", torch.ones(100), T)
+    assert math.isnan(outcome.metrics["max_robust_z"])
+    assert outcome.findings == []
+
+
+def test_negative_self_influence_below_the_limit_is_not_psd():
+    scores = torch.rand(100, generator=generator(1), dtype=torch.float64) + 1.0
+    scores[7] = -0.5
+    scores[9] = -0.25
+    finding = only(check_scores("self_scores", "self", scores, T), "scores.self_nonnegative")
+    assert finding.severity == "fail"
+    assert finding.cause == "not-psd"
+    assert finding.value == -0.5
+    top = scores.abs().max().item()
+    assert finding.limit == pytest.approx(-T.negative_self_influence_eps * eps(torch.float64) * top)
+    assert finding.message.startswith("2 self-influence scores are negative")
+
+
+def test_rounding_sized_negative_self_influence_is_tolerated():
+    scores = torch.linspace(1.0, 2.0, 50, dtype=torch.float32)
+    scores[0] = -10 * eps(torch.float32)  # below 64 eps of the largest score
+    outcome = check_scores("self_scores", "self", scores, T)
+    assert "scores.self_nonnegative" not in checks_of(outcome)
+    assert outcome.metrics["min_self_influence"] == pytest.approx(-10 * eps(torch.float32))
+
+
+def test_negative_pairwise_scores_are_normal():
+    outcome = check_scores("pairwise_scores", "pairwise", _gaussian(20, 20) - 5.0, T)
+    assert outcome.findings == []
+    assert "min_self_influence" not in outcome.metrics
+
+
+def test_one_module_holding_95_percent_dominates():
+    per_module = {"fc1": torch.full((4, 4), 95.0 / 16), "fc2": torch.full((4, 4), -5.0 / 16)}
+    outcome = check_module_dominance("pairwise_scores", per_module, T)
+    finding = only(outcome, "scores.module_dominance")
+    assert finding.severity == "warn"
+    assert finding.subject == "fc1"
+    assert finding.value == pytest.approx(0.95)
+    assert outcome.metrics["dominant_module"] == "fc1"
+
+
+def test_balanced_modules_and_all_modules_key():
+    per_module = {"fc1": torch.full((3,), 8.0), "fc2": torch.full((3,), 2.0), "all_modules": torch.full((3,), 1e9)}
+    outcome = check_module_dominance("pairwise_scores", per_module, T)
+    assert outcome.findings == []
+    assert outcome.metrics["dominant_share"] == pytest.approx(0.8)
+
+
+def test_module_dominance_ignores_nonfinite_mass_and_needs_two_modules():
+    per_module = {"fc1": torch.tensor([1.0, math.inf, math.nan]), "fc2": torch.tensor([1.0, 2.0])}
+    metrics = check_module_dominance("self_scores", per_module, T).metrics
+    assert metrics["dominant_module"] == "fc2"
+    assert metrics["dominant_share"] == pytest.approx(3 / 4)  # fc1 counts 1 (inf and NaN count 0), fc2 3
+    assert check_module_dominance("self_scores", {"fc1": torch.ones(3)}, T).metrics == {}
+    assert check_module_dominance("self_scores", {"a": torch.zeros(2), "b": torch.zeros(2)}, T).findings == []
+
+
+@pytest.mark.parametrize(("spearman", "flagged"), [(0.5, True), (0.899, True), (0.9, False), (0.99, False)])
+def test_damping_sensitivity(spearman, flagged):
+    outcome = check_damping_sensitivity("pairwise_scores", spearman, T)
+    assert outcome.metrics["damping_x10_spearman"] == spearman
+    assert ("scores.damping_sensitivity" in checks_of(outcome)) is flagged
+    if flagged:
+        assert outcome.findings[0].severity == "warn"
+        assert outcome.findings[0].limit == T.damping_sensitivity_min_spearman
+
+
+def test_damping_sensitivity_nan_is_not_judged():
+    assert check_damping_sensitivity("pairwise_scores", math.nan, T).findings == []
+
+
+def test_findings_are_valid():
+    scores = torch.rand(50, generator=generator(2), dtype=torch.float64)
+    scores[0], scores[1], scores[2] = math.nan, -1.0, 1e9
+    outcome = check_scores("self_scores", "self", scores, T)
+    assert set(checks_of(outcome)) == {"scores.finite", "scores.outliers", "scores.self_nonnegative"}
+    assert_valid(outcome.findings)
+    assert all(f.stage == "self_scores" for f in outcome.findings)
