@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "omitted: the built-in demo (tiny-lm unless --demo says otherwise)",
     )
     diagnose.add_argument("--demo", metavar="NAME", help="built-in demo to run: tiny-lm (default), uci-mlp, conv")
-    diagnose.add_argument("--out", default="reports", metavar="DIR", help="reports folder (default: reports)")
+    diagnose.add_argument(
+        "--out", default=None, metavar="DIR", help="reports folder (default: reports_dir from config, else reports)"
+    )
     diagnose.add_argument("--no-fix", action="store_true", help="diagnose only; apply no remedy")
     diagnose.add_argument("--full", action="store_true", help="analyse every training example (no rehearsal)")
     diagnose.add_argument(
@@ -122,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
+    from influence_doctor.config import load_config
     from influence_doctor.demos import DEFAULT_DEMO, load_demo
     from influence_doctor.targets import load_target
+
+    config = load_config()
 
     if args.target and args.demo:
         raise UsageError("Give either a TARGET or --demo, not both.")
@@ -140,7 +145,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     report = diagnose(
         pipeline,
         fix=not args.no_fix,
-        out_dir=args.out,
+        out_dir=args.out or config.reports_dir,
         examples=None if args.full else args.examples,
         queries=args.queries,
         device=args.device,
@@ -148,6 +153,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         target=target,
         probe_examples=max(args.probe_examples, 0),
+        thresholds=config.make_thresholds(),
     )
     if args.format == "json":
         sys.stdout.write(json.dumps(report.document, indent=2) + "\n")
@@ -159,11 +165,13 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Exit 1 when any stage fails its checks: what kronfluence wrote is not fit to use."""
+    from influence_doctor.config import load_config
     from influence_doctor.inspect import check_out_dir, inspect_path, render, write_document
 
+    thresholds = load_config().make_thresholds()
     if args.out:
         check_out_dir(args.out, args.path)
-    document = inspect_path(args.path, factors=args.factors, scores=args.scores)
+    document = inspect_path(args.path, factors=args.factors, scores=args.scores, thresholds=thresholds)
     written = write_document(document, args.out, args.path) if args.out else None
     if args.format == "json":
         sys.stdout.write(json.dumps(document, indent=2) + "\n")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
 from influence_doctor.examine import examine_stage
 from influence_doctor.findings import Finding
@@ -50,11 +51,13 @@ def diagnose(
     target: str | None = None,
     run_id: str | None = None,
     probe_examples: int = 64,
+    thresholds: Thresholds | None = None,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
     `examples=None` analyses the full training set; otherwise a seeded subsample (the rehearsal).
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
+    `thresholds` overrides the checks' limits (see `Thresholds`; the CLI reads them from pyproject.toml).
     """
     options = RunOptions(
         out_dir=Path(out_dir),
@@ -69,12 +72,12 @@ def diagnose(
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
     try:
-        examine = lambda record: examine_stage(run, record)  # noqa: E731
+        examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
         run_train_stage(run, reporter, on_stage_done=examine)
         run_influence_stages(run, reporter, on_stage_done=examine)
         if options.probe_examples > 0:
             reporter.note(f"probing precision and damping on {options.probe_examples} examples")
-            run.probes = run_probes(run, options.probe_examples)
+            run.probes = run_probes(run, options.probe_examples, thresholds)
     except KeyboardInterrupt:
         _write(run, target)
         reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
