@@ -198,3 +198,20 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
     record.findings.extend(found.findings)
     record.metrics.update(found.metrics)
     return found.findings
+
+
+def reexamine(run: Run, names: Iterable[str], thresholds: Thresholds | None = None) -> None:
+    """Check completed stages again under the run's current arguments (a damping change alters what
+    Λ+δ means without re-running the lambda stage); earlier findings of those stages are replaced."""
+    from influence_doctor.runner.stages import settle_status
+
+    for name in names:
+        record = run.stages[name]
+        if not record.completed:
+            continue
+        record.findings = []
+        record.metrics.pop("checks", None)
+        record.metrics.pop("probes", None)
+        record.status = "ok"
+        examine_stage(run, record, thresholds)
+        settle_status(record)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from influence_doctor.checks.conditioning import HEURISTIC_DAMPING_SCALE
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.precision import (
     check_factor_precision,
@@ -28,6 +27,7 @@ from influence_doctor.checks.precision import (
 from influence_doctor.checks.scores import check_damping_sensitivity
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.environment import seed_everything
+from influence_doctor.remedies.rungs import heuristic_damping
 from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.run import Run, StageRecord
 from influence_doctor.runner.stages import quiet_kronfluence, settle_status
@@ -128,7 +128,7 @@ def _precision_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[st
 
 def _mini_run(run: Run, name: str, factor_args: Any, score_args: Any, subset: Subset) -> dict[str, Any]:
     """Covariance → eigendecomposition → lambda → self scores on `subset`, under factors `name`."""
-    analyzer, batch = run.analyzer, run.pipeline.batch_size
+    analyzer, batch = run.analyzer, run.train_batch_size
     out: dict[str, Any] = {"errors": {}}
     steps = (
         (
@@ -198,7 +198,7 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
         return {"skipped": "the factors did not complete"}
     damping = run.score_args.damping_factor
     if damping is None:
-        damping = _heuristic_damping(run)
+        damping = heuristic_damping(run.artifacts, run.factor_args.strategy)
         if damping is None or not math.isfinite(damping):
             return {"skipped": "no finite Lambda to derive the heuristic damping from"}
     subset = probe_subset(run, examples)
@@ -219,7 +219,7 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
                 scores_name=name,
                 factors_name=run.factors_name,
                 train_dataset=subset,
-                per_device_train_batch_size=run.pipeline.batch_size,
+                per_device_train_batch_size=run.train_batch_size,
                 score_args=args,
                 overwrite_output_dir=True,
             )
@@ -228,18 +228,6 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
     stage = "self_scores" if "self" in run.pipeline.scores else "pairwise_scores"
     _attach(run.stages[stage], "damping", check_damping_sensitivity(stage, agreement, thresholds))
     return {"damping": damping, "spearman_x10": agreement}
-
-
-def _heuristic_damping(run: Run) -> float | None:
-    """kronfluence's per-module heuristic (0.1 × mean Λ), summarised by its median over modules."""
-    lambdas = (run.artifacts.get("lambda") or {}).get("lambda_matrix", {})
-    counts = (run.artifacts.get("lambda") or {}).get("num_lambda_processed", {})
-    values = [
-        HEURISTIC_DAMPING_SCALE * float(matrix.double().mean() / counts[module].sum())
-        for module, matrix in lambdas.items()
-        if module in counts
-    ]
-    return float(torch.tensor(values).median()) if values else None
 
 
 def _attach(record: StageRecord, subject: str, outcome: CheckOutcome) -> None:

@@ -70,8 +70,17 @@ class Run:
     stages: dict[str, StageRecord] = field(default_factory=lambda: {name: StageRecord(name) for name in STAGES})
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
     factors_name: str = "factors"
+    scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
+    batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
     interrupted_in: str | None = None
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.batch_size or self.pipeline.batch_size
+
+    def scores_name(self, kind: str) -> str:
+        return f"{self.factors_name}{self.scores_tag}_{kind}"
 
     @property
     def analysis_dir(self) -> Path:

@@ -245,7 +245,7 @@ def _fit_covariance(run: Run, _load_from: str | None) -> None:
     run.analyzer.fit_covariance_matrices(
         factors_name=run.factors_name,
         dataset=run.train_subset,
-        per_device_batch_size=run.pipeline.batch_size,
+        per_device_batch_size=run.train_batch_size,
         factor_args=run.factor_args,
         overwrite_output_dir=True,
     )
@@ -264,7 +264,7 @@ def _fit_lambda(run: Run, _load_from: str | None) -> None:
     run.analyzer.fit_lambda_matrices(
         factors_name=run.factors_name,
         dataset=run.train_subset,
-        per_device_batch_size=run.pipeline.batch_size,
+        per_device_batch_size=run.train_batch_size,
         factor_args=run.factor_args,
         overwrite_output_dir=True,
     )
@@ -272,12 +272,12 @@ def _fit_lambda(run: Run, _load_from: str | None) -> None:
 
 def _pairwise(run: Run, _load_from: str | None) -> None:
     run.analyzer.compute_pairwise_scores(
-        scores_name=f"{run.factors_name}_pairwise",
+        scores_name=run.scores_name("pairwise"),
         factors_name=run.factors_name,
         query_dataset=run.query_subset,
         train_dataset=run.train_subset,
         per_device_query_batch_size=run.pipeline.query_batch_size,
-        per_device_train_batch_size=run.pipeline.batch_size,
+        per_device_train_batch_size=run.train_batch_size,
         score_args=run.score_args,
         overwrite_output_dir=True,
     )
@@ -285,10 +285,10 @@ def _pairwise(run: Run, _load_from: str | None) -> None:
 
 def _self(run: Run, _load_from: str | None) -> None:
     run.analyzer.compute_self_scores(
-        scores_name=f"{run.factors_name}_self",
+        scores_name=run.scores_name("self"),
         factors_name=run.factors_name,
         train_dataset=run.train_subset,
-        per_device_train_batch_size=run.pipeline.batch_size,
+        per_device_train_batch_size=run.train_batch_size,
         score_args=run.score_args,
         overwrite_output_dir=True,
     )
@@ -312,8 +312,8 @@ _LOADERS: dict[str, Callable[[Run], Any]] = {
     "covariance": lambda run: run.analyzer.load_covariance_matrices(run.factors_name),
     "eigendecomposition": lambda run: run.analyzer.load_eigendecomposition(run.factors_name),
     "lambda": lambda run: run.analyzer.load_lambda_matrices(run.factors_name),
-    "pairwise_scores": lambda run: run.analyzer.load_pairwise_scores(f"{run.factors_name}_pairwise"),
-    "self_scores": lambda run: run.analyzer.load_self_scores(f"{run.factors_name}_self"),
+    "pairwise_scores": lambda run: run.analyzer.load_pairwise_scores(run.scores_name("pairwise")),
+    "self_scores": lambda run: run.analyzer.load_self_scores(run.scores_name("self")),
 }
 
 
