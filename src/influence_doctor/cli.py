@@ -7,7 +7,6 @@ Exit codes: 0 healthy or healed, 1 sick, 2 bad usage or bad input (one sentence,
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -138,10 +137,6 @@ def _diagnose(args: argparse.Namespace) -> int:
     from influence_doctor.doctor import diagnose
     from influence_doctor.report.text import render
 
-    # kronfluence calls gc.collect() around every stage and partition; with torch loaded that walks
-    # hundreds of thousands of long-lived objects each time. Freezing them makes those calls cheap.
-    gc.freeze()
-
     report = diagnose(
         pipeline,
         fix=not args.no_fix,
@@ -154,6 +149,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         target=target,
         probe_examples=max(args.probe_examples, 0),
         thresholds=config.make_thresholds(),
+        ladders=config.ladders,
     )
     if args.format == "json":
         sys.stdout.write(json.dumps(report.document, indent=2) + "\n")

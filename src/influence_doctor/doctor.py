@@ -1,8 +1,12 @@
-"""`diagnose`: run a pipeline instrumented, examine every stage, and write the report."""
+"""`diagnose`: run a pipeline instrumented, examine every stage, find root causes, heal, report."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,19 +14,25 @@ from typing import Any
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
 from influence_doctor.examine import examine_stage
+from influence_doctor.fidelity import fidelity_against_least_regularized
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline
+from influence_doctor.prescription import prescribe
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
+from influence_doctor.remedies.heal import HealResult, Remedy, heal
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import build_report
 from influence_doctor.report.text import render
 from influence_doctor.runner import Run, RunOptions, create_run, run_influence_stages, run_train_stage
 
+MIN_FIDELITY_SPEARMAN = 0.9
+"""A healed run whose rankings agree with the least-regularized finite run below this is flagged."""
+
 
 @dataclass
 class Report:
-    """What `diagnose` returns: the verdict, the evidence and where the files are."""
+    """What `diagnose` returns: the verdict, the evidence, what was done, and where the files are."""
 
     status: str
     findings: list[Finding]
@@ -36,6 +46,18 @@ class Report:
     @property
     def json_path(self) -> Path:
         return self.run_dir / "report.json"
+
+
+@dataclass
+class _Treatment:
+    """What the doctor did, kept current so an interrupted run still reports it."""
+
+    initial_problems: list[Problem] = field(default_factory=list)
+    remedies: list[Remedy] = field(default_factory=list)
+    result: HealResult | None = None
+    original_factor_args: Any = None
+    original_score_args: Any = None
+    original_batch_size: int = 0
 
 
 def diagnose(
@@ -52,12 +74,14 @@ def diagnose(
     run_id: str | None = None,
     probe_examples: int = 64,
     thresholds: Thresholds | None = None,
+    ladders: Mapping[str, list[str]] | None = None,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
     `examples=None` analyses the full training set; otherwise a seeded subsample (the rehearsal).
+    With `fix`, each treatable problem climbs its ladder one rung at a time until healed.
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
-    `thresholds` overrides the checks' limits (see `Thresholds`; the CLI reads them from pyproject.toml).
+    `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml).
     """
     options = RunOptions(
         out_dir=Path(out_dir),
@@ -68,28 +92,86 @@ def diagnose(
         progress=progress,
         run_id=run_id,
         fix=fix,
+        probe_examples=probe_examples,
     )
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
+    treatment = _Treatment(
+        original_factor_args=copy.deepcopy(pipeline.factor_args),
+        original_score_args=copy.deepcopy(pipeline.score_args),
+        original_batch_size=pipeline.batch_size,
+    )
+    with _cheap_garbage_collection():
+        try:
+            examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
+            run_train_stage(run, reporter, on_stage_done=examine)
+            run_influence_stages(run, reporter, on_stage_done=examine)
+            if options.probe_examples > 0:
+                reporter.note(f"probing precision and damping on {options.probe_examples} examples")
+                run.probes = run_probes(run, options.probe_examples, thresholds)
+            treatment.initial_problems = diagnose_findings(stage_views(run))
+            if fix and any(problem.treatable for problem in treatment.initial_problems):
+                treatment.result = heal(
+                    run,
+                    treatment.initial_problems,
+                    reporter,
+                    thresholds,
+                    ladders,
+                    on_rung=treatment.remedies.append,
+                )
+                if treatment.remedies and options.probe_examples > 0:
+                    reporter.note("probing the healed configuration")
+                    run.probes = {"initial": run.probes, "final": run_probes(run, options.probe_examples, thresholds)}
+        except KeyboardInterrupt:
+            _write(run, target, treatment)
+            reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
+            raise
+        return _write(run, target, treatment)
+
+
+@contextmanager
+def _cheap_garbage_collection() -> Iterator[None]:
+    """kronfluence calls gc.collect() around every stage and partition; with torch loaded each call
+    walks hundreds of thousands of long-lived objects. Freezing them for the run makes it cheap."""
+    gc.freeze()
     try:
-        examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
-        run_train_stage(run, reporter, on_stage_done=examine)
-        run_influence_stages(run, reporter, on_stage_done=examine)
-        if options.probe_examples > 0:
-            reporter.note(f"probing precision and damping on {options.probe_examples} examples")
-            run.probes = run_probes(run, options.probe_examples, thresholds)
-    except KeyboardInterrupt:
-        _write(run, target)
-        reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
-        raise
-    return _write(run, target)
+        yield
+    finally:
+        gc.unfreeze()
 
 
-def _write(run: Run, target: str | None) -> Report:
+def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
     problems = diagnose_findings(stage_views(run))
     broken = any(record.status in ("error", "fail", "interrupted") for record in run.stages.values())
-    status = "sick" if problems or broken else "healthy"
-    document = build_report(run, status, target, problems)
+    if problems or broken:
+        status = "sick"
+    elif treatment.remedies:
+        status = "healed"
+    else:
+        status = "healthy"
+    prescription: dict[str, Any] = {}
+    fidelity: dict[str, Any] = {"probes": run.probes}
+    if treatment.remedies:
+        batch = run.train_batch_size
+        prescription = prescribe(
+            treatment.original_factor_args,
+            treatment.original_score_args,
+            run.factor_args,
+            run.score_args,
+            None if batch == treatment.original_batch_size else (treatment.original_batch_size, batch),
+        )
+        if treatment.result is not None:
+            fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, MIN_FIDELITY_SPEARMAN)
+    document = build_report(
+        run,
+        status,
+        target,
+        problems,
+        initial_problems=treatment.initial_problems,
+        remedies=[remedy.to_dict() for remedy in treatment.remedies],
+        prescription=prescription,
+        fidelity=fidelity,
+    )
     write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
     findings = [finding for record in run.stages.values() for finding in record.findings]

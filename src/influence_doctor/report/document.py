@@ -31,7 +31,15 @@ SCORE_STAGES: dict[str, str] = {"pairwise": "pairwise_scores", "self": "self_sco
 
 
 def build_report(
-    run: Run, status: str, target: str | None = None, problems: list[Problem] | None = None
+    run: Run,
+    status: str,
+    target: str | None = None,
+    problems: list[Problem] | None = None,
+    *,
+    initial_problems: list[Problem] | None = None,
+    remedies: list[dict[str, Any]] | None = None,
+    prescription: dict[str, Any] | None = None,
+    fidelity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a person or a CI gate needs to judge and reproduce the run, as plain JSON types.
 
@@ -56,12 +64,15 @@ def build_report(
             },
             "partial": run.interrupted_in is not None,
             "interrupted_in": run.interrupted_in,
+            "diagnosis": [p.to_dict() for p in initial_problems or problems],
         },
         "status": status,
         "environment": describe_environment(run.device, run.seed),
         "config": {
-            "factor_args": run.factor_args.to_dict(),
-            "score_args": run.score_args.to_dict(),
+            "factor_args": run.pipeline.factor_args.to_dict(),
+            "score_args": run.pipeline.score_args.to_dict(),
+            "final_factor_args": run.factor_args.to_dict(),
+            "final_score_args": run.score_args.to_dict(),
             "scores": list(run.pipeline.scores),
             "batch_size": run.pipeline.batch_size,
             "query_batch_size": run.pipeline.query_batch_size,
@@ -73,10 +84,10 @@ def build_report(
             "probe_examples": run.options.probe_examples,
         },
         "stages": [_stage_entry(run, name, problems) for name in STAGES],
-        "remedies": [],
-        "prescription": {},
+        "remedies": remedies or [],
+        "prescription": prescription or {},
         "scores": _scores_block(run),
-        "fidelity": {"probes": run.probes},
+        "fidelity": fidelity if fidelity is not None else {"probes": run.probes},
         "projection": {},
         "gates": {},
     }
@@ -104,10 +115,46 @@ def _stage_entry(run: Run, name: str, problems: list[Problem]) -> dict[str, Any]
     }
 
 
+TOP_K = 3
+"""Training examples listed per query in the report's top influences."""
+
+
 def _scores_block(run: Run) -> dict[str, Any]:
     block: dict[str, Any] = {}
     for kind, stage in SCORE_STAGES.items():
         artifact = run.artifacts.get(stage)
-        if artifact:
+        if artifact and run.stages[stage].completed:
             block[kind] = summarize_scores(total_scores(artifact))
+    pairwise = run.artifacts.get("pairwise_scores")
+    if pairwise and run.stages["pairwise_scores"].completed:
+        block["top_influences"] = top_influences(run, total_scores(pairwise))
     return block
+
+
+def top_influences(run: Run, scores: Any) -> list[dict[str, Any]]:
+    """For each query, the training examples with the largest finite scores (indices into the full set)."""
+    import torch
+
+    queries = run.pipeline.query_labels
+    train = run.pipeline.train_labels
+    rows = []
+    for row, query_index in enumerate(run.query_indices):
+        values = scores[row].double()
+        values = torch.where(torch.isfinite(values), values, torch.full_like(values, -torch.inf))
+        best = torch.topk(values, k=min(TOP_K, values.numel())).indices.tolist()
+        rows.append(
+            {
+                "query": query_index,
+                "query_text": queries[query_index] if queries and query_index < len(queries) else None,
+                "top": [
+                    {
+                        "train": run.train_indices[column],
+                        "score": float(values[column]) if torch.isfinite(values[column]) else None,
+                        "text": train[run.train_indices[column]] if train else None,
+                    }
+                    for column in best
+                    if torch.isfinite(values[column])
+                ],
+            }
+        )
+    return rows

@@ -8,8 +8,8 @@ from tabulate import tabulate
 
 STATUS_WORDS = {
     "healthy": "HEALTHY — every stage ran and passed its checks.",
-    "healed": "HEALED — problems were found and fixed; use the prescription below.",
-    "sick": "SICK — the pipeline is broken as configured; see the findings below.",
+    "healed": "HEALED — problems were found and fixed; use the prescription above.",
+    "sick": "SICK — the pipeline is broken as configured; see the diagnosis and findings above.",
 }
 
 
@@ -59,17 +59,65 @@ def finding_rows(document: dict[str, Any]) -> list[list[str]]:
 
 
 def problem_lines(document: dict[str, Any]) -> list[str]:
+    """The diagnosis as found, before any remedy: one root cause per line."""
+    return [
+        f"- [{problem['cause'] or 'unexplained'}] at {problem['stage']}: {problem['message']}"
+        for problem in document["pipeline"].get("diagnosis", [])
+    ]
+
+
+def remedy_rows(document: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            str(i),
+            r["cause"] or "—",
+            r["rung"],
+            _clip(r["change"], 60),
+            ", ".join(r["stages_rerun"]) or "—",
+            r["outcome"],
+            f"{r['seconds']:.1f}",
+        ]
+        for i, r in enumerate(document["remedies"], 1)
+    ]
+
+
+def _rerun(stages: list[str]) -> str:
+    return "—" if not stages else stages[0] if len(stages) == 1 else f"{stages[0]} +{len(stages) - 1}"
+
+
+def fidelity_lines(document: dict[str, Any]) -> list[str]:
+    fix = document["fidelity"].get("fix")
+    if not fix:
+        return []
+    if fix.get("reference") is None:
+        return [f"Fidelity: {fix.get('reason')}."]
+    parts = [
+        f"{kind} Spearman {v['spearman']:.3f} / Pearson {v['pearson']:.3f}" for kind, v in fix["agreement"].items()
+    ]
+    verdict = (
+        f"BELOW the {fix['limit']} limit: the fix distorts the rankings"
+        if fix["below_limit"]
+        else f"within the {fix['limit']} limit"
+    )
+    return [f"Fidelity vs '{fix['reference']}' (least regularized finite run): {'; '.join(parts)} — {verdict}."]
+
+
+def influence_lines(document: dict[str, Any], limit: int = 8) -> list[str]:
     lines = []
-    for stage in document["stages"]:
-        for problem in stage.get("problems", []):
-            cause = problem["cause"] or "unexplained"
-            lines.append(f"- [{cause}] at {problem['stage']}: {problem['message']}")
+    for entry in document["scores"].get("top_influences", [])[:limit]:
+        query = entry["query_text"] or f"query {entry['query']}"
+        lines.append(f"  {query}")
+        for item in entry["top"]:
+            text = item["text"] or f"training example {item['train']}"
+            lines.append(f"      {item['score']:+.4g}  {_clip(text, 90)}")
     return lines
 
 
 def score_rows(document: dict[str, Any]) -> list[list[str]]:
     rows = []
     for kind, summary in document["scores"].items():
+        if kind == "top_influences":
+            continue
         rows.append(
             [
                 kind,
@@ -113,15 +161,28 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         )
         if len(shown) < len(findings):
             parts.append(f"… and {len(findings) - len(shown)} more findings in report.json / report.md")
-    if document["scores"]:
+    if document["remedies"]:
+        parts += ["", "Remedies:" if not markdown else "## Remedies", ""]
+        headers = ["#", "cause", "rung", "change", "re-ran", "outcome", "seconds"]
+        parts.append(tabulate(remedy_rows(document), headers=headers, tablefmt=fmt))
+    python = document["prescription"].get("python")
+    if python:
+        parts += ["", "Prescription:" if not markdown else "## Prescription", ""]
+        parts += ["```python", python, "```"] if markdown else [python]
+    parts += [line for text in fidelity_lines(document) for line in ("", text)]
+    score_table = score_rows(document)
+    if score_table:
         parts += ["", "Scores:" if not markdown else "## Scores", ""]
-        parts.append(
-            tabulate(
-                score_rows(document),
-                headers=["scores", "shape", "finite", "min", "median", "max"],
-                tablefmt=fmt,
-            )
-        )
+        headers = ["scores", "shape", "finite", "min", "median", "max"]
+        parts.append(tabulate(score_table, headers=headers, tablefmt=fmt))
+    influences = influence_lines(document)
+    if influences:
+        parts += [
+            "",
+            "Top influences (largest pairwise scores per query):" if not markdown else "## Top influences",
+            "",
+        ]
+        parts += [f"    {line}" for line in influences] if markdown else influences
     if pipeline["partial"]:
         parts += ["", f"PARTIAL report: the run was interrupted during {pipeline['interrupted_in']}."]
     parts += ["", f"Status: {STATUS_WORDS.get(document['status'], document['status'])}"]

@@ -70,6 +70,7 @@ class Run:
     stages: dict[str, StageRecord] = field(default_factory=lambda: {name: StageRecord(name) for name in STAGES})
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
     factors_name: str = "factors"
+    covariance_shift: str | None = None  # the diagonal shift the current covariances carry, if any
     scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
     batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
     interrupted_in: str | None = None

@@ -149,6 +149,7 @@ def run_influence_stages(
         if index < start:
             continue
         record = run.stages[name] = StageRecord(name)
+        run.artifacts.pop(name, None)  # never let a stale result stand in for a stage that re-runs
         record.configured_dtypes = _configured_dtypes(run, name)
         if not needed[name]:
             record.status = "skipped"
