@@ -82,6 +82,7 @@ def diagnose_findings(stages: Iterable[StageView]) -> list[Problem]:
     views = {view.name: view for view in stages}
     fails = [f for name in STAGES if name in views for f in views[name].findings if f.severity == "fail"]
     warns = [f for name in STAGES if name in views for f in views[name].findings if f.severity == "warn"]
+    infos = [f for name in STAGES if name in views for f in views[name].findings if f.severity == "info"]
     problems: list[Problem] = []
     unexplained = list(fails)
 
@@ -200,7 +201,8 @@ def diagnose_findings(stages: Iterable[StageView]) -> list[Problem]:
     score_symptoms = outliers + nonfinite_scores
     if conditioning or score_symptoms:
         rank_evidence = by_cause("rank-deficient", pool=warns)
-        tiny = any(f.cause == "tiny-damping" for f in conditioning)
+        below_floor = [f for f in infos if f.cause == "tiny-damping"]
+        tiny = any(f.cause == "tiny-damping" for f in conditioning) or (bool(below_floor) and bool(score_symptoms))
         score_stage = next((n for n in ("pairwise_scores", "self_scores") if n in views), "pairwise_scores")
         if rank_evidence and conditioning:
             claim(
@@ -214,7 +216,7 @@ def diagnose_findings(stages: Iterable[StageView]) -> list[Problem]:
             claim(
                 "tiny-damping" if tiny or nonfinite_scores else "score-outliers",
                 score_stage,
-                conditioning + score_symptoms,
+                conditioning + score_symptoms + (below_floor if tiny else []),
                 "The damping is too small to bound (Λ+δ)⁻¹: directions with almost no curvature blow up the scores."
                 if tiny or nonfinite_scores
                 else "A few scores dwarf all others.",

@@ -13,6 +13,7 @@ from typing import Any
 
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
+from influence_doctor.exact import exact_fidelity
 from influence_doctor.examine import examine_stage
 from influence_doctor.fidelity import fidelity_against_least_regularized
 from influence_doctor.findings import Finding
@@ -58,6 +59,7 @@ class _Treatment:
     original_factor_args: Any = None
     original_score_args: Any = None
     original_batch_size: int = 0
+    exact: dict[str, Any] | None = None
 
 
 def diagnose(
@@ -122,6 +124,9 @@ def diagnose(
                 if treatment.remedies and options.probe_examples > 0:
                     reporter.note("probing the healed configuration")
                     run.probes = {"initial": run.probes, "final": run_probes(run, options.probe_examples, thresholds)}
+                if treatment.remedies:
+                    reporter.note("measuring fidelity against exact Gauss-Newton influence")
+                    treatment.exact = exact_fidelity(run)
         except KeyboardInterrupt:
             _write(run, target, treatment)
             reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
@@ -162,6 +167,8 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         )
         if treatment.result is not None:
             fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, MIN_FIDELITY_SPEARMAN)
+        if treatment.exact is not None:
+            fidelity["exact"] = treatment.exact
     document = build_report(
         run,
         status,

@@ -18,7 +18,7 @@ from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.measures import spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome
-from influence_doctor.checks.scores import check_module_dominance, check_scores
+from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import check_loss_curve, check_parameters
 from influence_doctor.findings import Finding
@@ -88,7 +88,8 @@ def _examine_covariance(stage, artifacts, factor_args, score_args, thresholds, e
         factor = f"{kind}_covariance"
         for module, matrix in covariance[factor].items():
             subject = f"{module}/{factor}"
-            exam.add(subject, check_covariance_sum(matrix, counts[kind].get(module, 0.0), subject, thresholds))
+            count = counts[kind].get(module, 0.0)
+            exam.add(subject, check_covariance_sum(matrix, count, subject, thresholds, factor_args.amp_dtype))
 
 
 def _examine_eigendecomposition(stage, artifacts, factor_args, score_args, thresholds, exam: StageExam) -> None:
@@ -171,7 +172,10 @@ def _examine_scores(stage, artifacts, factor_args, score_args, thresholds, exam:
             score_args.precondition_dtype,
         )
     )
-    exam.add(subject, check_scores(stage, subject, total_scores(per_module), thresholds, overflow_prone=overflow))
+    total = total_scores(per_module)
+    exam.add(subject, check_scores(stage, subject, total, thresholds, overflow_prone=overflow))
+    if subject == "pairwise":
+        exam.add(subject, check_query_scale(stage, total, thresholds))
     if "all_modules" not in per_module and len(per_module) > 1:
         exam.add(subject, check_module_dominance(stage, per_module, thresholds))
 

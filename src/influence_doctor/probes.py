@@ -193,28 +193,48 @@ def _self_total(analyzer: Any, scores_name: str) -> torch.Tensor | None:
 
 
 def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str, Any]:
-    """Self scores of the probe subset with the run's damping and with 10× it, on the main factors."""
+    """Scores of the probe subset under the run's damping and under 10× its effective value.
+
+    A damping below the rounding floor (eps·λmax) acts as zero, so "10×" is taken of whichever is
+    larger: the damping or the floor. Pairwise scores are used when the pipeline computes them (they
+    are what out-of-distribution queries distort), self scores otherwise.
+    """
     if not _factors_done(run):
         return {"skipped": "the factors did not complete"}
+    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
+    stage = f"{kind}_scores"
+    if not run.stages[stage].completed:
+        return {"skipped": f"the {kind} scores did not complete"}
     damping = run.score_args.damping_factor
     if damping is None:
         damping = heuristic_damping(run.artifacts, run.factor_args.strategy)
         if damping is None or not math.isfinite(damping):
-            return {"skipped": "no finite Lambda to derive the heuristic damping from"}
+            return {"skipped": "no finite curvature to derive the heuristic damping from"}
+    floor = _damping_floor(run)
+    tiny = floor is not None and damping < floor
+    raised = 10.0 * max(damping, floor or 0.0)
     subset = probe_subset(run, examples)
-    scores: dict[float, torch.Tensor] = {}
-    main_self = run.artifacts.get("self_scores")
-    if main_self and run.score_args.damping_factor is not None:
-        # The probe subset is the head of the rehearsal subsample: the main run already scored it.
-        scores[1.0] = total_scores(main_self)[: len(subset)]
-    for factor in (1.0, 10.0):
-        if factor in scores:
-            continue
-        args = copy.deepcopy(run.score_args)
-        args.damping_factor = damping * factor
-        name = f"probe_damping_x{int(factor)}"
-        seed_everything(run.seed + 200)
-        with quiet_kronfluence():
+    main = total_scores(run.artifacts[stage])
+    # The probe subset is the head of the rehearsal subsample: the main run already scored it.
+    baseline = main[..., : len(subset)] if kind == "pairwise" else main[: len(subset)]
+    args = copy.deepcopy(run.score_args)
+    args.damping_factor = raised
+    name = f"{run.factors_name}{run.scores_tag}_probe_damping"
+    seed_everything(run.seed + 200)
+    with quiet_kronfluence():
+        if kind == "pairwise":
+            run.analyzer.compute_pairwise_scores(
+                scores_name=name,
+                factors_name=run.factors_name,
+                query_dataset=run.query_subset,
+                train_dataset=subset,
+                per_device_query_batch_size=run.pipeline.query_batch_size,
+                per_device_train_batch_size=run.train_batch_size,
+                score_args=args,
+                overwrite_output_dir=True,
+            )
+            probed = total_scores(run.analyzer.load_pairwise_scores(name))
+        else:
             run.analyzer.compute_self_scores(
                 scores_name=name,
                 factors_name=run.factors_name,
@@ -223,11 +243,30 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
                 score_args=args,
                 overwrite_output_dir=True,
             )
-        scores[factor] = _self_total(run.analyzer, name)
-    agreement = rank_agreement(scores[1.0], scores[10.0])
-    stage = "self_scores" if "self" in run.pipeline.scores else "pairwise_scores"
-    _attach(run.stages[stage], "damping", check_damping_sensitivity(stage, agreement, thresholds))
-    return {"damping": damping, "spearman_x10": agreement}
+            probed = _self_total(run.analyzer, name)
+    agreement = _row_agreement(baseline, probed) if kind == "pairwise" else rank_agreement(baseline, probed)
+    _attach(run.stages[stage], "damping", check_damping_sensitivity(stage, agreement, thresholds, tiny=tiny))
+    return {"damping": damping, "floor": floor, "compared_with": raised, "scores": kind, "spearman_x10": agreement}
+
+
+def _row_agreement(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The worst per-query Spearman: one query whose ranking flips is enough to mislead."""
+    values = [rank_agreement(a, b) for a, b in zip(first, second, strict=True)]
+    values = [v for v in values if not math.isnan(v)]
+    return min(values) if values else math.nan
+
+
+def _damping_floor(run: Run) -> float | None:
+    """Median over modules of eps(precondition dtype)·λmax, as measured by the conditioning checks."""
+    floors = [
+        metrics["damping_floor"]
+        for name in ("lambda", "eigendecomposition")
+        for metrics in run.stages[name].metrics.get("checks", {}).values()
+        if isinstance(metrics, dict)
+        and isinstance(metrics.get("damping_floor"), float)
+        and math.isfinite(metrics["damping_floor"])
+    ]
+    return float(torch.tensor(floors).median()) if floors else None
 
 
 def _attach(record: StageRecord, subject: str, outcome: CheckOutcome) -> None:

@@ -49,6 +49,19 @@ def check_damped_spectrum(
             "max_eigenvalue": largest,
         }
     )
+    if below_floor:
+        outcome.findings.append(
+            Finding(
+                check=f"{stage}.damping_floor",
+                stage=stage,
+                subject=subject,
+                severity="info",
+                value=delta,
+                limit=floor,
+                cause="tiny-damping",
+                message=f"The damping {fmt(delta)} is below eps·λmax = {fmt(floor)}: it damps nothing.",
+            )
+        )
     if math.isnan(condition):
         return outcome
     error = condition * unit

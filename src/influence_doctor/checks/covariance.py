@@ -25,9 +25,17 @@ def overflow_prone(dtype: torch.dtype) -> bool:
 
 
 def check_covariance_sum(
-    covariance_sum: torch.Tensor, count: int | float, subject: str, thresholds: Thresholds
+    covariance_sum: torch.Tensor,
+    count: int | float,
+    subject: str,
+    thresholds: Thresholds,
+    computed_in: torch.dtype | None = None,
 ) -> CheckOutcome:
-    """Finite, headroom to the dtype's max, symmetry, non-negative diagonal and dead units of one factor."""
+    """Finite, headroom to the dtype's max, symmetry, non-negative diagonal and dead units of one factor.
+
+    `computed_in` is the autocast (AMP) dtype the activations and gradients were computed in, if any:
+    inf/NaN from an fp16 forward or backward pass is overflow even when the sum is stored in fp32.
+    """
     outcome = CheckOutcome()
     dtype = covariance_sum.dtype
     bad = nonfinite_count(covariance_sum)
@@ -44,7 +52,8 @@ def check_covariance_sum(
     if bad:
         position = first_nonfinite_position(covariance_sum)
         infs = int(torch.isinf(covariance_sum).sum().item())
-        overflow = overflow_prone(dtype) and infs > 0
+        amp_overflow = computed_in is not None and overflow_prone(computed_in)
+        overflow = (overflow_prone(dtype) and infs > 0) or amp_overflow
         outcome.findings.append(
             Finding(
                 check="covariance.finite",
@@ -57,7 +66,9 @@ def check_covariance_sum(
                 message=(
                     f"{bad} of {covariance_sum.numel()} entries are inf/NaN (first at {position}); "
                     + (
-                        f"the {dtype_name(dtype)} sum passed its maximum {fmt(max_value(dtype))}."
+                        f"activations or gradients overflowed in {dtype_name(computed_in)} autocast."
+                        if amp_overflow
+                        else f"the {dtype_name(dtype)} sum passed its maximum {max_value(dtype):.0f}."
                         if overflow
                         else "the activations or gradients feeding it were already non-finite."
                     )

@@ -96,6 +96,36 @@ def check_scores(
     return outcome
 
 
+def check_query_scale(stage: str, scores: torch.Tensor, thresholds: Thresholds) -> CheckOutcome:
+    """One query whose scores dwarf every other query's: its gradient lives in near-flat directions
+    of the curvature, which only damping bounds (out-of-distribution queries do this)."""
+    outcome = CheckOutcome()
+    if scores.ndim != 2 or scores.shape[0] < 3 or scores.shape[1] == 0:
+        return outcome
+    typical = as_float64(scores).abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).median(dim=1).values
+    center = float(typical.median().item())
+    if center <= 0.0:
+        return outcome
+    ratio = float(typical.max().item()) / center
+    outcome.metrics["query_scale_ratio"] = ratio
+    if ratio > thresholds.query_scale_ratio:
+        query = int(typical.argmax().item())
+        outcome.findings.append(
+            Finding(
+                check="scores.query_scale",
+                stage=stage,
+                subject=f"query {query}",
+                severity="fail",
+                value=ratio,
+                limit=thresholds.query_scale_ratio,
+                cause="score-outliers",
+                message=f"Query {query}'s scores are typically {fmt(ratio)}× those of the other queries: "
+                "it falls where the curvature is nearly flat.",
+            )
+        )
+    return outcome
+
+
 def check_module_dominance(stage: str, per_module: dict[str, torch.Tensor], thresholds: Thresholds) -> CheckOutcome:
     """Share of total |score| mass per module; one module carrying nearly all of it hides the rest."""
     masses = {
@@ -127,8 +157,12 @@ def check_module_dominance(stage: str, per_module: dict[str, torch.Tensor], thre
     return outcome
 
 
-def check_damping_sensitivity(stage: str, spearman: float, thresholds: Thresholds) -> CheckOutcome:
-    """Rankings should survive a 10× damping change; if not, the damping guess decides the answer."""
+def check_damping_sensitivity(stage: str, spearman: float, thresholds: Thresholds, tiny: bool = False) -> CheckOutcome:
+    """Rankings should survive a 10× damping change; if not, the damping guess decides the answer.
+
+    With `tiny` (the configured damping is below the rounding floor, i.e. acts as none at all) the
+    rankings hinge on numerically undamped directions: that is the `tiny-damping` failure.
+    """
     outcome = CheckOutcome(metrics={"damping_x10_spearman": spearman})
     if not math.isnan(spearman) and spearman < thresholds.damping_sensitivity_min_spearman:
         outcome.findings.append(
@@ -136,11 +170,16 @@ def check_damping_sensitivity(stage: str, spearman: float, thresholds: Threshold
                 check="scores.damping_sensitivity",
                 stage=stage,
                 subject="",
-                severity="warn",
+                severity="fail" if tiny else "warn",
                 value=spearman,
                 limit=thresholds.damping_sensitivity_min_spearman,
-                cause=None,
-                message=f"Rankings change under 10× damping (Spearman {spearman:.3f}): they depend on the damping.",
+                cause="tiny-damping" if tiny else None,
+                message=f"Rankings change under 10× damping (Spearman {spearman:.3f})"
+                + (
+                    ": the damping is below rounding, so near-flat directions decide the scores."
+                    if tiny
+                    else ": they depend on the damping guess."
+                ),
             )
         )
     return outcome

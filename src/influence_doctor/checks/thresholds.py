@@ -119,6 +119,13 @@ class Thresholds:
         default=0.0,
         metadata={"help": "Share of absurd scores tolerated; none by default, one absurd score skews rankings."},
     )
+    query_scale_ratio: float = field(
+        default=50.0,
+        metadata={
+            "help": "Fail when one query's typical |score| is this many times the typical query's: "
+            "healthy query sets stay within ~5x; 50x means it sits where the curvature is nearly flat."
+        },
+    )
     negative_self_influence_eps: float = field(
         default=64.0,
         metadata={"help": "A self-influence below −this·eps·max|self| is negative for real: H was not PSD."},

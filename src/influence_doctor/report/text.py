@@ -86,11 +86,19 @@ def _rerun(stages: list[str]) -> str:
 
 
 def fidelity_lines(document: dict[str, Any]) -> list[str]:
+    lines = []
+    exact = document["fidelity"].get("exact")
+    if exact and "spearman" in exact:
+        lines.append(
+            f"Fidelity vs exact Gauss-Newton influence ({exact['parameters']} parameters, "
+            f"{exact['train_examples_compared']} training examples): Spearman {exact['spearman']:.3f} / "
+            f"Pearson {exact['pearson']:.3f}."
+        )
     fix = document["fidelity"].get("fix")
     if not fix:
-        return []
+        return lines
     if fix.get("reference") is None:
-        return [f"Fidelity: {fix.get('reason')}."]
+        return [*lines, f"Fidelity: {fix.get('reason')}."]
     parts = [
         f"{kind} Spearman {v['spearman']:.3f} / Pearson {v['pearson']:.3f}" for kind, v in fix["agreement"].items()
     ]
@@ -99,7 +107,7 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
         if fix["below_limit"]
         else f"within the {fix['limit']} limit"
     )
-    return [f"Fidelity vs '{fix['reference']}' (least regularized finite run): {'; '.join(parts)} — {verdict}."]
+    return [*lines, f"Fidelity vs '{fix['reference']}' (least regularized finite run): {'; '.join(parts)} — {verdict}."]
 
 
 def influence_lines(document: dict[str, Any], limit: int = 8) -> list[str]:
