@@ -128,6 +128,8 @@ def diagnose(
                     reporter.note("measuring fidelity against exact Gauss-Newton influence")
                     treatment.exact = exact_fidelity(run)
         except KeyboardInterrupt:
+            if run.interrupted_in is None:  # stopped between stages: inside the remedies
+                run.interrupted_in = f"remedy {len(treatment.remedies) + 1}"
             _write(run, target, treatment)
             reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
             raise

@@ -1,0 +1,150 @@
+"""Healing end to end on real kronfluence runs: ladder order, partial re-runs, untouched user files,
+interrupted ladders, ladder overrides and the default demo healed through the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures import load_fixture
+from influence_doctor import diagnose
+from influence_doctor.remedies import heal as heal_module
+
+
+def tree_digest(root: Path, skip: str | None = None) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and (skip is None or skip not in path.parts)
+    }
+
+
+def test_ladder_order_is_honoured_and_cheapest_rung_first(tmp_path):
+    report = diagnose(load_fixture("fp16_covariance_overflow")[0], out_dir=tmp_path, progress=False)
+    assert [r["rung"] for r in report.remedies] == ["dtype:bfloat16", "dtype:float32"]
+    first, second = report.remedies
+    assert first["cause"] == "fp16-overflow" and first["outcome"] == "resolved"
+    assert second["cause"] == "dtype-drift" and second["outcome"] == "healed"
+    assert not any(r["rung"].startswith("shift") for r in report.remedies)  # no diagonal shift was needed
+    # A covariance dtype change invalidates everything from the covariance on.
+    assert first["calls"][0] == "fit_covariance_matrices"
+    assert first["stages_rerun"] == ["covariance", "eigendecomposition", "lambda", "pairwise_scores", "self_scores"]
+    assert report.prescription["factor_args"] == {
+        "activation_covariance_dtype": "float32",
+        "gradient_covariance_dtype": "float32",
+    }
+
+
+def test_damping_rung_reruns_only_the_scores(tmp_path):
+    report = diagnose(load_fixture("tiny_damping_ood_queries")[0], out_dir=tmp_path, progress=False)
+    (remedy,) = report.remedies
+    assert remedy["rung"] == "damping:heuristic"
+    assert remedy["stages_rerun"] == ["pairwise_scores", "self_scores"]
+    assert remedy["calls"] == ["compute_pairwise_scores", "compute_self_scores"]
+    assert report.prescription["score_args"] == {"damping_factor": None}
+    assert report.prescription["factor_args"] == {}
+
+
+def test_diagonal_shift_writes_a_new_factors_folder_and_leaves_the_original(tmp_path, monkeypatch):
+    original_hashes: dict[str, dict[str, str]] = {}
+    real_apply = heal_module._apply
+
+    def recording_apply(run, change, index, base_factors, *args, **kwargs):
+        if change.shift is not None and not original_hashes:
+            folder = run.analyzer.factors_output_dir(base_factors)
+            original_hashes[str(folder)] = tree_digest(folder)
+        return real_apply(run, change, index, base_factors, *args, **kwargs)
+
+    monkeypatch.setattr(heal_module, "_apply", recording_apply)
+    report = diagnose(load_fixture("rank_deficient_inputs")[0], out_dir=tmp_path, progress=False)
+    assert report.status == "healed"
+    assert original_hashes, "a diagonal shift rung ran"
+    for folder, before in original_hashes.items():
+        assert tree_digest(Path(folder)) == before  # the covariances it shifted were never touched
+    analysis = report.run_dir / "kronfluence" / "rank-deficient-inputs"
+    doctored = sorted(p.name for p in analysis.iterdir() if "__doctored_" in p.name)
+    assert doctored and all((analysis / d / "activation_covariance.safetensors").is_file() for d in doctored)
+    assert not list(analysis.rglob("*.tmp"))
+
+
+def test_users_project_is_byte_identical_after_a_healing_run(cli, tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.csv").write_text("x,y\n1,2\n")
+    (project / "pyproject.toml").write_text("[project]\nname = 'users-project'\n")
+    before = tree_digest(project)
+    done = cli("diagnose", "fixtures.rank_deficient_inputs:rank_deficient_inputs", "--quiet", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert "HEALED" in done.stdout
+    assert tree_digest(project, skip="reports") == before
+    assert list((project / "reports").glob("rank-deficient-inputs/*/report.json"))
+
+
+def test_interrupt_in_the_middle_of_a_ladder_leaves_a_partial_report(tmp_path, monkeypatch):
+    real_apply = heal_module._apply
+    calls = {"n": 0}
+
+    def interrupting_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(heal_module, "_apply", interrupting_apply)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(load_fixture("fp16_covariance_overflow")[0], out_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*/*/report.json")
+    document = json.loads(path.read_text())
+    assert document["pipeline"]["partial"] is True
+    assert document["pipeline"]["interrupted_in"] == "remedy 2"
+    assert [r["rung"] for r in document["remedies"]] == ["dtype:bfloat16"]
+    assert document["status"] == "sick"  # dtype-drift was still open when it stopped
+    assert "interrupted during remedy 2" in (path.parent / "report.md").read_text()
+
+
+def test_ladder_override_is_used(tmp_path):
+    report = diagnose(
+        load_fixture("tiny_damping_ood_queries")[0],
+        out_dir=tmp_path,
+        progress=False,
+        ladders={"tiny-damping": ["damping:heuristic-x10"]},
+    )
+    assert report.remedies[0]["rung"] == "damping:heuristic-x10"
+    assert report.status == "healed"
+
+
+def test_no_fix_diagnoses_only_and_exits_1(cli, tmp_path):
+    target = "fixtures.dead_relu:dead_relu"
+    sick = cli("diagnose", target, "--no-fix", "--quiet", "--out", str(tmp_path / "a"))
+    healed = cli("diagnose", target, "--quiet", "--out", str(tmp_path / "b"))
+    assert sick.returncode == 1 and "Remedies" not in sick.stdout
+    assert healed.returncode == 0 and "HEALED" in healed.stdout and "ScoreArguments(" in healed.stdout
+
+
+def test_untreatable_problem_gets_training_advice(tmp_path):
+    report = diagnose(load_fixture("diverging_training")[0], out_dir=tmp_path, progress=False)
+    assert report.status == "sick"
+    assert report.remedies == []
+    assert "clip gradients" in report.problems[0].message
+    assert report.problems[0].treatable is False
+
+
+@pytest.mark.slow
+def test_default_demo_heals_in_one_command(cli, tmp_path):
+    done = cli("diagnose", "--out", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "[fp16-overflow] at covariance" in out
+    assert "HEALED" in out
+    assert "Prescription:" in out and "torch.float32" in out
+    assert "Fidelity vs" in out
+    assert "what is inflation ?" in out  # top influences are printed with the query text
+    (path,) = tmp_path.glob("tiny-lm/*/report.json")
+    document = json.loads(path.read_text())
+    rungs = [r["rung"] for r in document["remedies"]]
+    assert rungs[0] == "dtype:bfloat16"
+    assert not any(r.startswith("shift") for r in rungs)  # healed by dtype (and damping), never a shift
+    assert document["status"] == "healed"
