@@ -52,7 +52,9 @@ def test_fixture_heals_by_the_expected_rung(name, tmp_path):
         assert "learning rate" in report.problems[0].message
         return
     assert report.status == "healed", [(p.cause, p.stage, p.message) for p in report.problems]
-    resolving = [r for r in report.remedies if r["cause"] == expected["cause"] and r["outcome"] in ("resolved", "healed")]
+    resolving = [
+        r for r in report.remedies if r["cause"] == expected["cause"] and r["outcome"] in ("resolved", "healed")
+    ]
     assert resolving and resolving[0]["rung"] == rung, report.remedies
     assert report.prescription["python"]
     assert report.document["fidelity"]["fix"] is not None

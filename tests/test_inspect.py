@@ -246,6 +246,8 @@ def test_fp16_overflow_is_sick(capsys, overflowed):
     finite = [f for f in stages["covariance"]["findings"] if f["check"] == "covariance.finite"]
     assert finite and all(f["severity"] == "fail" for f in finite)
     assert finite[0]["cause"] == "fp16-overflow"
+    assert [(p["cause"], p["stage"]) for p in document["diagnosis"]] == [("fp16-overflow", "covariance")]
+    assert stages["covariance"]["problems"][0]["cause"] == "fp16-overflow"
     assert stages["eigendecomposition"]["status"] == "not-run"  # kronfluence never got past eigh
     assert "no eigendecomposition" in stages["eigendecomposition"]["reason"]
 

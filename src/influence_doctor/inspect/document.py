@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from influence_doctor import __version__
+from influence_doctor.diagnosis import StageView, diagnose_findings, relabel
 from influence_doctor.errors import UsageError
 from influence_doctor.examine import StageExam, examine_artifacts
 from influence_doctor.findings import Finding, worst_severity
@@ -53,14 +54,19 @@ def build_document(path: str | Path, sources: list[Source], thresholds: Any = No
             stages[stage]["sources"].append(source.folder)
             stages[stage]["metrics"][source.folder] = _metrics(source, stage, artifact, exam)
             findings[stage].append((source.folder, exam.findings + _partition_findings(source, stage)))
+    flat_by_stage = {name: _settle(entry, findings[name], sources) for name, entry in stages.items()}
+    problems = diagnose_findings(StageView(name, stages[name]["status"], flat_by_stage[name]) for name in STAGES)
+    causes = relabel(problems)
     for name, entry in stages.items():
-        _settle(entry, findings[name], sources)
-    status = "sick" if any(entry["status"] == "fail" for entry in stages.values()) else "healthy"
+        entry["findings"] = [{**f.to_dict(), "cause": causes.get(id(f), f.cause)} for f in flat_by_stage[name]]
+        entry["problems"] = [p.to_dict() for p in problems if p.stage == name]
+    status = "sick" if problems or any(entry["status"] == "fail" for entry in stages.values()) else "healthy"
     return _jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "influence-doctor", "version": __version__, "command": "inspect"},
             "status": status,
+            "diagnosis": [p.to_dict() for p in problems],
             "path": str(path),
             "factors_names": [source.name for source in sources if source.kind == "factors"],
             "scores_names": [source.name for source in sources if source.kind == "scores"],
@@ -179,15 +185,17 @@ def _partition_findings(source: Source, stage: str) -> list[Finding]:
     ]
 
 
-def _settle(entry: dict[str, Any], found: list[tuple[str, list[Finding]]], sources: list[Source]) -> None:
-    """Status from the worst finding; a stage with nothing on disk is skipped or not-run, with the reason."""
+def _settle(entry: dict[str, Any], found: list[tuple[str, list[Finding]]], sources: list[Source]) -> list[Finding]:
+    """Status from the worst finding; a stage with nothing on disk is skipped or not-run, with the reason.
+
+    Returns the stage's findings (subjects prefixed with their folder when several were read)."""
     several = len(found) > 1
     flat = [_attributed(f, folder) if several else f for folder, findings in found for f in findings]
-    entry["findings"] = [finding.to_dict() for finding in flat]
     if found:
         entry["status"] = {"fail": "fail", "warn": "warn"}.get(worst_severity(flat) or "", "ok")
-        return
+        return flat
     entry["status"], entry["reason"] = _absent(entry["name"], sources)
+    return flat
 
 
 def _attributed(finding: Finding, folder: str) -> Finding:

@@ -23,6 +23,9 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         "",
         tabulate(stage_rows(document), headers=["stage", "status", "findings", "read from", "detail"], tablefmt=fmt),
     ]
+    if document.get("diagnosis"):
+        parts += ["", "## Diagnosis" if markdown else "Diagnosis:", ""]
+        parts += [f"- [{p['cause'] or 'unexplained'}] at {p['stage']}: {p['message']}" for p in document["diagnosis"]]
     if findings := finding_rows(document):
         parts += ["", "## Findings" if markdown else "Findings:", ""]
         headers = ["severity", "stage", "check", "subject", "cause", "message"]
