@@ -21,7 +21,7 @@ def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
     assert tuple(on_disk) == TOP_LEVEL_KEYS
     assert on_disk["status"] == "healthy"
     assert [stage["name"] for stage in on_disk["stages"]] == list(STAGES)
-    assert all(stage["status"] == "ok" for stage in on_disk["stages"])
+    assert all(stage["status"] in ("ok", "warn") for stage in on_disk["stages"])  # warnings, never a fail
     assert all(isinstance(stage["seconds"], float) for stage in on_disk["stages"])
     assert on_disk["environment"]["device"] == "cpu"
     assert on_disk["environment"]["kronfluence"] == "1.0.1"

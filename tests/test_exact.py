@@ -281,7 +281,13 @@ def test_gauss_newton_of_softmax_is_the_sum_of_jt_h_j():
     expected = torch.zeros_like(total)
     for i in range(4):
         # logits = W x + b: d logits / d vec(W) = I ⊗ xᵀ, d logits / d b = I
-        j = torch.cat([torch.kron(torch.eye(CLASSES, dtype=torch.float64), x[i : i + 1]), torch.eye(CLASSES)], dim=1)
+        j = torch.cat(
+            [
+                torch.kron(torch.eye(CLASSES, dtype=torch.float64), x[i : i + 1]),
+                torch.eye(CLASSES, dtype=torch.float64),
+            ],
+            dim=1,
+        )
         expected += j.T @ softmax_ce_hessian(w @ x[i] + b, y[i]) @ j
     assert total.dtype == torch.float64
     torch.testing.assert_close(total, expected, **TIGHT)

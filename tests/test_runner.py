@@ -80,7 +80,7 @@ def test_stages_a_strategy_does_not_need_are_skipped(tmp_path, strategy, skipped
     report = diagnose(small_pipeline(factor_args=FactorArguments(strategy=strategy)), out_dir=tmp_path, progress=False)
     statuses = _statuses(report)
     assert {name for name, status in statuses.items() if status == "skipped"} == skipped
-    assert all(statuses[name] == "ok" for name in set(STAGES) - skipped)
+    assert all(statuses[name] in ("ok", "warn") for name in set(STAGES) - skipped)
     assert report.document["scores"]["self"]["finite_fraction"] == 1.0
 
 

@@ -53,8 +53,9 @@ class Problem:
 
     @property
     def treatable(self) -> bool:
-        """Whether a factor or score setting can fix it (the remedies' ladders apply)."""
-        return self.cause not in UNTREATABLE
+        """Whether a factor or score setting can fix it (the remedies' ladders apply): not a broken
+        model, and not a failure to build or train the model at all."""
+        return self.cause not in UNTREATABLE and self.stage != "train"
 
     def to_dict(self) -> dict[str, Any]:
         return {

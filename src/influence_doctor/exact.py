@@ -120,6 +120,8 @@ def exact_fidelity(run: Any, train_columns: int = 256) -> dict[str, Any]:
     from influence_doctor.fidelity import pearson
     from influence_doctor.report.scores import total_scores
 
+    if run.model is None:
+        return {"skipped": "no model"}
     params = tracked_parameters(run.model)
     count = sum(p.numel() for p in params)
     if count > MAX_PARAMETERS:

@@ -14,8 +14,10 @@ from influence_doctor.checks.precision import rank_agreement
 
 def pearson(first: torch.Tensor, second: torch.Tensor) -> float:
     a, b = first.double().flatten().cpu(), second.double().flatten().cpu()
+    if a.shape != b.shape:
+        return math.nan
     keep = torch.isfinite(a) & torch.isfinite(b)
-    if a.shape != b.shape or int(keep.sum()) < 3 or float(a[keep].std()) == 0.0 or float(b[keep].std()) == 0.0:
+    if int(keep.sum()) < 3 or float(a[keep].std()) == 0.0 or float(b[keep].std()) == 0.0:
         return math.nan
     return float(stats.pearsonr(a[keep].numpy(), b[keep].numpy()).statistic)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from typing import Any
 
@@ -250,10 +251,10 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
 
 
 def _row_agreement(first: torch.Tensor, second: torch.Tensor) -> float:
-    """The worst per-query Spearman: one query whose ranking flips is enough to mislead."""
+    """The median per-query Spearman: how stable a typical query's ranking of training examples is."""
     values = [rank_agreement(a, b) for a, b in zip(first, second, strict=True)]
     values = [v for v in values if not math.isnan(v)]
-    return min(values) if values else math.nan
+    return statistics.median(values) if values else math.nan
 
 
 def _damping_floor(run: Run) -> float | None:

@@ -73,7 +73,11 @@ def test_ill_conditioned_spectrum_with_damping_above_the_floor_warns():
 
 def test_the_precondition_dtype_decides():
     values = _lambda_sum([0.0, 0.25, 0.5, 1.0])
-    assert checks_of(check_lambda(values, 4, SUBJECT, T, damping_factor=1e-8)) == ["lambda.condition"]
+    # In float32 a damping of 1e-8 is below eps·λmax: it is also reported as damping nothing.
+    assert checks_of(check_lambda(values, 4, SUBJECT, T, damping_factor=1e-8)) == [
+        "lambda.damping_floor",
+        "lambda.condition",
+    ]
     assert check_lambda(values, 4, SUBJECT, T, damping_factor=1e-8, precondition_dtype=torch.float64).findings == []
 
 
@@ -171,6 +175,6 @@ def test_no_examples_or_empty_lambda_measures_nothing():
 
 def test_findings_are_valid():
     outcome = check_lambda(_lambda_sum([-1.0, 0.0, 1.0, 2.0]), 4, SUBJECT, T, damping_factor=1e-8)
-    assert set(checks_of(outcome)) == {"lambda.nonnegative", "lambda.condition"}
+    assert set(checks_of(outcome)) == {"lambda.nonnegative", "lambda.condition", "lambda.damping_floor"}
     assert_valid(outcome.findings)
     assert all(f.stage == "lambda" and f.subject == SUBJECT for f in outcome.findings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,4 +237,4 @@ def heuristic_damping(artifacts: dict[str, Any], strategy: str) -> float | None:
             grad = eigen["gradient_eigenvalues"][module]
             values.append(HEURISTIC_DAMPING_SCALE * float(act.double().mean()) * float(grad.double().mean()))
     finite = [v for v in values if math.isfinite(v)]
-    return float(torch.tensor(finite).median()) if finite else None
+    return statistics.median(finite) if finite else None

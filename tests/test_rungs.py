@@ -1,0 +1,606 @@
+"""Rungs (what each rung changes), ladders (in which order) and doctored covariances (how a shift is written)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+
+import pytest
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.covariance import covariance_matrices_exist, load_covariance_matrices
+from safetensors.torch import load_file
+
+from influence_doctor.diagnosis import Problem
+from influence_doctor.findings import CAUSES, Finding
+from influence_doctor.remedies.doctored import doctor_covariances, shifted, write_factors
+from influence_doctor.remedies.ladders import DEFAULT_LADDERS, STRATEGY_FALLBACK, ladder_for
+from influence_doctor.remedies.rungs import Settings, heuristic_damping, plan
+
+FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+def finding(stage, cause, subject="", severity="fail"):
+    return Finding(f"{stage}.probe", stage, subject, severity, 1.0, 0.0, cause, "measured")
+
+
+def problem(cause, stage, subjects=(), evidence=None):
+    evidence = [finding(stage, cause, s) for s in subjects or [""]] if evidence is None else evidence
+    return Problem(cause, stage, list(subjects), evidence=evidence, message=f"{cause} in {stage}")
+
+
+def settings(fa=None, sa=None, batch_size=8, score_stage="pairwise_scores", heuristic=None):
+    return Settings(
+        factor_args=fa if fa is not None else FactorArguments(),
+        score_args=sa if sa is not None else ScoreArguments(),
+        batch_size=batch_size,
+        score_stage=score_stage,
+        heuristic_damping=heuristic,
+    )
+
+
+def diff(before, after):
+    """Fields that differ between two kronfluence argument objects: name → (old, new)."""
+    a, b = vars(before), vars(after)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def planned(rung, prob, s):
+    """Plan, and check on the way that the caller's argument objects were neither mutated nor shared."""
+    fa_before, sa_before = copy.deepcopy(s.factor_args), copy.deepcopy(s.score_args)
+    change, reason = plan(rung, prob, s)
+    assert vars(s.factor_args) == vars(fa_before)
+    assert vars(s.score_args) == vars(sa_before)
+    if change is not None:
+        assert change.factor_args is not s.factor_args
+        assert change.score_args is not s.score_args
+        assert reason == ""
+        assert change.rung == rung
+    else:
+        assert reason
+    return change, reason
+
+
+# --------------------------------------------------------------------------------------------- dtype
+
+
+@pytest.mark.parametrize(
+    ("subject", "changed", "kept"),
+    [
+        ("fc1/activation_covariance", "activation_covariance_dtype", "gradient_covariance_dtype"),
+        ("fc1/gradient_covariance", "gradient_covariance_dtype", "activation_covariance_dtype"),
+    ],
+)
+def test_dtype_rung_changes_only_the_factor_named_in_the_subject(subject, changed, kept):
+    fa = FactorArguments(activation_covariance_dtype=FP16, gradient_covariance_dtype=FP16)
+    s = settings(fa)
+    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", [subject]), s)
+    assert diff(s.factor_args, change.factor_args) == {changed: (FP16, BF16)}
+    assert getattr(change.factor_args, kept) == FP16
+    assert diff(s.score_args, change.score_args) == {}
+    assert change.changes == {f"factor_args.{changed}": (FP16, BF16)}
+    assert change.first_stage == "covariance"
+    assert change.shift is None and change.batch_size is None
+
+
+def test_dtype_rung_without_subjects_raises_every_field_of_the_stage_but_never_lowers_one():
+    fa = FactorArguments(activation_covariance_dtype=BF16, gradient_covariance_dtype=FP64, lambda_dtype=FP16)
+    s = settings(fa)
+    change, _ = planned("dtype:float32", problem("low-precision-loss", "covariance"), s)
+    assert diff(s.factor_args, change.factor_args) == {"activation_covariance_dtype": (BF16, FP32)}
+    assert change.factor_args.gradient_covariance_dtype == FP64  # above the target: kept
+    assert change.factor_args.lambda_dtype == FP16  # another stage's field: kept
+    assert change.first_stage == "covariance"
+
+
+def test_dtype_rung_with_nothing_below_the_target_does_not_apply():
+    s = settings(FactorArguments(activation_covariance_dtype=FP32, gradient_covariance_dtype=FP64))
+    change, reason = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", ["fc1/activation_covariance"]), s)
+    assert change is None
+    assert "covariance" in reason and "bfloat16" in reason
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance"), s)
+    assert change is None
+
+
+def test_bf16_rung_turns_fp16_autocast_into_bf16():
+    s = settings(FactorArguments(amp_dtype=FP16))
+    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance"), s)
+    assert diff(s.factor_args, change.factor_args) == {"amp_dtype": (FP16, BF16)}  # fp32 fields are not below bf16
+    assert change.changes == {"factor_args.amp_dtype": (FP16, BF16)}
+    assert change.first_stage == "covariance"
+
+
+@pytest.mark.parametrize("amp", [FP16, BF16])
+def test_fp32_rung_turns_autocast_off(amp):
+    s = settings(FactorArguments(amp_dtype=amp))
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance"), s)
+    assert change.factor_args.amp_dtype is None
+    assert change.changes == {"factor_args.amp_dtype": (amp, None)}
+
+
+def test_bf16_rung_leaves_bf16_autocast_alone():
+    s = settings(FactorArguments(amp_dtype=BF16))
+    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance"), s)
+    assert change is None
+
+
+def test_lambda_dtype_rung_restarts_at_lambda():
+    fa = FactorArguments(lambda_dtype=FP16, per_sample_gradient_dtype=FP16)
+    s = settings(fa)
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda", ["fc1/lambda_matrix"]), s)
+    assert diff(s.factor_args, change.factor_args) == {"lambda_dtype": (FP16, FP32)}
+    assert change.first_stage == "lambda"
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda"), s)
+    assert diff(s.factor_args, change.factor_args) == {
+        "lambda_dtype": (FP16, FP32),
+        "per_sample_gradient_dtype": (FP16, FP32),
+    }
+    assert change.first_stage == "lambda"
+
+
+def test_lambda_autocast_restarts_at_covariance():
+    """FactorArguments.amp_dtype also drives the covariance pass, so it must be recomputed."""
+    s = settings(FactorArguments(amp_dtype=FP16))
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda"), s)
+    assert change.changes == {"factor_args.amp_dtype": (FP16, None)}
+    assert change.first_stage == "covariance"
+
+
+@pytest.mark.parametrize("score_stage", ["pairwise_scores", "self_scores"])
+def test_score_dtype_rung_edits_score_arguments_and_restarts_at_the_score_stage(score_stage):
+    sa = ScoreArguments(score_dtype=FP16, precondition_dtype=BF16, amp_dtype=FP16)
+    s = settings(sa=sa, score_stage=score_stage)
+    change, _ = planned("dtype:float32", problem("fp16-overflow", score_stage), s)
+    assert diff(s.score_args, change.score_args) == {
+        "score_dtype": (FP16, FP32),
+        "precondition_dtype": (BF16, FP32),
+        "amp_dtype": (FP16, None),
+    }
+    assert diff(s.factor_args, change.factor_args) == {}
+    assert change.first_stage == score_stage
+
+
+def test_dtype_rungs_climb_in_order_and_stop():
+    s = settings(FactorArguments(activation_covariance_dtype=FP16))
+    prob = problem("fp16-overflow", "covariance", ["fc1/activation_covariance"])
+    seen = []
+    for rung in ("dtype:bfloat16", "dtype:float32", "dtype:float64"):
+        change, _ = planned(rung, prob, s)
+        seen.append(change.factor_args.activation_covariance_dtype)
+        s = settings(change.factor_args, change.score_args)
+    assert seen == [BF16, FP32, FP64]
+    assert planned("dtype:float64", prob, s)[0] is None
+
+
+# ------------------------------------------------------------------------- eigendecomposition / covariance
+
+
+def test_eigendecomposition_dtype_rung():
+    s = settings(FactorArguments(eigendecomposition_dtype=FP32))
+    change, _ = planned(
+        "eigendecomposition-dtype:float64", problem("eigendecomposition-failed", "eigendecomposition"), s
+    )
+    assert diff(s.factor_args, change.factor_args) == {"eigendecomposition_dtype": (FP32, FP64)}
+    assert change.first_stage == "eigendecomposition"
+    change, reason = planned(
+        "eigendecomposition-dtype:float64", problem("eigendecomposition-failed", "eigendecomposition"), settings()
+    )
+    assert change is None and "float64" in reason
+
+
+def test_covariance_dtype_rungs():
+    s = settings(FactorArguments(activation_covariance_dtype=BF16, gradient_covariance_dtype=FP32))
+    prob = problem("eigendecomposition-inaccurate", "eigendecomposition")
+    change, _ = planned("covariance-dtype:float32", prob, s)
+    assert diff(s.factor_args, change.factor_args) == {"activation_covariance_dtype": (BF16, FP32)}
+    assert change.first_stage == "covariance"
+    change, _ = planned("covariance-dtype:float64", prob, s)
+    assert diff(s.factor_args, change.factor_args) == {
+        "activation_covariance_dtype": (BF16, FP64),
+        "gradient_covariance_dtype": (FP32, FP64),
+    }
+    s64 = settings(FactorArguments(activation_covariance_dtype=FP64, gradient_covariance_dtype=FP64))
+    assert planned("covariance-dtype:float64", prob, s64)[0] is None
+    assert planned("covariance-dtype:float32", prob, s64)[0] is None
+
+
+# ---------------------------------------------------------------------------------------------- damping
+
+
+def test_damping_heuristic_sets_none():
+    s = settings(sa=ScoreArguments(damping_factor=1e-8), score_stage="self_scores")
+    change, _ = planned("damping:heuristic", problem("tiny-damping", "self_scores"), s)
+    assert change.score_args.damping_factor is None
+    assert diff(s.score_args, change.score_args) == {"damping_factor": (1e-8, None)}
+    assert change.changes == {"score_args.damping_factor": (1e-8, None)}
+    assert change.first_stage == "self_scores"
+    assert diff(s.factor_args, change.factor_args) == {}
+
+
+def test_damping_heuristic_is_not_applicable_when_already_the_heuristic():
+    change, reason = planned(
+        "damping:heuristic",
+        problem("tiny-damping", "pairwise_scores"),
+        settings(sa=ScoreArguments(damping_factor=None)),
+    )
+    assert change is None and "heuristic" in reason
+
+
+@pytest.mark.parametrize("current", [None, 1e-8, 0.2])
+def test_damping_x10_is_ten_times_the_measured_heuristic(current):
+    s = settings(sa=ScoreArguments(damping_factor=current), heuristic=0.03)
+    change, _ = planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)
+    assert change.score_args.damping_factor == pytest.approx(0.3, rel=1e-12)
+    assert change.changes["score_args.damping_factor"][0] == current
+    assert change.first_stage == "pairwise_scores"
+
+
+@pytest.mark.parametrize("heuristic", [None, float("nan"), float("inf"), 0.0, -1.0])
+def test_damping_x10_needs_a_finite_positive_heuristic(heuristic):
+    s = settings(sa=ScoreArguments(damping_factor=None), heuristic=heuristic)
+    change, reason = planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)
+    assert change is None and "heuristic" in reason
+
+
+def test_damping_x10_does_not_lower_a_larger_damping():
+    s = settings(sa=ScoreArguments(damping_factor=0.3), heuristic=0.03)
+    assert planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)[0] is None
+    s = settings(sa=ScoreArguments(damping_factor=5.0), heuristic=0.03)
+    assert planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)[0] is None
+
+
+# ------------------------------------------------------------------------------------------------ shift
+
+
+@pytest.mark.parametrize(("rung", "expected"), [("shift:1e-4", ("mean", 1e-4)), ("shift-trace:0.2", ("trace", 0.2))])
+def test_shift_applies_to_kfac_whatever_the_evidence(rung, expected):
+    s = settings(FactorArguments(strategy="kfac"))
+    prob = problem("ill-conditioned", "pairwise_scores", evidence=[finding("pairwise_scores", "ill-conditioned")])
+    change, _ = planned(rung, prob, s)
+    assert change.shift == expected
+    assert change.first_stage == "eigendecomposition"
+    assert diff(s.factor_args, change.factor_args) == {} and diff(s.score_args, change.score_args) == {}
+    assert list(change.changes) == ["covariance.diagonal_shift"]
+
+
+@pytest.mark.parametrize("stage", ["covariance", "eigendecomposition"])
+def test_shift_applies_to_ekfac_when_a_fail_sits_in_the_covariance_spectrum(stage):
+    evidence = [finding("lambda", "ill-conditioned", severity="fail"), finding(stage, "ill-conditioned")]
+    change, _ = planned("shift:1e-6", problem("ill-conditioned", "lambda", evidence=evidence), settings())
+    assert change.shift == ("mean", 1e-6)
+
+
+def test_shift_does_not_apply_to_ekfac_when_only_lambda_fails():
+    evidence = [
+        finding("lambda", "ill-conditioned", severity="fail"),
+        finding("covariance", "ill-conditioned", severity="warn"),  # a warning is not a failure to heal
+    ]
+    change, reason = planned("shift:1e-6", problem("ill-conditioned", "lambda", evidence=evidence), settings())
+    assert change is None and "EK-FAC" in reason
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "identity"])
+def test_shift_does_not_apply_without_covariances(strategy):
+    s = settings(FactorArguments(strategy=strategy))
+    change, reason = planned("shift:1e-2", problem("not-psd", "covariance"), s)
+    assert change is None and strategy in reason
+
+
+# --------------------------------------------------------------------------------------------- strategy
+
+
+def test_strategy_rungs_go_ekfac_kfac_diagonal_identity_and_never_back_up():
+    prob = problem("ill-conditioned", "pairwise_scores")
+    s = settings()
+    path = [s.factor_args.strategy]
+    for rung in STRATEGY_FALLBACK:
+        change, _ = planned(rung, prob, s)
+        assert change.first_stage == "covariance"
+        assert diff(s.factor_args, change.factor_args) == {"strategy": (path[-1], rung.split(":")[1])}
+        path.append(change.factor_args.strategy)
+        s = settings(change.factor_args, change.score_args)
+    assert path == ["ekfac", "kfac", "diagonal", "identity"]
+    for rung in ("strategy:ekfac", *STRATEGY_FALLBACK):
+        assert planned(rung, prob, s)[0] is None
+
+
+@pytest.mark.parametrize(
+    ("current", "rung"), [("kfac", "strategy:kfac"), ("kfac", "strategy:ekfac"), ("diagonal", "strategy:kfac")]
+)
+def test_strategy_rung_never_climbs_back(current, rung):
+    change, reason = planned(rung, problem(None, "pairwise_scores"), settings(FactorArguments(strategy=current)))
+    assert change is None and current in reason
+
+
+def test_strategy_rung_may_skip_a_step_down():
+    s = settings(FactorArguments(strategy="ekfac"))
+    change, _ = planned("strategy:diagonal", problem(None, "lambda"), s)
+    assert change.factor_args.strategy == "diagonal"
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def test_partitions_double():
+    fa = FactorArguments(covariance_module_partitions=2, lambda_module_partitions=1)
+    sa = ScoreArguments(module_partitions=3)
+    s = settings(fa, sa)
+    change, _ = planned("partitions:x2", problem("out-of-memory", "lambda"), s)
+    assert diff(s.factor_args, change.factor_args) == {
+        "covariance_module_partitions": (2, 4),
+        "lambda_module_partitions": (1, 2),
+    }
+    assert diff(s.score_args, change.score_args) == {"module_partitions": (3, 6)}
+    assert change.first_stage == "lambda"
+
+
+@pytest.mark.parametrize(("size", "half"), [(8, 4), (5, 2), (2, 1)])
+def test_batch_halves(size, half):
+    change, _ = planned("batch:half", problem("out-of-memory", "covariance"), settings(batch_size=size))
+    assert change.batch_size == half
+    assert change.changes == {"batch_size": (size, half)}
+    assert change.first_stage == "covariance"
+
+
+def test_batch_of_one_cannot_halve():
+    change, reason = planned("batch:half", problem("out-of-memory", "covariance"), settings(batch_size=1))
+    assert change is None and "1" in reason
+
+
+def test_offload_and_iterative_lambda_flags():
+    s = settings()
+    change, _ = planned("offload:on", problem("out-of-memory", "pairwise_scores"), s)
+    assert diff(s.factor_args, change.factor_args) == {"offload_activations_to_cpu": (False, True)}
+    assert diff(s.score_args, change.score_args) == {"offload_activations_to_cpu": (False, True)}
+    assert (
+        planned(
+            "offload:on", problem("out-of-memory", "pairwise_scores"), settings(change.factor_args, change.score_args)
+        )[0]
+        is None
+    )
+    change, _ = planned("iterative-lambda:on", problem("out-of-memory", "lambda"), s)
+    assert diff(s.factor_args, change.factor_args) == {"use_iterative_lambda_aggregation": (False, True)}
+    assert change.first_stage == "lambda"
+
+
+def test_unknown_rung_kind():
+    change, reason = plan("teleport:now", problem("tiny-damping", "pairwise_scores"), settings())
+    assert change is None and "teleport" in reason
+
+
+# ------------------------------------------------------------------------------------------------ ladders
+
+
+def test_every_default_rung_is_a_known_kind_and_every_cause_is_a_known_tag():
+    for cause in DEFAULT_LADDERS:
+        assert cause in CAUSES
+        for rung in ladder_for(cause):
+            _, reason = plan(rung, problem(cause, "covariance"), settings())
+            assert "unknown rung kind" not in reason
+
+
+@pytest.mark.parametrize(
+    ("cause", "head"),
+    [
+        ("fp16-overflow", ("dtype:bfloat16", "dtype:float32", "dtype:float64")),
+        ("low-precision-loss", ("dtype:bfloat16", "dtype:float32", "dtype:float64")),
+        (
+            "eigendecomposition-failed",
+            ("eigendecomposition-dtype:float64", "covariance-dtype:float32", "covariance-dtype:float64", "shift:1e-6"),
+        ),
+        (
+            "eigendecomposition-inaccurate",
+            ("eigendecomposition-dtype:float64", "covariance-dtype:float32", "covariance-dtype:float64", "shift:1e-6"),
+        ),
+        ("ill-conditioned", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
+        ("rank-deficient", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
+        ("not-psd", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
+        ("tiny-damping", ("damping:heuristic", "damping:heuristic-x10")),
+        ("score-outliers", ("damping:heuristic", "damping:heuristic-x10")),
+        ("out-of-memory", ("partitions:x2", "offload:on", "iterative-lambda:on", "batch:half")),
+    ],
+)
+def test_default_ladders_follow_the_spec(cause, head):
+    ladder = ladder_for(cause)
+    assert ladder[: len(head)] == head
+    assert ladder[-len(STRATEGY_FALLBACK) :] == STRATEGY_FALLBACK
+    assert len(set(ladder)) == len(ladder)
+
+
+def test_shift_epsilons_grow_along_the_ladder():
+    shifts = [float(r.split(":")[1]) for r in ladder_for("ill-conditioned") if r.startswith("shift:")]
+    assert shifts == [1e-6, 1e-4, 1e-2, 0.1]
+
+
+def test_no_cause_gets_only_the_strategy_fallback():
+    assert ladder_for(None) == ("strategy:kfac", "strategy:diagonal", "strategy:identity")
+
+
+def test_overrides_replace_a_causes_ladder_only():
+    overrides = {"tiny-damping": ["damping:heuristic-x10", "strategy:diagonal"]}
+    assert ladder_for("tiny-damping", overrides) == (
+        "damping:heuristic-x10",
+        "strategy:diagonal",
+        "strategy:kfac",
+        "strategy:identity",
+    )
+    assert ladder_for("fp16-overflow", overrides) == ladder_for("fp16-overflow")
+    assert ladder_for("tiny-damping", {}) == ladder_for("tiny-damping")
+
+
+# --------------------------------------------------------------------------------------- heuristic damping
+
+
+def lambda_artifacts(means_and_counts):
+    torch.manual_seed(0)
+    matrices, counts = {}, {}
+    for i, (mean, count) in enumerate(means_and_counts):
+        m = torch.rand(3, 4, dtype=torch.float64)
+        matrices[f"m{i}"] = (m / m.mean() * mean).float()
+        counts[f"m{i}"] = torch.tensor([count], dtype=torch.int64)
+    return {"lambda": {"lambda_matrix": matrices, "num_lambda_processed": counts}}
+
+
+def expected_median(artifacts):
+    lam = artifacts["lambda"]
+    values = [
+        0.1 * float(m.double().mean()) / float(lam["num_lambda_processed"][k].sum())
+        for k, m in lam["lambda_matrix"].items()
+    ]
+    return statistics.median(values)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_heuristic_damping_is_the_median_over_modules_of_a_tenth_of_the_mean_divided_lambda(strategy):
+    artifacts = lambda_artifacts([(50.0, 10), (3.0, 100), (700.0, 7)])
+    value = heuristic_damping(artifacts, strategy)
+    assert value == pytest.approx(expected_median(artifacts), rel=1e-6)
+    assert value == pytest.approx(0.1 * 50.0 / 10, rel=1e-6)
+
+
+def test_heuristic_damping_skips_nonfinite_modules():
+    artifacts = lambda_artifacts([(50.0, 10), (3.0, 100), (700.0, 7)])
+    artifacts["lambda"]["lambda_matrix"]["m3"] = torch.full((2, 2), float("inf"))
+    artifacts["lambda"]["num_lambda_processed"]["m3"] = torch.tensor([5])
+    assert heuristic_damping(artifacts, "ekfac") == pytest.approx(0.5, rel=1e-6)
+
+
+def test_heuristic_damping_for_kfac_uses_the_eigenvalue_product():
+    eigen = {
+        "activation_eigenvalues": {
+            "a": torch.tensor([1.0, 3.0]),
+            "b": torch.tensor([10.0, 30.0]),
+            "c": torch.tensor([6.0]),
+        },
+        "gradient_eigenvalues": {
+            "a": torch.tensor([2.0]),
+            "b": torch.tensor([1.0, 1.0]),
+            "c": torch.tensor([0.5, 1.5]),
+        },
+    }
+    # kronfluence: 0.1·mean(kron(λ_a, λ_g)) = 0.1·mean(λ_a)·mean(λ_g): a → 0.4, b → 2.0, c → 0.6
+    value = heuristic_damping({"eigendecomposition": eigen}, "kfac")
+    assert value == pytest.approx(0.6, rel=1e-6)
+
+
+def test_heuristic_damping_unknown_without_artifacts_or_for_identity():
+    artifacts = lambda_artifacts([(50.0, 10)])
+    assert heuristic_damping({}, "ekfac") is None
+    assert heuristic_damping(artifacts, "identity") is None
+    assert heuristic_damping(artifacts, "kfac") is None  # kfac reads eigenvalues, not lambdas
+
+
+# ------------------------------------------------------------------------------------ doctored covariances
+
+
+def random_covariance(n, dtype=torch.float64, seed=0, asymmetric=False):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    c = a @ a.T
+    if asymmetric:
+        c = c + 1e-3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    return c.to(dtype)
+
+
+@pytest.mark.parametrize(("mode", "epsilon"), [("mean", 1e-4), ("mean", 0.1), ("trace", 0.2)])
+def test_shifted_adds_exactly_epsilon_times_mean_diag_or_trace(mode, epsilon):
+    c = random_covariance(5, asymmetric=True)
+    original = c.clone()
+    out = shifted(c, mode, epsilon)
+    assert torch.equal(c, original)  # input untouched
+    symmetric = 0.5 * (c + c.T)
+    diagonal = torch.diagonal(symmetric)
+    amount = epsilon * (diagonal.sum() if mode == "trace" else diagonal.mean())
+    torch.testing.assert_close(out - symmetric, amount * torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(out, out.T)
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shifted_keeps_the_stored_dtype_and_symmetry(dtype):
+    c = random_covariance(6, dtype=dtype, seed=1, asymmetric=True)
+    out = shifted(c, "mean", 1e-2)
+    assert out.dtype == dtype
+    assert out.is_contiguous()
+    assert torch.equal(out, out.T)
+    c64 = c.double()
+    expected = 0.5 * (c64 + c64.T) + 1e-2 * torch.diagonal(c64).mean() * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(out, expected.to(dtype))
+
+
+def covariance_dict():
+    return {
+        "activation_covariance": {
+            "fc1": random_covariance(3, torch.float32, 2),
+            "fc2": random_covariance(4, torch.float32, 3),
+        },
+        "gradient_covariance": {
+            "fc1": random_covariance(2, torch.float32, 4),
+            "fc2": random_covariance(2, torch.float32, 5),
+        },
+        "num_activation_covariance_processed": {"fc1": torch.tensor([16]), "fc2": torch.tensor([16])},
+        "num_gradient_covariance_processed": {"fc1": torch.tensor([16]), "fc2": torch.tensor([16])},
+    }
+
+
+def test_doctor_covariances_shifts_every_matrix_keeps_counts_and_mutates_nothing():
+    covariance = covariance_dict()
+    before = {name: {m: t.clone() for m, t in per.items()} for name, per in covariance.items()}
+    doctored = doctor_covariances(covariance, "mean", 1e-2)
+    for name, per in covariance.items():
+        assert per.keys() == before[name].keys()
+        for m, t in per.items():
+            assert torch.equal(t, before[name][m])
+    assert doctored.keys() == covariance.keys()
+    for name in ("num_activation_covariance_processed", "num_gradient_covariance_processed"):
+        assert doctored[name] is not covariance[name]
+        for m in covariance[name]:
+            assert torch.equal(doctored[name][m], before[name][m])
+    for name in ("activation_covariance", "gradient_covariance"):
+        assert doctored[name] is not covariance[name]
+        for m, t in covariance[name].items():
+            assert doctored[name][m].dtype == t.dtype
+            shift = torch.diagonal(doctored[name][m].double() - t.double())
+            torch.testing.assert_close(
+                shift, torch.full_like(shift, 1e-2 * float(torch.diagonal(t.double()).mean())), rtol=1e-4, atol=1e-5
+            )
+
+
+def test_write_factors_writes_kronfluence_files_atomically(tmp_path):
+    covariance = covariance_dict()
+    doctored = doctor_covariances(covariance, "trace", 0.2)
+    fa = FactorArguments(strategy="kfac", activation_covariance_dtype=torch.float64)
+    directory = tmp_path / "analysis" / "factors_doctored_r1"
+    write_factors(directory, doctored, fa)
+    names = set(os.listdir(directory))
+    assert names == {
+        "activation_covariance.safetensors",
+        "gradient_covariance.safetensors",
+        "num_activation_covariance_processed.safetensors",
+        "num_gradient_covariance_processed.safetensors",
+        "factor_arguments.json",
+    }
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
+    for name, per in doctored.items():
+        loaded = load_file(directory / f"{name}.safetensors")
+        assert loaded.keys() == per.keys()
+        for m, t in per.items():
+            assert loaded[m].dtype == t.dtype and torch.equal(loaded[m], t)
+    # kronfluence's own loader finds and reads them
+    assert covariance_matrices_exist(directory)
+    loaded = load_covariance_matrices(directory)
+    assert torch.equal(loaded["gradient_covariance"]["fc2"], doctored["gradient_covariance"]["fc2"])
+    assert json.loads((directory / "factor_arguments.json").read_text()) == json.loads(json.dumps(fa.to_dict()))
+
+
+def test_write_factors_replaces_an_earlier_write(tmp_path):
+    first = doctor_covariances(covariance_dict(), "mean", 1e-6)
+    second = doctor_covariances(covariance_dict(), "mean", 0.1)
+    write_factors(tmp_path, first, FactorArguments())
+    write_factors(tmp_path, second, FactorArguments(strategy="kfac"))
+    loaded = load_file(tmp_path / "activation_covariance.safetensors")
+    assert torch.equal(loaded["fc1"], second["activation_covariance"]["fc1"])
+    assert json.loads((tmp_path / "factor_arguments.json").read_text())["strategy"] == "kfac"
+    assert len(os.listdir(tmp_path)) == 5
