@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from influence_doctor.demos.training import train_minibatches
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
 
 SIDE = 12
@@ -66,21 +67,7 @@ def build_convnet() -> nn.Module:
 
 
 def train_classifier(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 8) -> None:
-    device = next(model.parameters()).device
-    x, y = (tensor.to(device) for tensor in dataset.tensors)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator).to(device)
-        for start in range(0, len(x), 64):
-            rows = order[start : start + 64]
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.log(loss)
-    model.eval()
+    train_minibatches(model, dataset, monitor, F.cross_entropy, epochs=epochs, lr=1e-2)
 
 
 def conv(examples: int = 600) -> Pipeline:

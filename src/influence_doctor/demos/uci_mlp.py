@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from influence_doctor.demos.training import train_minibatches
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
 
 FEATURES = 8
@@ -46,21 +47,7 @@ def build_mlp() -> nn.Module:
 
 
 def train_regression(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor, epochs: int = 30) -> None:
-    device = next(model.parameters()).device
-    x, y = (tensor.to(device) for tensor in dataset.tensors)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator).to(device)
-        for start in range(0, len(x), 64):
-            rows = order[start : start + 64]
-            loss = F.mse_loss(model(x[rows]), y[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.log(loss)
-    model.eval()
+    train_minibatches(model, dataset, monitor, F.mse_loss, epochs=epochs, lr=3e-3)
 
 
 def uci_mlp(examples: int = 1000) -> Pipeline:

@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from influence_doctor.report.text import finding_rows
+from influence_doctor.report.text import finding_rows, summary_cells
 
 STATUS_WORDS = {
     "healthy": "HEALTHY — everything found on disk passed its checks.",
@@ -85,22 +85,8 @@ def score_rows(document: dict[str, Any]) -> list[list[str]]:
     for stage in document["stages"]:
         for folder, metrics in stage["metrics"].items():
             if summary := metrics.get("summary"):
-                rows.append(
-                    [
-                        stage["name"].removesuffix("_scores"),
-                        folder,
-                        "×".join(str(n) for n in summary["shape"]),
-                        f"{summary['finite_fraction']:.4f}",
-                        _fmt(summary["min"]),
-                        _fmt(summary["median"]),
-                        _fmt(summary["max"]),
-                    ]
-                )
+                rows.append([stage["name"].removesuffix("_scores"), folder, *summary_cells(summary)])
     return rows
-
-
-def _fmt(value: Any) -> str:
-    return "—" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
 
 def _clip(text: str, width: int = 90) -> str:

@@ -126,17 +126,19 @@ def score_rows(document: dict[str, Any]) -> list[list[str]]:
     for kind, summary in document["scores"].items():
         if kind == "top_influences":
             continue
-        rows.append(
-            [
-                kind,
-                "×".join(str(n) for n in summary["shape"]),
-                f"{summary['finite_fraction']:.4f}",
-                _fmt(summary["min"]),
-                _fmt(summary["median"]),
-                _fmt(summary["max"]),
-            ]
-        )
+        rows.append([kind, *summary_cells(summary)])
     return rows
+
+
+def summary_cells(summary: dict[str, Any]) -> list[str]:
+    """shape, finite share, min, median, max of a score summary, as table cells."""
+    return [
+        "×".join(str(n) for n in summary["shape"]),
+        f"{summary['finite_fraction']:.4f}",
+        _fmt(summary["min"]),
+        _fmt(summary["median"]),
+        _fmt(summary["max"]),
+    ]
 
 
 def _fmt(value: Any) -> str:

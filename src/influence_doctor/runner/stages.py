@@ -68,13 +68,15 @@ def run_train_stage(
         record.metrics["steps"] = len(run.monitor.loss)
         record.metrics["parameters"] = sum(p.numel() for p in model.parameters())
         record.metrics["parameter_dtypes"] = sorted({_dtype_name(p.dtype) for p in model.parameters()})
-        _prepare_analysis(run, model, train_dataset, query_dataset)
+        _prepare_analysis(run, model, train_dataset, query_dataset, show_bars=progress.interactive)
         if on_stage_done is not None:
             on_stage_done(record)
     return run
 
 
-def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: Any) -> None:
+def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: Any, show_bars: bool) -> None:
+    """Subsample, wrap the model for kronfluence and create its Analyzer; on a terminal kronfluence's
+    own progress bars show the work inside each long stage."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from torch.utils.data import Subset
 
@@ -90,7 +92,7 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
             model=run.model,
             task=run.pipeline.task,
             cpu=run.device == "cpu",
-            disable_tqdm=True,
+            disable_tqdm=not show_bars,
             log_level=logging.WARNING,
             output_dir=str(run.analysis_dir),
         )
