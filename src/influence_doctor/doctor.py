@@ -107,6 +107,7 @@ def diagnose(
         try:
             examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
             run_train_stage(run, reporter, on_stage_done=examine)
+            gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
             run_influence_stages(run, reporter, on_stage_done=examine)
             if options.probe_examples > 0:
                 reporter.note(f"probing precision and damping on {options.probe_examples} examples")
