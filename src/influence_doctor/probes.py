@@ -58,6 +58,7 @@ def run_probes(run: Run, examples: int = 64, thresholds: Thresholds | None = Non
     summary: dict[str, Any] = {"examples": min(examples, len(run.train_subset or []))}
     if run.analyzer is None or not summary["examples"]:
         return summary
+    bars, run.analyzer.disable_tqdm = run.analyzer.disable_tqdm, True  # probes are quick: no bars
     for name, probe in (("precision", _precision_probe), ("damping", _damping_probe)):
         started = time.perf_counter()
         try:
@@ -65,6 +66,7 @@ def run_probes(run: Run, examples: int = 64, thresholds: Thresholds | None = Non
         except Exception as exc:  # a probe is a measurement; its failure is reported, not fatal
             summary[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         summary[name]["seconds"] = time.perf_counter() - started
+    run.analyzer.disable_tqdm = bars
     for record in run.stages.values():
         settle_status(record)
     return summary

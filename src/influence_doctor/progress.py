@@ -31,13 +31,13 @@ class StageProgress:
             print(f"influence-doctor: {text}", file=self.stream, flush=True)
 
     def start(self, stage: str) -> None:
-        """On a terminal, show the running stage; the end line overwrites it. Logs get only end lines."""
+        """On a terminal, say which stage is running (kronfluence's bars follow); logs get end lines only."""
         if self.interactive:
-            print(f"  … {stage:<20} running", end="", file=self.stream, flush=True)
+            print(f"  … {stage:<20} running", file=self.stream, flush=True)
 
     def end(self, stage: str, status: str, seconds: float | None = None, detail: str = "") -> None:
         if self.enabled:
             timing = f"{seconds:7.2f}s" if seconds is not None else " " * 8
             mark = MARKS.get(status, "?")
             line = f"  {mark} {stage:<20} {status:<8} {timing}  {detail}".rstrip()
-            print(("\r\x1b[K" if self.interactive else "") + line, file=self.stream, flush=True)
+            print(line, file=self.stream, flush=True)
