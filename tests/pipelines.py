@@ -25,7 +25,8 @@ def build_small_mlp(features: int = 4) -> nn.Module:
 
 def quick_train(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = dataset.tensors
+    device = next(model.parameters()).device
+    x, y = (tensor.to(device) for tensor in dataset.tensors)
     for _ in range(20):
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()

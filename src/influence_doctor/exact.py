@@ -60,12 +60,13 @@ def gauss_newton(
         flat = outputs.reshape(-1)
         if flat.numel() > MAX_OUTPUTS:
             raise ValueError(f"an example has {flat.numel()} outputs, more than {MAX_OUTPUTS}")
-        jacobian = torch.stack([flat_grad(flat[k], params, retain=True) for k in range(flat.numel())]).double()
+        jacobian = torch.stack([flat_grad(flat[k], params, retain=True) for k in range(flat.numel())]).double().cpu()
         z = outputs.detach().clone()
         hessian = (
             torch.autograd.functional.hessian(lambda v, b=batch: loss_of_outputs(b, v), z)
             .reshape(flat.numel(), flat.numel())
             .double()
+            .cpu()
         )
         total += jacobian.T @ hessian @ jacobian
     return total
@@ -99,8 +100,8 @@ def exact_pairwise(
         curvature = g + delta * torch.eye(g.shape[0], dtype=torch.float64)
         train = torch.stack([flat_grad(task.compute_train_loss(b, model, sample=False), params) for b in train_batches])
         queries = torch.stack([flat_grad(task.compute_measurement(b, model), params) for b in query_batches])
-        solved = torch.linalg.solve(curvature, train.double().T)  # p × n
-        return queries.double() @ solved, delta
+        solved = torch.linalg.solve(curvature, train.double().cpu().T)  # p × n
+        return queries.double().cpu() @ solved, delta
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
