@@ -135,3 +135,23 @@ def test_model_given_as_module_and_nonfinite_scores_fail(tmp_path):
     assert finding["value"] == pytest.approx(0.75)  # one query row of four is non-finite
     assert report.document["scores"]["pairwise"]["nonfinite"] == 64
     assert report.status == "sick"
+
+
+VOLATILE = {"seconds", "run_id", "run_dir", "analysis_dir"}
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {key: _without_timings(v) for key, v in value.items() if key not in VOLATILE}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_same_pipeline_and_seed_give_identical_reports_apart_from_timings(tmp_path):
+    first = diagnose(small_pipeline(), out_dir=tmp_path, progress=False)
+    second = diagnose(small_pipeline(), out_dir=tmp_path, progress=False)
+    assert first.run_dir != second.run_dir
+    assert _without_timings(first.document) == _without_timings(second.document)
+    other_seed = diagnose(small_pipeline(), out_dir=tmp_path, progress=False, seed=1)
+    assert other_seed.document["scores"]["self"]["digest"] != first.document["scores"]["self"]["digest"]
