@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from influence_doctor import STAGES
 from influence_doctor.report.document import TOP_LEVEL_KEYS
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.slow
@@ -30,6 +37,10 @@ def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
     for stage in STAGES:
         assert stage in done.stderr
     assert (report_path.parent / "report.md").read_text().startswith("# influence-doctor: uci-mlp")
+    page = (report_path.parent / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "HEALTHY" in page
+    assert page.count("<img alt=") == 3  # loss curve, eigenvalue spectra, score histograms, embedded
+    assert oct(report_path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # ordinary permissions
 
 
 def test_diagnose_target_text_output_and_reports(cli, tmp_path):

@@ -24,6 +24,7 @@ from influence_doctor.progress import StageProgress
 from influence_doctor.remedies.heal import HealResult, Remedy, heal
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import build_report
+from influence_doctor.report.html import render_html
 from influence_doctor.report.text import render
 from influence_doctor.runner import Run, RunOptions, create_run, run_influence_stages, run_train_stage
 
@@ -184,6 +185,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
     )
     write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
+    write_text_atomic(run.run_dir / "report.html", render_html(document, run))
     findings = [finding for record in run.stages.values() for finding in record.findings]
     return Report(
         status=status,

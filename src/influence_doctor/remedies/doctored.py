@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from influence_doctor.report.atomic import write_text_atomic
+from influence_doctor.report.atomic import publish, write_text_atomic
 
 COVARIANCE_FACTORS = ("activation_covariance", "gradient_covariance")
 COUNT_FACTORS = ("num_activation_covariance_processed", "num_gradient_covariance_processed")
@@ -48,7 +48,7 @@ def write_factors(directory: Path, factors: dict[str, dict[str, torch.Tensor]], 
         os.close(handle)
         try:
             save_file(tensors, temporary)
-            os.replace(temporary, directory / f"{name}.safetensors")
+            publish(temporary, directory / f"{name}.safetensors")
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -7,6 +7,18 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(temporary: str | Path, path: Path) -> None:
+    """Give a finished temporary file ordinary permissions (mkstemp makes it 0600) and rename it."""
+    os.chmod(temporary, 0o666 & ~_current_umask())
+    os.replace(temporary, path)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write `text` to `path` so that a reader never sees a half-written file."""
     path = Path(path)
@@ -17,7 +29,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        publish(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
