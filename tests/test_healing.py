@@ -148,3 +148,37 @@ def test_default_demo_heals_in_one_command(cli, tmp_path):
     assert rungs[0] == "dtype:bfloat16"
     assert not any(r.startswith("shift") for r in rungs)  # healed by dtype (and damping), never a shift
     assert document["status"] == "healed"
+
+
+def test_a_failing_rung_is_recorded_and_the_report_says_where_it_stopped(tmp_path, monkeypatch):
+    real_apply = heal_module._apply
+    calls = {"n": 0}
+
+    def failing_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("No space left on device")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(heal_module, "_apply", failing_apply)
+    report = diagnose(load_fixture("fp16_covariance_overflow")[0], out_dir=tmp_path, progress=False)
+    assert [r["outcome"] for r in report.remedies] == ["resolved", "error"]
+    assert report.remedies[1]["error"] == "OSError: No space left on device"
+    assert report.status == "sick"
+    assert json.loads(report.json_path.read_text())["remedies"][1]["rung"] == "dtype:float32"
+
+
+def test_an_exception_outside_the_stages_still_writes_a_partial_report(tmp_path, monkeypatch):
+    import influence_doctor.doctor as doctor_module
+
+    def broken_heal(*args, **kwargs):
+        raise RuntimeError("bug in a rule")
+
+    monkeypatch.setattr(doctor_module, "heal", broken_heal)
+    with pytest.raises(RuntimeError, match="bug in a rule"):
+        diagnose(load_fixture("dead_relu")[0], out_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*/*/report.json")
+    document = json.loads(path.read_text())
+    assert document["pipeline"]["partial"] is True
+    assert document["pipeline"]["interrupted_in"] == "remedy 1"
+    assert document["pipeline"]["diagnosis"][0]["cause"] == "rank-deficient"

@@ -129,11 +129,11 @@ def diagnose(
                 if treatment.remedies:
                     reporter.note("measuring fidelity against exact Gauss-Newton influence")
                     treatment.exact = exact_fidelity(run)
-        except KeyboardInterrupt:
-            if run.interrupted_in is None:  # stopped between stages: inside the remedies
-                run.interrupted_in = f"remedy {len(treatment.remedies) + 1}"
+        except BaseException:  # Ctrl-C, or a failure outside any stage: still leave a partial report
+            if run.interrupted_in is None:  # stopped between stages: in the probes or the remedies
+                run.interrupted_in = f"remedy {len(treatment.remedies) + 1}" if treatment.initial_problems else "checks"
             _write(run, target, treatment)
-            reporter.note(f"interrupted: partial report written to {run.run_dir / 'report.json'}")
+            reporter.note(f"stopped: partial report written to {run.run_dir / 'report.json'}")
             raise
         return _write(run, target, treatment)
 

@@ -51,6 +51,7 @@ class Remedy:
     seconds: float
     problems_after: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)  # rungs that could not act, and why
+    error: str | None = None  # what stopped the rung, when its outcome is "error"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Remedy:
             "seconds": self.seconds,
             "problems_after": self.problems_after,
             "skipped": self.skipped,
+            "error": self.error,
         }
 
 
@@ -105,7 +107,7 @@ def heal(
         started = time.perf_counter()
         index = len(remedies) + 1
         before = {name: id(record) for name, record in run.stages.items()}
-        outcome = "not-resolved"
+        outcome, error = "not-resolved", None
         try:
             if change.shift is None and change.first_stage == "covariance":
                 base_covariance = None  # a fresh covariance becomes the new base once computed
@@ -114,8 +116,8 @@ def heal(
                 base_covariance = run.artifacts.get("covariance")
                 base_factors = run.factors_name
         except Exception as exc:  # writing doctored files can fail (disk full): record, stop climbing
-            outcome = "error"
-            progress.note(f"remedy failed: {type(exc).__name__}: {exc}")
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+            progress.note(f"remedy failed: {error}")
         rerun = [name for name in STAGES if id(run.stages[name]) != before[name]]
         problems = diagnose_findings(stage_views(run))
         causes_after = [p.cause or "unexplained" for p in problems]
@@ -133,6 +135,7 @@ def heal(
             seconds=time.perf_counter() - started,
             problems_after=causes_after,
             skipped=skipped,
+            error=error,
         )
         remedies.append(remedy)
         snapshots.append(snapshot(run, f"after {change.rung}"))
