@@ -155,3 +155,26 @@ def test_same_pipeline_and_seed_give_identical_reports_apart_from_timings(tmp_pa
     assert _without_timings(first.document) == _without_timings(second.document)
     other_seed = diagnose(small_pipeline(), out_dir=tmp_path, progress=False, seed=1)
     assert other_seed.document["scores"]["self"]["digest"] != first.document["scores"]["self"]["digest"]
+
+
+def _stored_bytes(per_factor: dict) -> int:
+    return sum(t.numel() * t.element_size() for per_module in per_factor.values() for t in per_module.values())
+
+
+def test_rehearsal_projects_exact_factor_memory_and_scaled_time(tmp_path):
+    report = diagnose(small_pipeline(), out_dir=tmp_path, examples=16, progress=False, probe_examples=0)
+    projection = report.document["projection"]
+    artifacts = report.run.artifacts
+    covariance = {k: v for k, v in artifacts["covariance"].items() if not k.startswith("num_")}
+    assert projection["factor_bytes"] == {
+        "covariance": _stored_bytes(covariance),
+        "eigendecomposition": _stored_bytes(artifacts["eigendecomposition"]),
+        "lambda": _stored_bytes({"lambda_matrix": artifacts["lambda"]["lambda_matrix"]}),
+    }
+    assert projection["examples"] == {"rehearsal": 16, "full": 64}
+    covariance_stage = projection["stages"]["covariance"]
+    assert covariance_stage["projected_seconds"] == pytest.approx(4 * covariance_stage["rehearsal_seconds"])
+    eigen = projection["stages"]["eigendecomposition"]
+    assert eigen["projected_seconds"] == eigen["rehearsal_seconds"]  # one eigh per factor, whatever the data
+    full = diagnose(small_pipeline(), out_dir=tmp_path, examples=None, progress=False, probe_examples=0)
+    assert full.document["projection"] == {}  # nothing to project when the run was already full

@@ -21,6 +21,7 @@ from influence_doctor.pipeline import Pipeline
 from influence_doctor.prescription import prescribe
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
+from influence_doctor.projection import project
 from influence_doctor.remedies.heal import HealResult, Remedy, heal
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import build_report
@@ -173,6 +174,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
             fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, MIN_FIDELITY_SPEARMAN)
         if treatment.exact is not None:
             fidelity["exact"] = treatment.exact
+    rehearsal = run.options.examples is not None and len(run.train_indices) < run.train_examples_total
     document = build_report(
         run,
         status,
@@ -182,6 +184,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         remedies=[remedy.to_dict() for remedy in treatment.remedies],
         prescription=prescription,
         fidelity=fidelity,
+        projection=project(run) if rehearsal else {},
     )
     write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))

@@ -40,6 +40,7 @@ def build_report(
     remedies: list[dict[str, Any]] | None = None,
     prescription: dict[str, Any] | None = None,
     fidelity: dict[str, Any] | None = None,
+    projection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a person or a CI gate needs to judge and reproduce the run, as plain JSON types.
 
@@ -88,7 +89,7 @@ def build_report(
         "prescription": prescription or {},
         "scores": _scores_block(run),
         "fidelity": fidelity if fidelity is not None else {"probes": run.probes},
-        "projection": {},
+        "projection": projection or {},
         "gates": {},
     }
     assert tuple(document) == TOP_LEVEL_KEYS

@@ -85,6 +85,15 @@ def _rerun(stages: list[str]) -> str:
     return "—" if not stages else stages[0] if len(stages) == 1 else f"{stages[0]} +{len(stages) - 1}"
 
 
+def projection_line(projection: dict[str, Any]) -> str:
+    size = projection["peak_factor_bytes"]
+    memory = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    return (
+        f"Projected full run ({projection['examples']['full']} examples, {projection['queries']['full']} queries): "
+        f"about {projection['projected_seconds']:.2g} s of kronfluence stages, {memory} of factors."
+    )
+
+
 def fidelity_lines(document: dict[str, Any]) -> list[str]:
     lines = []
     exact = document["fidelity"].get("exact")
@@ -193,6 +202,8 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
             "",
         ]
         parts += [f"    {line}" for line in influences] if markdown else influences
+    if projection := document.get("projection"):
+        parts += ["", projection_line(projection)]
     if pipeline["partial"]:
         parts += ["", f"PARTIAL report: the run was interrupted during {pipeline['interrupted_in']}."]
     parts += ["", f"Status: {STATUS_WORDS.get(document['status'], document['status'])}"]

@@ -66,6 +66,7 @@ class Run:
     train_indices: list[int] = field(default_factory=list)
     query_indices: list[int] = field(default_factory=list)
     train_examples_total: int = 0
+    query_examples_total: int = 0
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
     stages: dict[str, StageRecord] = field(default_factory=lambda: {name: StageRecord(name) for name in STAGES})
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores

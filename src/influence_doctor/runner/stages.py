@@ -81,6 +81,7 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     from torch.utils.data import Subset
 
     run.train_examples_total = len(train_dataset)
+    run.query_examples_total = len(query_dataset)
     run.train_indices = _subsample(len(train_dataset), run.options.examples, run.seed)
     run.query_indices = list(range(len(query_dataset)))[: run.options.queries]
     run.train_subset = Subset(train_dataset, run.train_indices)
