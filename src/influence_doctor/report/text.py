@@ -97,6 +97,8 @@ def projection_line(projection: dict[str, Any]) -> str:
 def fidelity_lines(document: dict[str, Any]) -> list[str]:
     lines = []
     exact = document["fidelity"].get("exact")
+    if exact and "skipped" in exact:
+        lines.append(f"Exact influence not computed: {exact['skipped']}.")
     if exact and "spearman" in exact:
         lines.append(
             f"Fidelity vs exact Gauss-Newton influence ({exact['parameters']} parameters, "
