@@ -119,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="what goes to stdout; json prints the inspect.json document",
     )
     inspect.set_defaults(handler=_inspect)
+
+    compare = commands.add_parser(
+        "compare",
+        help="hold a report to the configured gates and to a baseline report",
+        description="Evaluate the gates of [tool.influence-doctor.gates] on CURRENT against BASELINE "
+        "(report.json files or the folders holding them); exit 0 when every gate passes, 1 otherwise.",
+    )
+    compare.add_argument("baseline", metavar="BASELINE", help="baseline report.json or its folder")
+    compare.add_argument("current", metavar="CURRENT", help="current report.json or its folder")
+    compare.add_argument("--format", choices=("text", "json"), default="text", help="what goes to stdout")
+    compare.set_defaults(handler=_compare)
     return parser
 
 
@@ -157,6 +168,24 @@ def _diagnose(args: argparse.Namespace) -> int:
         sys.stdout.write(render(report.document, markdown=args.format == "md"))
         sys.stdout.write(f"\nReport: {report.json_path}\n")
     return EXIT_OK if report.status in ("healthy", "healed") else EXIT_SICK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Exit 1 when any gate fails: the current run may not replace the baseline."""
+    from influence_doctor.config import load_config
+    from influence_doctor.gates import evaluate, load_report, render_gates
+
+    gates = load_config().gates
+    baseline, baseline_dir = load_report(args.baseline)
+    current, current_dir = load_report(args.current)
+    results = evaluate(current, gates, baseline, current_dir, baseline_dir)
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"gates": [r.to_dict() for r in results]}, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_gates(results) + "\n")
+        passed = all(r.passed for r in results)
+        sys.stdout.write(f"\n{'PASS' if passed else 'FAIL'}: {args.current} against {args.baseline}\n")
+    return EXIT_OK if all(r.passed for r in results) else EXIT_SICK
 
 
 def _inspect(args: argparse.Namespace) -> int:

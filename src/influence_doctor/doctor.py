@@ -23,7 +23,7 @@ from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.projection import project
 from influence_doctor.remedies.heal import HealResult, Remedy, heal
-from influence_doctor.report.atomic import write_text_atomic
+from influence_doctor.report.atomic import write_tensors_atomic, write_text_atomic
 from influence_doctor.report.document import build_report
 from influence_doctor.report.html import render_html
 from influence_doctor.report.text import render
@@ -139,6 +139,20 @@ def diagnose(
         return _write(run, target, treatment)
 
 
+def write_final_scores(run: Run) -> None:
+    """The final configuration's scores (summed over modules) as scores.safetensors beside the report."""
+    from influence_doctor.report.document import SCORE_STAGES, SCORES_FILE
+    from influence_doctor.report.scores import total_scores
+
+    tensors = {
+        kind: total_scores(run.artifacts[stage]).detach().cpu().contiguous()
+        for kind, stage in SCORE_STAGES.items()
+        if run.artifacts.get(stage) and run.stages[stage].completed
+    }
+    if tensors:
+        write_tensors_atomic(run.run_dir / SCORES_FILE, tensors)
+
+
 @contextmanager
 def _cheap_garbage_collection() -> Iterator[None]:
     """kronfluence calls gc.collect() around every stage and partition; with torch loaded each call
@@ -187,6 +201,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         projection=project(run) if rehearsal else {},
     )
     write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
+    write_final_scores(run)
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
     write_text_atomic(run.run_dir / "report.html", render_html(document, run))
     findings = [finding for record in run.stages.values() for finding in record.findings]

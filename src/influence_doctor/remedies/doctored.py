@@ -7,15 +7,12 @@ kronfluence stores covariances as sums with separate example counts, so shifting
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from influence_doctor.report.atomic import publish, write_text_atomic
+from influence_doctor.report.atomic import write_tensors_atomic, write_text_atomic
 
 COVARIANCE_FACTORS = ("activation_covariance", "gradient_covariance")
 COUNT_FACTORS = ("num_activation_covariance_processed", "num_gradient_covariance_processed")
@@ -44,12 +41,5 @@ def write_factors(directory: Path, factors: dict[str, dict[str, torch.Tensor]], 
     directory.mkdir(parents=True, exist_ok=True)
     for name, per_module in factors.items():
         tensors = {module: tensor.detach().cpu().contiguous() for module, tensor in per_module.items()}
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary)
-            publish(temporary, directory / f"{name}.safetensors")
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_tensors_atomic(directory / f"{name}.safetensors", tensors)
     write_text_atomic(directory / "factor_arguments.json", json.dumps(factor_args.to_dict(), indent=4) + "\n")

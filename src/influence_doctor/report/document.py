@@ -28,6 +28,8 @@ TOP_LEVEL_KEYS: tuple[str, ...] = (
     "gates",
 )
 SCORE_STAGES: dict[str, str] = {"pairwise": "pairwise_scores", "self": "self_scores"}
+SCORES_FILE = "scores.safetensors"
+"""The final scores, beside report.json, so gates can rank them against a baseline's."""
 
 
 def build_report(
@@ -125,7 +127,7 @@ def _scores_block(run: Run) -> dict[str, Any]:
     for kind, stage in SCORE_STAGES.items():
         artifact = run.artifacts.get(stage)
         if artifact and run.stages[stage].completed:
-            block[kind] = summarize_scores(total_scores(artifact))
+            block[kind] = {**summarize_scores(total_scores(artifact)), "file": f"{SCORES_FILE}:{kind}"}
     pairwise = run.artifacts.get("pairwise_scores")
     if pairwise and run.stages["pairwise_scores"].completed:
         block["top_influences"] = top_influences(run, total_scores(pairwise))

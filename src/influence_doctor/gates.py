@@ -1,0 +1,211 @@
+"""CI gates: a report held to the limits in `[tool.influence-doctor.gates]`, and to a baseline report.
+
+Gates read report.json documents (and the scores.safetensors beside them), so `compare` works on any
+two reports, today's against a committed baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from influence_doctor.config import Gates
+from influence_doctor.errors import UsageError
+from influence_doctor.findings import SEVERITY_RANK
+
+MIN_TIMED_SECONDS = 1.0
+"""Stages faster than this in the baseline are not timed against it: their ratios are scheduler noise."""
+
+
+@dataclass
+class GateResult:
+    gate: str
+    value: float | str | None
+    limit: float | str | None
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if isinstance(self.value, float) and not math.isfinite(self.value):
+            data["value"] = str(self.value)
+        return data
+
+
+def load_report(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A report.json (or the folder holding one) and its folder; bad input is a one-sentence UsageError."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"{path} is not a report.json or a folder holding one.")
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{file} is not readable JSON: {exc}.") from None
+    if not isinstance(document, dict) or "stages" not in document or "status" not in document:
+        raise UsageError(f"{file} is not an influence-doctor report (no stages or status).")
+    return document, file.parent
+
+
+def evaluate(
+    current: dict[str, Any],
+    gates: Gates,
+    baseline: dict[str, Any] | None = None,
+    current_dir: Path | None = None,
+    baseline_dir: Path | None = None,
+) -> list[GateResult]:
+    results = [_status(current), _severity(current, gates), _remedies(current, gates), _condition(current, gates)]
+    if baseline is not None:
+        results.append(_spearman(current, baseline, gates, current_dir, baseline_dir))
+        results.append(_seconds(current, baseline, gates))
+    return results
+
+
+def _status(document: dict[str, Any]) -> GateResult:
+    status = document["status"]
+    return GateResult(
+        "status",
+        status,
+        "healthy or healed",
+        status in ("healthy", "healed"),
+        "the pipeline must end healthy or healed",
+    )
+
+
+def _findings(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [f for stage in document["stages"] for f in stage.get("findings", [])]
+
+
+def _severity(document: dict[str, Any], gates: Gates) -> GateResult:
+    threshold = SEVERITY_RANK[gates.fail_on]
+    hits = [f for f in _findings(document) if SEVERITY_RANK.get(f["severity"], 0) >= threshold]
+    detail = ", ".join(sorted({f["check"] for f in hits})) or f"no finding at {gates.fail_on} or above"
+    return GateResult("fail_on", float(len(hits)), 0.0, not hits, detail)
+
+
+def _remedies(document: dict[str, Any], gates: Gates) -> GateResult:
+    count = len(document.get("remedies", []))
+    passed = gates.allow_remedies or count == 0
+    return GateResult(
+        "allow_remedies",
+        float(count),
+        "any" if gates.allow_remedies else 0.0,
+        passed,
+        f"{count} remedy rung(s) applied",
+    )
+
+
+def _condition(document: dict[str, Any], gates: Gates) -> GateResult:
+    worst = 0.0
+    for stage in document["stages"]:
+        for metrics in stage.get("metrics", {}).get("checks", {}).values():
+            value = metrics.get("condition_after_damping") if isinstance(metrics, dict) else None
+            if value is not None:
+                number = float(value)  # "inf" is spelled as a string in JSON; NaN never compares larger
+                if number > worst:
+                    worst = number
+    return GateResult(
+        "max_condition_number",
+        worst,
+        gates.max_condition_number,
+        worst <= gates.max_condition_number,
+        "largest damped condition number of any factor",
+    )
+
+
+def _spearman(current, baseline, gates: Gates, current_dir, baseline_dir) -> GateResult:
+    from influence_doctor.checks.precision import rank_agreement
+
+    if (
+        current["scores"]
+        and baseline["scores"]
+        and all(
+            current["scores"].get(k, {}).get("digest") == v.get("digest")
+            for k, v in baseline["scores"].items()
+            if k != "top_influences"
+        )
+    ):
+        return GateResult("min_score_spearman", 1.0, gates.min_score_spearman, True, "bit-identical scores")
+    a, b = _scores(current_dir), _scores(baseline_dir)
+    values = [rank_agreement(a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k].shape == b[k].shape]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return GateResult(
+            "min_score_spearman",
+            None,
+            gates.min_score_spearman,
+            False,
+            "no comparable scores (different shapes, or scores.safetensors missing)",
+        )
+    worst = min(values)
+    return GateResult(
+        "min_score_spearman",
+        worst,
+        gates.min_score_spearman,
+        worst >= gates.min_score_spearman,
+        "Spearman of current vs baseline scores, worst kind",
+    )
+
+
+def _scores(directory: Path | None) -> dict[str, Any]:
+    if directory is None or not (directory / "scores.safetensors").is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(directory / "scores.safetensors"))
+    except Exception as exc:  # corrupt file: a clear sentence, not a traceback
+        raise UsageError(f"{directory / 'scores.safetensors'} cannot be read: {exc}.") from None
+
+
+def _seconds(current: dict[str, Any], baseline: dict[str, Any], gates: Gates) -> GateResult:
+    before = {s["name"]: s.get("seconds") for s in baseline["stages"]}
+    ratios = {
+        s["name"]: s["seconds"] / before[s["name"]]
+        for s in current["stages"]
+        if s.get("seconds") and before.get(s["name"]) and before[s["name"]] >= MIN_TIMED_SECONDS
+    }
+    if not ratios:
+        return GateResult(
+            "max_seconds_ratio",
+            None,
+            gates.max_seconds_ratio,
+            True,
+            f"no baseline stage took {MIN_TIMED_SECONDS:g} s or more",
+        )
+    stage, worst = max(ratios.items(), key=lambda item: item[1])
+    return GateResult(
+        "max_seconds_ratio",
+        worst,
+        gates.max_seconds_ratio,
+        worst <= gates.max_seconds_ratio,
+        f"slowest relative to baseline: {stage}",
+    )
+
+
+def write_baseline(run_dir: Path, baseline_root: Path, pipeline: str) -> Path:
+    """Copy a run's report.json and scores.safetensors to <baseline_root>/<pipeline>/, atomically."""
+    from influence_doctor.report.atomic import write_bytes_atomic
+
+    target = Path(baseline_root) / pipeline
+    for name in ("report.json", "scores.safetensors"):
+        source = Path(run_dir) / name
+        if source.is_file():
+            write_bytes_atomic(target / name, source.read_bytes())
+    return target
+
+
+def render_gates(results: list[GateResult]) -> str:
+    from tabulate import tabulate
+
+    rows = [[r.gate, _show(r.value), _show(r.limit), "pass" if r.passed else "FAIL", r.detail] for r in results]
+    return tabulate(rows, headers=["gate", "value", "limit", "verdict", "detail"], tablefmt="simple")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
