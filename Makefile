@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install diagnose test lint gpu-check clean
+.PHONY: install diagnose test influence-check lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ diagnose: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The project's own pipelines through its pytest plugin, held to the committed baselines.
+influence-check: $(STAMP)
+	$(BIN)/python -m pytest --influence-check -p no:cacheprovider -q $(PYTEST_ARGS) tests/test_influence_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
