@@ -163,18 +163,7 @@ def _mini_run(run: Run, name: str, factor_args: Any, score_args: Any, subset: Su
             ),
             lambda: analyzer.load_lambda_matrices(name),
         ),
-        (
-            "self",
-            lambda: analyzer.compute_self_scores(
-                scores_name=f"{name}_self",
-                factors_name=name,
-                train_dataset=subset,
-                per_device_train_batch_size=batch,
-                score_args=score_args,
-                overwrite_output_dir=True,
-            ),
-            lambda: _self_total(analyzer, f"{name}_self"),
-        ),
+        ("self", lambda: None, lambda: probe_scores(run, "self", f"{name}_self", name, subset, score_args)),
     )
     for index, (stage, compute, load) in enumerate(steps):
         seed_everything(run.seed + 100 + index)
@@ -190,9 +179,33 @@ def _mini_run(run: Run, name: str, factor_args: Any, score_args: Any, subset: Su
     return out
 
 
-def _self_total(analyzer: Any, scores_name: str) -> torch.Tensor | None:
-    scores = analyzer.load_self_scores(scores_name)
-    return None if scores is None else total_scores(scores)
+def probe_scores(
+    run: Run, kind: str, scores_name: str, factors_name: str, subset: Subset, score_args: Any
+) -> torch.Tensor:
+    """Pairwise (all queries × `subset`) or self scores of `subset` under `factors_name`, summed over modules."""
+    analyzer, batch = run.analyzer, run.train_batch_size
+    with quiet_kronfluence():
+        if kind == "pairwise":
+            analyzer.compute_pairwise_scores(
+                scores_name=scores_name,
+                factors_name=factors_name,
+                query_dataset=run.query_subset,
+                train_dataset=subset,
+                per_device_query_batch_size=run.pipeline.query_batch_size,
+                per_device_train_batch_size=batch,
+                score_args=score_args,
+                overwrite_output_dir=True,
+            )
+            return total_scores(analyzer.load_pairwise_scores(scores_name))
+        analyzer.compute_self_scores(
+            scores_name=scores_name,
+            factors_name=factors_name,
+            train_dataset=subset,
+            per_device_train_batch_size=batch,
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
+        return total_scores(analyzer.load_self_scores(scores_name))
 
 
 def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str, Any]:
@@ -224,29 +237,7 @@ def _damping_probe(run: Run, examples: int, thresholds: Thresholds) -> dict[str,
     args.damping_factor = raised
     name = f"{run.factors_name}{run.scores_tag}_probe_damping"
     seed_everything(run.seed + 200)
-    with quiet_kronfluence():
-        if kind == "pairwise":
-            run.analyzer.compute_pairwise_scores(
-                scores_name=name,
-                factors_name=run.factors_name,
-                query_dataset=run.query_subset,
-                train_dataset=subset,
-                per_device_query_batch_size=run.pipeline.query_batch_size,
-                per_device_train_batch_size=run.train_batch_size,
-                score_args=args,
-                overwrite_output_dir=True,
-            )
-            probed = total_scores(run.analyzer.load_pairwise_scores(name))
-        else:
-            run.analyzer.compute_self_scores(
-                scores_name=name,
-                factors_name=run.factors_name,
-                train_dataset=subset,
-                per_device_train_batch_size=run.train_batch_size,
-                score_args=args,
-                overwrite_output_dir=True,
-            )
-            probed = _self_total(run.analyzer, name)
+    probed = probe_scores(run, kind, name, run.factors_name, subset, args)
     agreement = _row_agreement(baseline, probed) if kind == "pairwise" else rank_agreement(baseline, probed)
     _attach(run.stages[stage], "damping", check_damping_sensitivity(stage, agreement, thresholds, tiny=tiny))
     return {"damping": damping, "floor": floor, "compared_with": raised, "scores": kind, "spearman_x10": agreement}
