@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from influence_doctor import Pipeline, TrainingMonitor
+from influence_doctor.report.strict_json import strict
 from tests.pipelines import small_pipeline
 
 
@@ -19,8 +21,11 @@ def test_monitor_records_steps_and_converts_tensors():
     assert math.isnan(monitor.loss[2])
     assert monitor.validation_loss == [None, 1.7, None]
     assert monitor.grad_norm == [1.0, None, None]
-    # NaN cannot travel in JSON: it is spelled out.
-    assert monitor.to_dict()["loss"][2] == "nan"
+    # NaN cannot travel in strict JSON: the report writes null, with the reason beside it.
+    document = strict({"curve": monitor.to_dict()})
+    assert document["curve"]["loss"][2] is None
+    assert document["curve"]["loss_nonfinite"] == {"2": "nan"}
+    json.loads(json.dumps(document, allow_nan=False))
 
 
 def test_pipeline_defaults_to_kronfluence_arguments():

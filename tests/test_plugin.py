@@ -103,7 +103,8 @@ def test_a_sick_pipeline_fails_its_stage_and_gate(project):
 
 
 def test_remedies_fail_the_gate_when_not_allowed(project):
-    _configure(project, ["fixtures.dead_relu:dead_relu"], "[tool.influence-doctor.gates]\nallow_remedies = false\n")
+    gates = "[tool.influence-doctor.gates]\nallow_remedies = false\n"
+    _configure(project, ["fixtures.eigenvectors_fp16:eigenvectors_fp16"], gates)
     result = project.runpytest_subprocess("--influence-check", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6, failed=1)
     assert "allow_remedies" in result.stdout.str()

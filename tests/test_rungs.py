@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ from safetensors.torch import load_file
 
 from influence_doctor.diagnosis import Problem
 from influence_doctor.findings import CAUSES, Finding
+from influence_doctor.lab import module_damping, rounding_floors, scaled_damping
 from influence_doctor.remedies.doctored import doctor_covariances, shifted, write_factors
-from influence_doctor.remedies.ladders import DEFAULT_LADDERS, STRATEGY_FALLBACK, ladder_for
-from influence_doctor.remedies.rungs import Settings, heuristic_damping, plan
+from influence_doctor.remedies.ladders import STRATEGY_FALLBACK, default_ladders, ladder_for
+from influence_doctor.remedies.rungs import Settings, damping_reference_points, plan
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -26,18 +26,19 @@ def finding(stage, cause, subject="", severity="fail"):
     return Finding(f"{stage}.probe", stage, subject, severity, 1.0, 0.0, cause, "measured")
 
 
-def problem(cause, stage, subjects=(), evidence=None):
+def problem(cause, stage, subjects=(), evidence=None, setting=None):
     evidence = [finding(stage, cause, s) for s in subjects or [""]] if evidence is None else evidence
-    return Problem(cause, stage, list(subjects), evidence=evidence, message=f"{cause} in {stage}")
+    return Problem(cause, stage, list(subjects), evidence=evidence, message=f"{cause} in {stage}", setting=setting)
 
 
-def settings(fa=None, sa=None, batch_size=8, score_stage="pairwise_scores", heuristic=None):
+def settings(fa=None, sa=None, batch_size=8, score_stage="pairwise_scores", heuristic=None, floor=None):
     return Settings(
         factor_args=fa if fa is not None else FactorArguments(),
         score_args=sa if sa is not None else ScoreArguments(),
         batch_size=batch_size,
         score_stage=score_stage,
         heuristic_damping=heuristic,
+        damping_floor=floor,
     )
 
 
@@ -66,48 +67,52 @@ def planned(rung, prob, s):
 # --------------------------------------------------------------------------------------------- dtype
 
 
-@pytest.mark.parametrize(
-    ("subject", "changed", "kept"),
-    [
-        ("fc1/activation_covariance", "activation_covariance_dtype", "gradient_covariance_dtype"),
-        ("fc1/gradient_covariance", "gradient_covariance_dtype", "activation_covariance_dtype"),
-    ],
-)
-def test_dtype_rung_changes_only_the_factor_named_in_the_subject(subject, changed, kept):
-    fa = FactorArguments(activation_covariance_dtype=FP16, gradient_covariance_dtype=FP16)
-    s = settings(fa)
-    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", [subject]), s)
-    assert diff(s.factor_args, change.factor_args) == {changed: (FP16, BF16)}
-    assert getattr(change.factor_args, kept) == FP16
+def test_dtype_rung_raises_only_the_group_the_experiment_convicted():
+    fa = FactorArguments(activation_covariance_dtype=FP16, gradient_covariance_dtype=FP16, lambda_dtype=FP16)
+    s = settings(fa, ScoreArguments(score_dtype=FP16))
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance", setting="covariance"), s)
+    assert diff(s.factor_args, change.factor_args) == {
+        "activation_covariance_dtype": (FP16, FP32),
+        "gradient_covariance_dtype": (FP16, FP32),
+    }
+    assert change.factor_args.lambda_dtype == FP16  # another group's field: kept
     assert diff(s.score_args, change.score_args) == {}
-    assert change.changes == {f"factor_args.{changed}": (FP16, BF16)}
     assert change.first_stage == "covariance"
     assert change.shift is None and change.batch_size is None
 
 
-def test_dtype_rung_without_subjects_raises_every_field_of_the_stage_but_never_lowers_one():
+def test_dtype_rung_without_a_setting_raises_every_group_feeding_the_stage_but_never_lowers_one():
     fa = FactorArguments(activation_covariance_dtype=BF16, gradient_covariance_dtype=FP64, lambda_dtype=FP16)
-    s = settings(fa)
-    change, _ = planned("dtype:float32", problem("low-precision-loss", "covariance"), s)
-    assert diff(s.factor_args, change.factor_args) == {"activation_covariance_dtype": (BF16, FP32)}
+    s = settings(fa, ScoreArguments(score_dtype=FP16))
+    change, _ = planned("dtype:float32", problem(None, "lambda"), s)
+    assert diff(s.factor_args, change.factor_args) == {
+        "activation_covariance_dtype": (BF16, FP32),
+        "lambda_dtype": (FP16, FP32),
+    }
     assert change.factor_args.gradient_covariance_dtype == FP64  # above the target: kept
-    assert change.factor_args.lambda_dtype == FP16  # another stage's field: kept
+    assert change.score_args.score_dtype == FP16  # the score stage is downstream of lambda: kept
     assert change.first_stage == "covariance"
 
 
 def test_dtype_rung_with_nothing_below_the_target_does_not_apply():
     s = settings(FactorArguments(activation_covariance_dtype=FP32, gradient_covariance_dtype=FP64))
-    change, reason = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", ["fc1/activation_covariance"]), s)
+    change, reason = planned("dtype:float32", problem("fp16-overflow", "covariance", setting="covariance"), s)
     assert change is None
-    assert "covariance" in reason and "bfloat16" in reason
-    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance"), s)
-    assert change is None
+    assert "covariance" in reason and "float32" in reason
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_bf16_covariances_are_known_not_to_heal(strategy):
+    """kronfluence stores eigenvectors in the covariance dtype: bf16 leaves them drifting."""
+    s = settings(FactorArguments(strategy=strategy, activation_covariance_dtype=FP16))
+    change, reason = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", setting="covariance"), s)
+    assert change is None and "known not to heal" in reason and "eigenvectors" in reason
 
 
 def test_bf16_rung_turns_fp16_autocast_into_bf16():
     s = settings(FactorArguments(amp_dtype=FP16))
-    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance"), s)
-    assert diff(s.factor_args, change.factor_args) == {"amp_dtype": (FP16, BF16)}  # fp32 fields are not below bf16
+    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", setting="amp"), s)
+    assert diff(s.factor_args, change.factor_args) == {"amp_dtype": (FP16, BF16)}
     assert change.changes == {"factor_args.amp_dtype": (FP16, BF16)}
     assert change.first_stage == "covariance"
 
@@ -115,24 +120,21 @@ def test_bf16_rung_turns_fp16_autocast_into_bf16():
 @pytest.mark.parametrize("amp", [FP16, BF16])
 def test_fp32_rung_turns_autocast_off(amp):
     s = settings(FactorArguments(amp_dtype=amp))
-    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance"), s)
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "covariance", setting="amp"), s)
     assert change.factor_args.amp_dtype is None
     assert change.changes == {"factor_args.amp_dtype": (amp, None)}
 
 
 def test_bf16_rung_leaves_bf16_autocast_alone():
     s = settings(FactorArguments(amp_dtype=BF16))
-    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance"), s)
+    change, _ = planned("dtype:bfloat16", problem("fp16-overflow", "covariance", setting="amp"), s)
     assert change is None
 
 
 def test_lambda_dtype_rung_restarts_at_lambda():
     fa = FactorArguments(lambda_dtype=FP16, per_sample_gradient_dtype=FP16)
     s = settings(fa)
-    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda", ["fc1/lambda_matrix"]), s)
-    assert diff(s.factor_args, change.factor_args) == {"lambda_dtype": (FP16, FP32)}
-    assert change.first_stage == "lambda"
-    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda"), s)
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda", setting="lambda"), s)
     assert diff(s.factor_args, change.factor_args) == {
         "lambda_dtype": (FP16, FP32),
         "per_sample_gradient_dtype": (FP16, FP32),
@@ -140,10 +142,10 @@ def test_lambda_dtype_rung_restarts_at_lambda():
     assert change.first_stage == "lambda"
 
 
-def test_lambda_autocast_restarts_at_covariance():
+def test_autocast_restarts_at_covariance():
     """FactorArguments.amp_dtype also drives the covariance pass, so it must be recomputed."""
     s = settings(FactorArguments(amp_dtype=FP16))
-    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda"), s)
+    change, _ = planned("dtype:float32", problem("fp16-overflow", "lambda", setting="amp"), s)
     assert change.changes == {"factor_args.amp_dtype": (FP16, None)}
     assert change.first_stage == "covariance"
 
@@ -152,23 +154,21 @@ def test_lambda_autocast_restarts_at_covariance():
 def test_score_dtype_rung_edits_score_arguments_and_restarts_at_the_score_stage(score_stage):
     sa = ScoreArguments(score_dtype=FP16, precondition_dtype=BF16, amp_dtype=FP16)
     s = settings(sa=sa, score_stage=score_stage)
-    change, _ = planned("dtype:float32", problem("fp16-overflow", score_stage), s)
-    assert diff(s.score_args, change.score_args) == {
-        "score_dtype": (FP16, FP32),
-        "precondition_dtype": (BF16, FP32),
-        "amp_dtype": (FP16, None),
-    }
+    change, _ = planned("dtype:float32", problem("fp16-overflow", score_stage, setting="scores"), s)
+    assert diff(s.score_args, change.score_args) == {"score_dtype": (FP16, FP32), "precondition_dtype": (BF16, FP32)}
     assert diff(s.factor_args, change.factor_args) == {}
     assert change.first_stage == score_stage
+    change, _ = planned("dtype:float32", problem("fp16-overflow", score_stage, setting="score_amp"), s)
+    assert diff(s.score_args, change.score_args) == {"amp_dtype": (FP16, None)}
 
 
 def test_dtype_rungs_climb_in_order_and_stop():
-    s = settings(FactorArguments(activation_covariance_dtype=FP16))
-    prob = problem("fp16-overflow", "covariance", ["fc1/activation_covariance"])
+    s = settings(sa=ScoreArguments(score_dtype=FP16))
+    prob = problem("fp16-overflow", "pairwise_scores", setting="scores")
     seen = []
     for rung in ("dtype:bfloat16", "dtype:float32", "dtype:float64"):
         change, _ = planned(rung, prob, s)
-        seen.append(change.factor_args.activation_covariance_dtype)
+        seen.append(change.score_args.score_dtype)
         s = settings(change.factor_args, change.score_args)
     assert seen == [BF16, FP32, FP64]
     assert planned("dtype:float64", prob, s)[0] is None
@@ -231,24 +231,34 @@ def test_damping_heuristic_is_not_applicable_when_already_the_heuristic():
 @pytest.mark.parametrize("current", [None, 1e-8, 0.2])
 def test_damping_x10_is_ten_times_the_measured_heuristic(current):
     s = settings(sa=ScoreArguments(damping_factor=current), heuristic=0.03)
-    change, _ = planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)
+    change, _ = planned("damping:heuristic-x10", problem("tiny-damping", "pairwise_scores"), s)
     assert change.score_args.damping_factor == pytest.approx(0.3, rel=1e-12)
     assert change.changes["score_args.damping_factor"][0] == current
     assert change.first_stage == "pairwise_scores"
 
 
-@pytest.mark.parametrize("heuristic", [None, float("nan"), float("inf"), 0.0, -1.0])
-def test_damping_x10_needs_a_finite_positive_heuristic(heuristic):
-    s = settings(sa=ScoreArguments(damping_factor=None), heuristic=heuristic)
-    change, reason = planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)
-    assert change is None and "heuristic" in reason
+@pytest.mark.parametrize(("rung", "expected"), [("damping:floor", 1e-7), ("damping:floor-x100", 1e-5)])
+@pytest.mark.parametrize("current", [0.0, 1e-9])
+def test_damping_floor_rungs_start_from_the_rounding_floor(rung, expected, current):
+    s = settings(sa=ScoreArguments(damping_factor=current), floor=1e-7)
+    change, _ = planned(rung, problem("tiny-damping", "pairwise_scores"), s)
+    assert change.score_args.damping_factor == pytest.approx(expected, rel=1e-12)
+    assert change.changes == {"score_args.damping_factor": (current, change.score_args.damping_factor)}
 
 
-def test_damping_x10_does_not_lower_a_larger_damping():
-    s = settings(sa=ScoreArguments(damping_factor=0.3), heuristic=0.03)
-    assert planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)[0] is None
-    s = settings(sa=ScoreArguments(damping_factor=5.0), heuristic=0.03)
-    assert planned("damping:heuristic-x10", problem("score-outliers", "pairwise_scores"), s)[0] is None
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), 0.0, -1.0])
+@pytest.mark.parametrize("rung", ["damping:heuristic-x10", "damping:floor", "damping:floor-x100"])
+def test_measured_damping_rungs_need_a_finite_positive_measurement(rung, value):
+    s = settings(sa=ScoreArguments(damping_factor=None), heuristic=value, floor=value)
+    change, reason = planned(rung, problem("tiny-damping", "pairwise_scores"), s)
+    assert change is None and "no finite" in reason
+
+
+def test_damping_rungs_never_lower_a_larger_damping():
+    for current in (0.3, 5.0):
+        s = settings(sa=ScoreArguments(damping_factor=current), heuristic=0.03, floor=1e-3)
+        for rung in ("damping:heuristic-x10", "damping:floor", "damping:floor-x100"):
+            assert planned(rung, problem("tiny-damping", "pairwise_scores"), s)[0] is None
 
 
 # ------------------------------------------------------------------------------------------------ shift
@@ -374,7 +384,7 @@ def test_unknown_rung_kind():
 
 
 def test_every_default_rung_is_a_known_kind_and_every_cause_is_a_known_tag():
-    for cause in DEFAULT_LADDERS:
+    for cause in default_ladders():
         assert cause in CAUSES
         for rung in ladder_for(cause):
             _, reason = plan(rung, problem(cause, "covariance"), settings())
@@ -397,8 +407,7 @@ def test_every_default_rung_is_a_known_kind_and_every_cause_is_a_known_tag():
         ("ill-conditioned", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
         ("rank-deficient", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
         ("not-psd", ("shift:1e-6", "shift:1e-4", "shift:1e-2", "shift:0.1", "shift-trace:0.2")),
-        ("tiny-damping", ("damping:heuristic", "damping:heuristic-x10")),
-        ("score-outliers", ("damping:heuristic", "damping:heuristic-x10")),
+        ("tiny-damping", ("damping:floor", "damping:floor-x100", "damping:heuristic", "damping:heuristic-x10")),
         ("out-of-memory", ("partitions:x2", "offload:on", "iterative-lambda:on", "batch:half")),
     ],
 )
@@ -418,6 +427,23 @@ def test_no_cause_gets_only_the_strategy_fallback():
     assert ladder_for(None) == ("strategy:kfac", "strategy:diagonal", "strategy:identity")
 
 
+@pytest.mark.parametrize(
+    "cause",
+    [
+        "fp16-overflow",
+        "low-precision-loss",
+        "dtype-drift",
+        "eigendecomposition-failed",
+        "rank-deficient",
+        "not-psd",
+        "out-of-memory",
+    ],
+)
+def test_damping_is_climbed_only_for_tiny_damping(cause):
+    """Damping is the user's modeling choice: only a confirmed `tiny-damping` may change it."""
+    assert not [rung for rung in ladder_for(cause) if rung.startswith("damping")]
+
+
 def test_overrides_replace_a_causes_ladder_only():
     overrides = {"tiny-damping": ["damping:heuristic-x10", "strategy:diagonal"]}
     assert ladder_for("tiny-damping", overrides) == (
@@ -430,7 +456,7 @@ def test_overrides_replace_a_causes_ladder_only():
     assert ladder_for("tiny-damping", {}) == ladder_for("tiny-damping")
 
 
-# --------------------------------------------------------------------------------------- heuristic damping
+# ------------------------------------------------------------------------------- damping reference points
 
 
 def lambda_artifacts(means_and_counts):
@@ -443,53 +469,52 @@ def lambda_artifacts(means_and_counts):
     return {"lambda": {"lambda_matrix": matrices, "num_lambda_processed": counts}}
 
 
-def expected_median(artifacts):
-    lam = artifacts["lambda"]
-    values = [
-        0.1 * float(m.double().mean()) / float(lam["num_lambda_processed"][k].sum())
-        for k, m in lam["lambda_matrix"].items()
-    ]
-    return statistics.median(values)
-
-
 @pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
-def test_heuristic_damping_is_the_median_over_modules_of_a_tenth_of_the_mean_divided_lambda(strategy):
+def test_module_damping_is_a_tenth_of_each_modules_mean_divided_lambda(strategy):
     artifacts = lambda_artifacts([(50.0, 10), (3.0, 100), (700.0, 7)])
-    value = heuristic_damping(artifacts, strategy)
-    assert value == pytest.approx(expected_median(artifacts), rel=1e-6)
-    assert value == pytest.approx(0.1 * 50.0 / 10, rel=1e-6)
+    damping = module_damping(artifacts, strategy, None)
+    assert damping == pytest.approx({"m0": 0.5, "m1": 0.003, "m2": 10.0}, rel=1e-6)
+    assert module_damping(artifacts, strategy, 1e-8) == {"m0": 1e-8, "m1": 1e-8, "m2": 1e-8}
 
 
-def test_heuristic_damping_skips_nonfinite_modules():
+def test_module_damping_for_kfac_uses_the_eigenvalue_product():
+    eigen = {
+        "activation_eigenvalues": {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([10.0, 30.0])},
+        "gradient_eigenvalues": {"a": torch.tensor([2.0]), "b": torch.tensor([1.0, 1.0])},
+    }
+    # kronfluence: 0.1·mean(kron(λ_a, λ_g)) = 0.1·mean(λ_a)·mean(λ_g): a → 0.4, b → 2.0
+    assert module_damping({"eigendecomposition": eigen}, "kfac", None) == pytest.approx({"a": 0.4, "b": 2.0})
+    floors = rounding_floors({"eigendecomposition": eigen}, "kfac", FP32)
+    assert floors == pytest.approx({"a": 6.0 * torch.finfo(FP32).eps, "b": 30.0 * torch.finfo(FP32).eps})
+
+
+def test_reference_points_take_the_module_that_needs_the_most_and_skip_nonfinite_ones():
     artifacts = lambda_artifacts([(50.0, 10), (3.0, 100), (700.0, 7)])
     artifacts["lambda"]["lambda_matrix"]["m3"] = torch.full((2, 2), float("inf"))
     artifacts["lambda"]["num_lambda_processed"]["m3"] = torch.tensor([5])
-    assert heuristic_damping(artifacts, "ekfac") == pytest.approx(0.5, rel=1e-6)
+    heuristic, floor = damping_reference_points(artifacts, "ekfac", FP32)
+    assert heuristic == pytest.approx(10.0, rel=1e-6)
+    largest = max(
+        float(m.double().max()) / float(n)
+        for m, n in zip(list(artifacts["lambda"]["lambda_matrix"].values())[:3], [10, 100, 7], strict=True)
+    )
+    assert floor == pytest.approx(torch.finfo(FP32).eps * largest, rel=1e-6)
 
 
-def test_heuristic_damping_for_kfac_uses_the_eigenvalue_product():
-    eigen = {
-        "activation_eigenvalues": {
-            "a": torch.tensor([1.0, 3.0]),
-            "b": torch.tensor([10.0, 30.0]),
-            "c": torch.tensor([6.0]),
-        },
-        "gradient_eigenvalues": {
-            "a": torch.tensor([2.0]),
-            "b": torch.tensor([1.0, 1.0]),
-            "c": torch.tensor([0.5, 1.5]),
-        },
-    }
-    # kronfluence: 0.1·mean(kron(λ_a, λ_g)) = 0.1·mean(λ_a)·mean(λ_g): a → 0.4, b → 2.0, c → 0.6
-    value = heuristic_damping({"eigendecomposition": eigen}, "kfac")
-    assert value == pytest.approx(0.6, rel=1e-6)
+def test_scaled_damping_is_each_modules_own_damping_times_the_factor_from_at_least_its_floor():
+    artifacts = lambda_artifacts([(50.0, 10), (3.0, 100)])
+    scaled = scaled_damping(artifacts, "ekfac", None, 10.0, FP32)
+    assert scaled == pytest.approx({"m0": 5.0, "m1": 0.03}, rel=1e-6)
+    floors = rounding_floors(artifacts, "ekfac", FP32)
+    zero = scaled_damping(artifacts, "ekfac", 0.0, 10.0, FP32)  # ten times nothing is still nothing
+    assert zero == pytest.approx({module: 10.0 * floor for module, floor in floors.items()})
 
 
-def test_heuristic_damping_unknown_without_artifacts_or_for_identity():
+def test_reference_points_unknown_without_artifacts_or_for_identity():
     artifacts = lambda_artifacts([(50.0, 10)])
-    assert heuristic_damping({}, "ekfac") is None
-    assert heuristic_damping(artifacts, "identity") is None
-    assert heuristic_damping(artifacts, "kfac") is None  # kfac reads eigenvalues, not lambdas
+    assert damping_reference_points({}, "ekfac", FP32) == (None, None)
+    assert damping_reference_points(artifacts, "identity", FP32) == (None, None)
+    assert damping_reference_points(artifacts, "kfac", FP32) == (None, None)  # kfac reads eigenvalues
 
 
 # ------------------------------------------------------------------------------------ doctored covariances

@@ -82,6 +82,7 @@ class InfluenceSession:
                 target=target,
                 thresholds=self.settings.make_thresholds(),
                 ladders=self.settings.ladders,
+                min_fix_spearman=self.settings.gates.min_fix_spearman,
             )
             result.report = report
             baseline_folder = self.baseline_dir / report.run_dir.parent.name

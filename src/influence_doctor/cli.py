@@ -7,12 +7,12 @@ Exit codes: 0 healthy or healed, 1 sick, 2 bad usage or bad input (one sentence,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from influence_doctor import __version__
 from influence_doctor.errors import UsageError
+from influence_doctor.report.strict_json import dumps
 
 EXIT_OK, EXIT_SICK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -161,9 +161,10 @@ def _diagnose(args: argparse.Namespace) -> int:
         probe_examples=max(args.probe_examples, 0),
         thresholds=config.make_thresholds(),
         ladders=config.ladders,
+        min_fix_spearman=config.gates.min_fix_spearman,
     )
     if args.format == "json":
-        sys.stdout.write(json.dumps(report.document, indent=2) + "\n")
+        sys.stdout.write(dumps(report.document))
     else:
         sys.stdout.write(render(report.document, markdown=args.format == "md"))
         sys.stdout.write(f"\nReport: {report.json_path}\n")
@@ -180,7 +181,7 @@ def _compare(args: argparse.Namespace) -> int:
     current, current_dir = load_report(args.current)
     results = evaluate(current, gates, baseline, current_dir, baseline_dir)
     if args.format == "json":
-        sys.stdout.write(json.dumps({"gates": [r.to_dict() for r in results]}, indent=2) + "\n")
+        sys.stdout.write(dumps({"gates": [r.to_dict() for r in results]}))
     else:
         sys.stdout.write(render_gates(results) + "\n")
         passed = all(r.passed for r in results)
@@ -199,7 +200,7 @@ def _inspect(args: argparse.Namespace) -> int:
     document = inspect_path(args.path, factors=args.factors, scores=args.scores, thresholds=thresholds)
     written = write_document(document, args.out, args.path) if args.out else None
     if args.format == "json":
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.write(dumps(document))
     else:
         sys.stdout.write(render(document, markdown=args.format == "md"))
         if written is not None:

@@ -24,6 +24,10 @@ class Gates:
     )
     min_score_spearman: float = field(default=0.95, metadata={"help": "Scores vs baseline scores, Spearman."})
     max_seconds_ratio: float = field(default=2.0, metadata={"help": "Stage time vs baseline stage time."})
+    min_fix_spearman: float = field(
+        default=0.9,
+        metadata={"help": "Healed scores vs the least-regularized finite run, Spearman: a fix no worse than the problem."},
+    )
 
 
 @dataclass(frozen=True)

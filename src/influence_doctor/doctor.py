@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
+from influence_doctor.diagnosis import Problem
+from influence_doctor.diagnosis.differential import Labs, differential_diagnosis
 from influence_doctor.exact import exact_fidelity
 from influence_doctor.examine import examine_stage
 from influence_doctor.fidelity import fidelity_against_least_regularized
@@ -26,11 +26,14 @@ from influence_doctor.remedies.heal import HealResult, Remedy, heal
 from influence_doctor.report.atomic import write_tensors_atomic, write_text_atomic
 from influence_doctor.report.document import build_report
 from influence_doctor.report.html import render_html
+from influence_doctor.report.strict_json import dumps, strict
 from influence_doctor.report.text import render
 from influence_doctor.runner import Run, RunOptions, create_run, run_influence_stages, run_train_stage
+from influence_doctor.runner.stages import settle_status
 
-MIN_FIDELITY_SPEARMAN = 0.9
-"""A healed run whose rankings agree with the least-regularized finite run below this is flagged."""
+MIN_FIX_SPEARMAN = 0.9
+"""A healed run whose rankings agree with the least-regularized finite run below this is flagged:
+a fix must never be worse than the problem (the `min_fix_spearman` gate uses the same default)."""
 
 
 @dataclass
@@ -56,12 +59,19 @@ class _Treatment:
     """What the doctor did, kept current so an interrupted run still reports it."""
 
     initial_problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] | None = None  # the latest diagnosis (None: not diagnosed yet)
     remedies: list[Remedy] = field(default_factory=list)
     result: HealResult | None = None
     original_factor_args: Any = None
     original_score_args: Any = None
     original_batch_size: int = 0
     exact: dict[str, Any] | None = None
+    min_fix_spearman: float = MIN_FIX_SPEARMAN
+
+    @property
+    def applied(self) -> list[Remedy]:
+        """Rungs that changed the run (an exhausted ladder is on record but changed nothing)."""
+        return [remedy for remedy in self.remedies if remedy.outcome != "exhausted"]
 
 
 def diagnose(
@@ -79,13 +89,15 @@ def diagnose(
     probe_examples: int = 64,
     thresholds: Thresholds | None = None,
     ladders: Mapping[str, list[str]] | None = None,
+    min_fix_spearman: float = MIN_FIX_SPEARMAN,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
     `examples=None` analyses the full training set; otherwise a seeded subsample (the rehearsal).
     With `fix`, each treatable problem climbs its ladder one rung at a time until healed.
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
-    `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml).
+    `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml);
+    `min_fix_spearman` is the fidelity below which a fix is flagged as worse than the problem.
     """
     options = RunOptions(
         out_dir=Path(out_dir),
@@ -104,6 +116,7 @@ def diagnose(
         original_factor_args=copy.deepcopy(pipeline.factor_args),
         original_score_args=copy.deepcopy(pipeline.score_args),
         original_batch_size=pipeline.batch_size,
+        min_fix_spearman=min_fix_spearman,
     )
     with _cheap_garbage_collection():
         try:
@@ -111,24 +124,28 @@ def diagnose(
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
             run_influence_stages(run, reporter, on_stage_done=examine)
-            if options.probe_examples > 0:
-                reporter.note(f"probing precision and damping on {options.probe_examples} examples")
-                run.probes = run_probes(run, options.probe_examples, thresholds)
-            treatment.initial_problems = diagnose_findings(stage_views(run))
+            labs = Labs(run, options.probe_examples, thresholds)
+            if labs.enabled:
+                reporter.note(f"probing precision and damping on {labs.probe.examples} examples")
+                run.probes = run_probes(run, labs, thresholds)
+            treatment.problems = treatment.initial_problems = differential_diagnosis(run, labs, thresholds)
             if fix and any(problem.treatable for problem in treatment.initial_problems):
                 treatment.result = heal(
                     run,
                     treatment.initial_problems,
+                    labs,
                     reporter,
                     thresholds,
                     ladders,
                     on_rung=treatment.remedies.append,
                 )
-                if treatment.remedies and options.probe_examples > 0:
+                treatment.problems = treatment.result.problems
+                if treatment.remedies and labs.enabled:
                     reporter.note("probing the healed configuration")
-                    run.probes = {"initial": run.probes, "final": run_probes(run, options.probe_examples, thresholds)}
-                if treatment.remedies:
-                    reporter.note("measuring fidelity against exact Gauss-Newton influence")
+                    run.probes = {"initial": run.probes, "final": run_probes(run, labs, thresholds)}
+                    treatment.problems = differential_diagnosis(run, labs, thresholds)
+                if any(r.outcome != "exhausted" for r in treatment.remedies):
+                    reporter.note("measuring fidelity against exact influence")
                     treatment.exact = exact_fidelity(run)
         except BaseException:  # Ctrl-C, or a failure outside any stage: still leave a partial report
             if run.interrupted_in is None:  # stopped between stages: in the probes or the remedies
@@ -164,18 +181,42 @@ def _cheap_garbage_collection() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
+    """A fix that moved the rankings further than `min_fix_spearman` allows is worse than the problem
+    it healed, or close to it: a `warn` on the score stage, which the gate of that name fails."""
+    if not fix.get("below_limit"):
+        return
+    stage = next((name for name in ("pairwise_scores", "self_scores") if run.stages[name].completed), None)
+    if stage is None:
+        return
+    run.stages[stage].findings.append(
+        Finding(
+            check="scores.fix_fidelity",
+            stage=stage,
+            subject="",
+            severity="warn",
+            value=fix["min_spearman"],
+            limit=fix["limit"],
+            cause=None,
+            message=f"The fix moved the rankings to Spearman {fix['min_spearman']:.3f} against "
+            f"{fix['reference']!r}, below {fix['limit']:g}: weigh it against the problem it heals.",
+        )
+    )
+    settle_status(run.stages[stage])
+
+
 def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
-    problems = diagnose_findings(stage_views(run))
+    problems = treatment.problems if treatment.problems is not None else []
     broken = any(record.status in ("error", "fail", "interrupted") for record in run.stages.values())
     if problems or broken:
         status = "sick"
-    elif treatment.remedies:
+    elif treatment.applied:
         status = "healed"
     else:
         status = "healthy"
     prescription: dict[str, Any] = {}
     fidelity: dict[str, Any] = {"probes": run.probes}
-    if treatment.remedies:
+    if treatment.applied:
         batch = run.train_batch_size
         prescription = prescribe(
             treatment.original_factor_args,
@@ -185,11 +226,12 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
             None if batch == treatment.original_batch_size else (treatment.original_batch_size, batch),
         )
         if treatment.result is not None:
-            fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, MIN_FIDELITY_SPEARMAN)
+            fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, treatment.min_fix_spearman)
+            _flag_costly_fix(run, fidelity["fix"])
         if treatment.exact is not None:
             fidelity["exact"] = treatment.exact
     rehearsal = run.options.examples is not None and len(run.train_indices) < run.train_examples_total
-    document = build_report(
+    document = strict(build_report(
         run,
         status,
         target,
@@ -199,8 +241,9 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         prescription=prescription,
         fidelity=fidelity,
         projection=project(run) if rehearsal else {},
+        )
     )
-    write_text_atomic(run.run_dir / "report.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(run.run_dir / "report.json", dumps(document))
     write_final_scores(run)
     write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
     write_text_atomic(run.run_dir / "report.html", render_html(document, run))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ CAUSES: tuple[str, ...] = (
     "training-diverged",
     "training-oscillating",
     "out-of-memory",
+    "untracked-modules",
 )
 """The fixed vocabulary of root-cause tags."""
 
@@ -53,12 +53,9 @@ class Finding:
         return data
 
 
-def json_number(value: float | None) -> float | str | None:
-    """JSON has no inf/NaN: keep finite floats, spell the others as strings ("inf", "nan")."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
+def json_number(value: float | None) -> float | None:
+    """A plain float (or None) for the report; `report.strict_json` turns inf/NaN into null with a reason."""
+    return None if value is None else float(value)
 
 
 def worst_severity(findings: list[Finding]) -> str | None:

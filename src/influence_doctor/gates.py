@@ -15,6 +15,7 @@ from typing import Any
 from influence_doctor.config import Gates
 from influence_doctor.errors import UsageError
 from influence_doctor.findings import SEVERITY_RANK
+from influence_doctor.report.strict_json import number
 
 MIN_TIMED_SECONDS = 1.0
 """Stages faster than this in the baseline are not timed against it: their ratios are scheduler noise."""
@@ -29,10 +30,7 @@ class GateResult:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if isinstance(self.value, float) and not math.isfinite(self.value):
-            data["value"] = str(self.value)
-        return data
+        return asdict(self)
 
 
 def load_report(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -57,7 +55,13 @@ def evaluate(
     current_dir: Path | None = None,
     baseline_dir: Path | None = None,
 ) -> list[GateResult]:
-    results = [_status(current), _severity(current, gates), _remedies(current, gates), _condition(current, gates)]
+    results = [
+        _status(current),
+        _severity(current, gates),
+        _remedies(current, gates),
+        _condition(current, gates),
+        _fix_fidelity(current, gates),
+    ]
     if baseline is not None:
         results.append(_spearman(current, baseline, gates, current_dir, baseline_dir))
         results.append(_seconds(current, baseline, gates))
@@ -102,17 +106,31 @@ def _condition(document: dict[str, Any], gates: Gates) -> GateResult:
     worst = 0.0
     for stage in document["stages"]:
         for metrics in stage.get("metrics", {}).get("checks", {}).values():
-            value = metrics.get("condition_after_damping") if isinstance(metrics, dict) else None
-            if value is not None:
-                number = float(value)  # "inf" is spelled as a string in JSON; NaN never compares larger
-                if number > worst:
-                    worst = number
+            value = number(metrics, "condition_after_damping") if isinstance(metrics, dict) else None
+            if value is not None and value > worst:  # NaN never compares larger
+                worst = value
     return GateResult(
         "max_condition_number",
         worst,
         gates.max_condition_number,
         worst <= gates.max_condition_number,
         "largest damped condition number of any factor",
+    )
+
+
+def _fix_fidelity(document: dict[str, Any], gates: Gates) -> GateResult:
+    """A fix must not be worse than the problem: the healed scores against the least-regularized finite run."""
+    fix = (document.get("fidelity") or {}).get("fix") or {}
+    value = number(fix, "min_spearman")
+    if value is None:
+        reason = fix.get("reason") or "no remedy changed the scores"
+        return GateResult("min_fix_spearman", None, gates.min_fix_spearman, True, reason)
+    return GateResult(
+        "min_fix_spearman",
+        value,
+        gates.min_fix_spearman,
+        value >= gates.min_fix_spearman,
+        f"healed scores vs {fix.get('reference')!r}, worst kind",
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,12 +52,12 @@ class TrainingMonitor:
     __call__ = log
 
     def to_dict(self) -> dict[str, list[Any]]:
-        """JSON-ready copy; non-finite numbers become strings so the document stays valid JSON."""
+        """Plain-list copy for the report (its strict-JSON writer turns inf/NaN into null with a reason)."""
         return {
             "steps": list(self.steps),
-            "loss": [_json_number(v) for v in self.loss],
-            "validation_loss": [_json_number(v) for v in self.validation_loss],
-            "grad_norm": [_json_number(v) for v in self.grad_norm],
+            "loss": list(self.loss),
+            "validation_loss": list(self.validation_loss),
+            "grad_norm": list(self.grad_norm),
         }
 
 
@@ -66,12 +65,6 @@ def _as_float(value: Any) -> float:
     if hasattr(value, "detach"):
         value = value.detach().float().cpu().item()
     return float(value)
-
-
-def _json_number(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)
 
 
 @dataclass

@@ -44,15 +44,15 @@ def test_heuristic_damping_is_a_tenth_of_the_mean_like_kronfluence():
     assert effective_damping(1e-8, 3.0) == 1e-8
 
 
-def test_tiny_damping_on_a_singular_spectrum_fails():
+def test_tiny_damping_on_a_singular_spectrum_is_only_a_hypothesis():
     values = [0.0, 0.25, 0.5, 1.0]
     outcome = check_lambda(_lambda_sum(values), 4, SUBJECT, T, damping_factor=1e-8)
     finding = only(outcome, "lambda.condition")
     assert EPS32 * 1.0 > 1e-8  # δ vanishes next to λmax in float32
-    assert finding.severity == "fail"
+    assert finding.severity == "warn"  # a bound: only the float64 re-run can say precision is lost
     assert finding.cause == "tiny-damping"
     assert finding.value == (1.0 + 1e-8) / 1e-8
-    assert finding.limit == pytest.approx(T.fail_condition_error / EPS32)
+    assert finding.limit == pytest.approx(T.max_condition_error / EPS32)
     assert outcome.metrics["damping_floor"] == pytest.approx(T.damping_floor_eps * EPS32 * 1.0)
 
 
@@ -88,9 +88,9 @@ def _spectrum_with_condition(condition: float, damping: float = 1e-3, largest: f
 
 @pytest.mark.parametrize(
     ("error", "severity"),
-    [(0.0099, None), (0.0101, "warn"), (0.5, "warn"), (0.99, "warn"), (1.01, "fail"), (100.0, "fail")],
+    [(0.0099, None), (0.0101, "warn"), (0.5, "warn"), (0.99, "warn"), (1.01, "warn"), (100.0, "warn")],
 )
-def test_warn_and_fail_boundaries(error, severity):
+def test_condition_is_a_warning_never_a_failure(error, severity):
     smallest = _spectrum_with_condition(error / EPS32)
     outcome = check_damped_spectrum(smallest, 1.0, 0.5, 1e-3, F32, "m", "lambda", T)
     assert outcome.metrics["condition_after_damping"] == pytest.approx(error / EPS32, rel=1e-9)
@@ -100,12 +100,11 @@ def test_warn_and_fail_boundaries(error, severity):
     finding = only(outcome, "lambda.condition")
     assert finding.severity == severity
     assert finding.cause == "ill-conditioned"  # δ = 1e-3 is far above eps32·λmax
-    limit = T.fail_condition_error if severity == "fail" else T.max_condition_error
-    assert finding.limit == pytest.approx(limit / EPS32)
+    assert finding.limit == pytest.approx(T.max_condition_error / EPS32)
 
 
 def test_condition_limits_are_configurable():
-    strict = Thresholds(max_condition_error=1e-4, fail_condition_error=1e-3)
+    strict = Thresholds(max_condition_error=1e-4)
     smallest = _spectrum_with_condition(5e-4 / EPS32)
     assert check_damped_spectrum(smallest, 1.0, 0.5, 1e-3, F32, "m", "lambda", T).findings == []
     finding = only(check_damped_spectrum(smallest, 1.0, 0.5, 1e-3, F32, "m", "lambda", strict), "lambda.condition")
@@ -116,7 +115,7 @@ def test_negative_spectrum_reaching_zero_after_damping_is_infinite_condition():
     outcome = check_damped_spectrum(-1e-3, 1.0, 0.5, 1e-3, F32, "m", "eigendecomposition", T)
     finding = only(outcome, "eigendecomposition.condition")
     assert finding.value == math.inf
-    assert finding.severity == "fail"
+    assert finding.severity == "warn"
     assert finding.stage == "eigendecomposition"
 
 

@@ -1,9 +1,16 @@
-"""Checks that compare the configured precision with a float64 reference on the same data."""
+"""Checks that compare the configured precision with a float64 counterfactual on the same data.
+
+They measure what the user computes: each query's ranking of the training examples (pairwise scores)
+or the ranking of self-influences, against the same computation in float64 with the same damping.
+A disagreement is a measured wrong result, so it is a `fail`; the tolerances come from the dtype.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from scipy import stats
@@ -12,6 +19,9 @@ from influence_doctor.checks.measures import as_float64, relative_frobenius
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps
 from influence_doctor.findings import Finding
+
+TOP_K = 10
+"""Training examples per query whose overlap with float64's top ones is reported."""
 
 
 def rank_agreement(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -25,6 +35,124 @@ def rank_agreement(first: torch.Tensor, second: torch.Tensor) -> float:
     return float(stats.spearmanr(a[keep].numpy(), b[keep].numpy()).statistic)
 
 
+def top_overlap(first: torch.Tensor, second: torch.Tensor, k: int = TOP_K) -> float:
+    """Share of the k largest finite entries of `second` that are also among the k largest of `first`."""
+    a, b = as_float64(first).flatten().cpu(), as_float64(second).flatten().cpu()
+    if a.shape != b.shape or a.numel() == 0:
+        return math.nan
+    k = min(k, a.numel())
+    low = torch.tensor(-math.inf, dtype=torch.float64)
+    a = torch.where(torch.isfinite(a), a, low)
+    b = torch.where(torch.isfinite(b), b, low)
+    top_a = set(torch.topk(a, k).indices.tolist())
+    top_b = set(torch.topk(b, k).indices.tolist())
+    return len(top_a & top_b) / k
+
+
+def relative_error(configured: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖configured − reference‖_F / ‖reference‖_F over entries finite in both."""
+    a, b = as_float64(configured).cpu(), as_float64(reference).cpu()
+    if a.shape != b.shape:
+        return math.nan
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(keep.any()):
+        return math.nan
+    return relative_frobenius((a - b)[keep], b[keep])
+
+
+def score_agreement(configured: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How well one set of scores reproduces another, the way a user reads them.
+
+    Pairwise scores [queries × train]: per-query Spearman (median and worst over queries) and the
+    median top-10 overlap; self scores [train]: one Spearman and one overlap. Relative error and the
+    non-finite counts on both sides, always.
+    """
+    a, b = as_float64(configured).cpu(), as_float64(reference).cpu()
+    rows_a, rows_b = (a, b) if a.ndim == 2 else (a.reshape(1, -1), b.reshape(1, -1))
+    if rows_a.shape != rows_b.shape:
+        return {"median_spearman": math.nan, "worst_spearman": math.nan, "top_overlap": math.nan}
+    spearman = [rank_agreement(x, y) for x, y in zip(rows_a, rows_b, strict=True)]
+    overlaps = [top_overlap(x, y) for x, y in zip(rows_a, rows_b, strict=True)]
+    finite = [v for v in spearman if not math.isnan(v)]
+    return {
+        "median_spearman": statistics.median(finite) if finite else math.nan,
+        "worst_spearman": min(finite) if finite else math.nan,
+        "top_overlap": statistics.median([v for v in overlaps if not math.isnan(v)] or [math.nan]),
+        "relative_error": relative_error(a, b),
+        "nonfinite": float((~torch.isfinite(a)).sum()),
+        "reference_nonfinite": float((~torch.isfinite(b)).sum()),
+        "only_reference_nonfinite": float((torch.isfinite(a) & ~torch.isfinite(b)).sum()),
+        "rows": float(rows_a.shape[0]),
+    }
+
+
+def agreement_verdict(agreement: Mapping[str, float], dtype: torch.dtype, thresholds: Thresholds) -> tuple[bool, str]:
+    """Whether the configured scores disagree with float64 in what the user reads, and why.
+
+    Wrong means rankings reordered: the median per-query Spearman below `precision_min_spearman`,
+    by errors larger than a few roundings of `dtype` (below that, the reordering is near-ties broken
+    by rounding, not an error). A relative error alone is not judged: scores off by 0.1% in fp32 rank
+    the same examples on top.
+    """
+    error = agreement.get("relative_error", math.nan)
+    spearman = agreement.get("median_spearman", math.nan)
+    tie_limit = thresholds.precision_tie_eps * eps(dtype)
+    if not math.isnan(spearman) and spearman < thresholds.precision_min_spearman and not error <= tie_limit:
+        return True, (
+            f"median per-query Spearman {spearman:.3f} is below {thresholds.precision_min_spearman:g} "
+            f"(relative error {fmt(error)}, beyond {dtype_name(dtype)} rounding)"
+        )
+    return False, ""
+
+
+def check_score_agreement(
+    stage: str, subject: str, agreement: Mapping[str, float], dtype: torch.dtype, thresholds: Thresholds
+) -> CheckOutcome:
+    """`scores.precision`: the configured scores must reproduce the float64 counterfactual."""
+    outcome = CheckOutcome(metrics={"vs_float64": dict(agreement), "precision_dtype": dtype_name(dtype)})
+    wrong, reason = agreement_verdict(agreement, dtype, thresholds)
+    if wrong:
+        outcome.findings.append(
+            Finding(
+                check="scores.precision",
+                stage=stage,
+                subject=subject,
+                severity="fail",
+                value=agreement.get("median_spearman"),
+                limit=thresholds.precision_min_spearman,
+                cause="low-precision-loss",
+                message=f"The {subject} scores as configured disagree with the same computation in float64: "
+                f"{reason} (worst query {agreement.get('worst_spearman', math.nan):.3f}, top-{TOP_K} overlap "
+                f"{agreement.get('top_overlap', math.nan):.2f}).",
+            )
+        )
+    return outcome
+
+
+def check_reference_finite(stage: str, subject: str, agreement: Mapping[str, float]) -> CheckOutcome:
+    """`scores.reference_finite`: scores that are finite as configured but inf/NaN in float64 at the same
+    damping are undefined at that damping (singular curvature the damping does not cover): the finite
+    configured values are rounding noise divided by almost nothing, and no precision fixes it."""
+    bad = agreement.get("only_reference_nonfinite", 0.0)
+    outcome = CheckOutcome()
+    if bad > 0:  # where the configured scores are non-finite too, `scores.finite` already says so
+        outcome.findings.append(
+            Finding(
+                check="scores.reference_finite",
+                stage=stage,
+                subject=subject,
+                severity="fail",
+                value=bad,
+                limit=0.0,
+                cause="tiny-damping",
+                message=f"{bad:.0f} {subject} scores that are finite as configured are inf/NaN in float64 at the same "
+                "damping: the influence is undefined there (the curvature is singular and the damping does not "
+                "cover it), so the configured values are rounding noise.",
+            )
+        )
+    return outcome
+
+
 def check_factor_precision(
     configured: torch.Tensor,
     reference: torch.Tensor,
@@ -33,11 +161,12 @@ def check_factor_precision(
     configured_dtype: torch.dtype,
     thresholds: Thresholds,
 ) -> CheckOutcome:
-    """Relative error of a factor computed as configured against the float64 shadow computation."""
+    """Relative error of a factor as configured against the float64 counterfactual (a `warn`: a factor
+    error matters only through the scores, which `check_score_agreement` judges)."""
     if configured.shape != reference.shape:
         return CheckOutcome()
     error = relative_frobenius(as_float64(configured) - as_float64(reference), reference)
-    limit = thresholds.precision_error_eps * eps(configured_dtype)
+    limit = thresholds.precision_error_sqrt_eps * math.sqrt(eps(configured_dtype))
     outcome = CheckOutcome(metrics={"error_vs_float64": error})
     if error > limit:
         outcome.findings.append(
@@ -50,30 +179,7 @@ def check_factor_precision(
                 limit=limit,
                 cause="low-precision-loss",
                 message=f"In {dtype_name(configured_dtype)} this factor is {fmt(error)} away from float64 "
-                f"(relative), beyond honest rounding ({fmt(limit)}).",
-            )
-        )
-    return outcome
-
-
-def check_score_precision(
-    configured: torch.Tensor, reference: torch.Tensor, stage: str, subject: str, thresholds: Thresholds
-) -> CheckOutcome:
-    """Score rankings as configured must match the float64 shadow run's rankings."""
-    agreement = rank_agreement(configured, reference)
-    outcome = CheckOutcome(metrics={"spearman_vs_float64": agreement})
-    if not math.isnan(agreement) and agreement < thresholds.precision_min_spearman:
-        outcome.findings.append(
-            Finding(
-                check="scores.precision",
-                stage=stage,
-                subject=subject,
-                severity="fail",
-                value=agreement,
-                limit=thresholds.precision_min_spearman,
-                cause="low-precision-loss",
-                message=f"Rankings as configured agree with float64 only to Spearman {agreement:.3f}: "
-                "the configured precision changes which examples look influential.",
+                f"(relative): more than half of the dtype's digits ({fmt(limit)}).",
             )
         )
     return outcome
@@ -105,3 +211,9 @@ def check_stored_dtypes(
                 )
             )
     return outcome
+
+
+def coarsest_dtype(dtypes: Any) -> torch.dtype:
+    """The least precise floating dtype among `dtypes` (None entries ignored): what a result can claim."""
+    present = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max(present, key=eps) if present else torch.float64

@@ -85,22 +85,15 @@ class Thresholds:
     rank_deficient_fraction: float = field(
         default=0.5,
         metadata={
-            "help": "Fail a factor whose effective rank is below this share of its size and whose "
-            "damping is below the numerical floor: its inverse is then unbounded."
+            "help": "Warn that a factor is rank-deficient when its effective rank is below this share of its "
+            "size (normal with few examples; damping is what covers it)."
         },
     )
     max_condition_error: float = field(
         default=0.01,
         metadata={
-            "help": "Warn when cond(Λ+δ)·eps(precondition dtype) exceeds this: preconditioned "
-            "gradients then carry errors above 1% in their smallest directions."
-        },
-    )
-    fail_condition_error: float = field(
-        default=1.0,
-        metadata={
-            "help": "Fail when cond(Λ+δ)·eps(precondition dtype) exceeds this: rounding then swamps "
-            "the smallest directions entirely."
+            "help": "Warn when cond(Λ+δ)·eps(precondition dtype) exceeds this: preconditioned gradients may "
+            "carry errors above 1% in their smallest directions (a bound: the float64 re-run decides)."
         },
     )
     damping_floor_eps: float = field(
@@ -136,19 +129,32 @@ class Thresholds:
     )
     damping_sensitivity_min_spearman: float = field(
         default=0.9,
-        metadata={"help": "Rankings that change more than this under 10x damping depend on the damping guess."},
-    )
-    # precision probe
-    precision_error_eps: float = field(
-        default=4096.0,
         metadata={
-            "help": "Relative factor error vs float64 allowed, in epsilons of the configured dtype: "
-            "sums of n terms lose up to √n·eps, so a few thousand eps is the limit of honest rounding."
+            "help": "Per-query Spearman under each module's damping ×10 below which the info finding says the "
+            "rankings depend on the damping (a modeling choice: never a warn or fail)."
         },
     )
+    # precision: the float64 counterfactual
     precision_min_spearman: float = field(
         default=0.99,
-        metadata={"help": "Score rankings must agree with the float64 shadow run at least this well."},
+        metadata={
+            "help": "Median per-query Spearman vs float64 below which the configured precision reorders "
+            "which examples look influential (a fidelity requirement, independent of any fixture)."
+        },
+    )
+    precision_error_sqrt_eps: float = field(
+        default=1.0,
+        metadata={
+            "help": "Relative factor error vs float64 allowed (a warn), in √eps of the factor's dtype: beyond "
+            "it more than half of the dtype's significant digits are lost (fp32 3.5e-4, fp16 3.1e-2, bf16 8.8e-2)."
+        },
+    )
+    precision_tie_eps: float = field(
+        default=4.0,
+        metadata={
+            "help": "Rankings reordered by a relative error below this many eps of the dtype are ties broken "
+            "by rounding, not a wrong result."
+        },
     )
     # training
     loss_window_fraction: float = field(

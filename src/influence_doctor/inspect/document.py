@@ -8,8 +8,6 @@ the folder they were read from, because an analysis folder may hold several fact
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from influence_doctor.pipeline import STAGES
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import SCHEMA_VERSION
 from influence_doctor.report.scores import summarize_scores, total_scores
+from influence_doctor.report.strict_json import dumps, strict
 
 DOCUMENT_NAME = "inspect.json"
 _MERGED_NOUNS = {
@@ -88,7 +87,7 @@ def write_document(document: dict[str, Any], out_dir: str | Path, path: str | Pa
     check_out_dir(out_dir, path)
     target = Path(out_dir) / DOCUMENT_NAME
     try:
-        return write_text_atomic(target, json.dumps(document, indent=2) + "\n")
+        return write_text_atomic(target, dumps(document))
     except OSError as exc:
         raise UsageError(f"{target} cannot be written ({' '.join(str(exc).split())}).") from None
 
@@ -239,15 +238,17 @@ def _describe(source: Source, sources: list[Source]) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    """Plain JSON types only: inf and NaN become strings ("inf", "nan"), as report.json spells them."""
+    """Plain JSON types only, in strict JSON: inf and NaN become null with the reason beside them."""
+    return strict(_plain(value))
+
+
+def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return [_plain(item) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
-        return _jsonable(value.item())
+        return _plain(value.item())
     return str(value)

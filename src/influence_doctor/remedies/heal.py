@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.diagnosis import Problem, diagnose_findings, stage_views
+from influence_doctor.diagnosis import Problem
+from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
 from influence_doctor.examine import examine_stage, reexamine
 from influence_doctor.pipeline import STAGES
+from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.remedies.doctored import doctor_covariances, write_factors
 from influence_doctor.remedies.ladders import ladder_for
-from influence_doctor.remedies.rungs import Change, Settings, heuristic_damping, plan
+from influence_doctor.remedies.rungs import Change, Settings, damping_reference_points, plan
 from influence_doctor.runner.run import Run
 from influence_doctor.runner.stages import run_influence_stages
 
@@ -47,11 +49,12 @@ class Remedy:
     first_stage: str
     stages_rerun: list[str]
     calls: list[str]
-    outcome: str  # "healed" | "resolved" (this cause gone, others left) | "not-resolved" | "error"
+    outcome: str  # "healed" | "resolved" (this cause gone, others left) | "not-resolved" | "error" | "exhausted"
     seconds: float
     problems_after: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)  # rungs that could not act, and why
     error: str | None = None  # what stopped the rung, when its outcome is "error"
+    rehearsal: dict[str, Any] | None = None  # where it was tried first and what it did there
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class Remedy:
             "problems_after": self.problems_after,
             "skipped": self.skipped,
             "error": self.error,
+            "rehearsal": _plain_tree(self.rehearsal),
         }
 
 
@@ -81,12 +85,19 @@ class HealResult:
 def heal(
     run: Run,
     problems: list[Problem],
+    labs: Labs,
     progress: StageProgress,
     thresholds: Thresholds | None = None,
     ladders: Mapping[str, list[str]] | None = None,
     on_rung: Callable[[Remedy], None] | None = None,
 ) -> HealResult:
-    """Climb the ladders of the treatable problems until none is left or the ladders run out."""
+    """Climb the ladders of the treatable problems until none is left or the ladders run out.
+
+    Each rung is rehearsed where its problem reproduced (the probe subsample, or the whole rehearsal)
+    and applied to the run only when it heals the problem there without breaking anything else; the
+    rungs skipped or rejected on the way are recorded with the reason.
+    """
+    thresholds = thresholds or Thresholds()
     remedies: list[Remedy] = []
     snapshots = [snapshot(run, "as configured")]
     tried: dict[str | None, set[str]] = {}
@@ -98,10 +109,16 @@ def heal(
         if not treatable:
             break
         problem = treatable[0]
-        change, skipped = _next_change(problem, run, tried.setdefault(problem.cause, set()), ladders)
+        change, rehearsal, skipped = _next_change(
+            problem, run, labs, tried.setdefault(problem.cause, set()), ladders, thresholds, progress
+        )
         if change is None:
             exhausted.append(problem.cause or "unexplained")
             progress.note(f"no rung left for {problem.cause or 'an unexplained failure'}")
+            if skipped:
+                remedies.append(_exhausted(problem, skipped))
+                if on_rung is not None:
+                    on_rung(remedies[-1])
             continue
         progress.note(f"remedy {len(remedies) + 1}: {problem.cause} → {change.rung} ({change.description})")
         started = time.perf_counter()
@@ -119,7 +136,9 @@ def heal(
             outcome, error = "error", f"{type(exc).__name__}: {exc}"
             progress.note(f"remedy failed: {error}")
         rerun = [name for name in STAGES if id(run.stages[name]) != before[name]]
-        problems = diagnose_findings(stage_views(run))
+        labs.refresh()
+        run_probes(run, labs, thresholds, damping=False)
+        problems = differential_diagnosis(run, labs, thresholds)
         causes_after = [p.cause or "unexplained" for p in problems]
         if outcome != "error":
             outcome = "healed" if not problems else "resolved" if problem.cause not in causes_after else "not-resolved"
@@ -136,6 +155,7 @@ def heal(
             problems_after=causes_after,
             skipped=skipped,
             error=error,
+            rehearsal=rehearsal,
         )
         remedies.append(remedy)
         snapshots.append(snapshot(run, f"after {change.rung}"))
@@ -146,26 +166,77 @@ def heal(
     return HealResult(remedies, problems, snapshots, exhausted)
 
 
+def _exhausted(problem: Problem, skipped: list[dict[str, str]]) -> Remedy:
+    """A ladder that ran out: no rung applied, but every rung considered is on record with its reason."""
+    return Remedy(
+        cause=problem.cause,
+        rung="(none)",
+        change="no rung of the ladder heals it",
+        changes={},
+        first_stage=problem.stage,
+        stages_rerun=[],
+        calls=[],
+        outcome="exhausted",
+        seconds=0.0,
+        problems_after=[],
+        skipped=skipped,
+    )
+
+
 def _next_change(
-    problem: Problem, run: Run, tried: set[str], ladders: Mapping[str, list[str]] | None
-) -> tuple[Change | None, list[dict[str, str]]]:
+    problem: Problem,
+    run: Run,
+    labs: Labs,
+    tried: set[str],
+    ladders: Mapping[str, list[str]] | None,
+    thresholds: Thresholds,
+    progress: StageProgress,
+) -> tuple[Change | None, dict[str, Any] | None, list[dict[str, str]]]:
+    """The next rung that plans a change and, rehearsed where the problem reproduced, heals it."""
+    heuristic, floor = damping_reference_points(
+        run.artifacts, run.factor_args.strategy, run.score_args.precondition_dtype
+    )
     settings = Settings(
         factor_args=run.factor_args,
         score_args=run.score_args,
         batch_size=run.train_batch_size,
         score_stage="pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores",
-        heuristic_damping=heuristic_damping(run.artifacts, run.factor_args.strategy),
+        heuristic_damping=heuristic,
+        damping_floor=floor,
     )
-    skipped = []
+    skipped: list[dict[str, str]] = []
     for rung in ladder_for(problem.cause, ladders):
         if rung in tried:
             continue
         tried.add(rung)
         change, reason = plan(rung, problem, settings)
-        if change is not None:
-            return change, skipped
-        skipped.append({"rung": rung, "reason": reason})
-    return None, skipped
+        if change is None:
+            skipped.append({"rung": rung, "reason": reason})
+            continue
+        lab = labs.named(problem.lab)
+        if lab is None or change.batch_size is not None or not problem.symptoms:
+            why = "memory depends on the full size" if change.batch_size is not None else "no lab reproduced it"
+            return change, {"rehearsed": False, "reason": why}, skipped
+        progress.note(f"rehearsing {rung} on {lab.examples} examples")
+        base = lab.configured()
+        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=change.shift)
+        verdict = judge_change(problem, base, trial, lab, thresholds)
+        rehearsal = {
+            "rehearsed": True,
+            "lab": lab.name,
+            "examples": lab.examples,
+            "queries": lab.queries,
+            "before": verdict.before,
+            "after": verdict.after,
+            "heals": verdict.heals,
+            "seconds": trial.seconds,
+        }
+        if verdict.heals:
+            return change, rehearsal, skipped
+        skipped.append(
+            {"rung": rung, "reason": f"rehearsed on {lab.examples} examples, did not heal: {verdict.reason}"}
+        )
+    return None, None, skipped
 
 
 def _apply(
@@ -236,3 +307,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
     return value
+
+
+def _plain_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain_tree(inner) for key, inner in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_tree(inner) for inner in value]
+    return _plain(value)

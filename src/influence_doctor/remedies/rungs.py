@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from influence_doctor.checks.conditioning import HEURISTIC_DAMPING_SCALE
 from influence_doctor.diagnosis import Problem
-
-DTYPE_ORDER: dict[torch.dtype, int] = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-"""Range and precision together: fp16 (narrow range) < bf16 (fp32's range, coarse) < fp32 < fp64."""
-
-STAGE_DTYPE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "covariance": ("factor_args", ("activation_covariance_dtype", "gradient_covariance_dtype")),
-    "eigendecomposition": ("factor_args", ("activation_covariance_dtype", "gradient_covariance_dtype")),
-    "lambda": ("factor_args", ("per_sample_gradient_dtype", "lambda_dtype")),
-    "pairwise_scores": ("score_args", ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype")),
-    "self_scores": ("score_args", ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype")),
-}
-"""Which dtype fields govern the quantity computed in each stage (eigenvectors are stored in the
-covariance dtype, so eigendecomposition problems are fixed there)."""
+from influence_doctor.dtypes import DTYPE_ORDER, GROUP_STAGE, groups_in_use, raise_group
 
 STRATEGY_ORDER = ("ekfac", "kfac", "diagonal", "identity")
 
@@ -55,7 +41,8 @@ class Settings:
     score_args: Any
     batch_size: int
     score_stage: str
-    heuristic_damping: float | None = None  # median over modules of kronfluence's 0.1·mean(Λ)
+    heuristic_damping: float | None = None  # largest over modules of kronfluence's 0.1·mean(spectrum)
+    damping_floor: float | None = None  # largest over modules of eps(precondition dtype)·λmax
 
 
 def plan(rung: str, problem: Problem, settings: Settings) -> tuple[Change | None, str]:
@@ -69,26 +56,28 @@ def plan(rung: str, problem: Problem, settings: Settings) -> tuple[Change | None
 
 
 def _dtype(rung, argument, problem, settings, fa, sa):
+    """Raise the problem's dtype group (or, for a problem without one, every group feeding its stage)."""
     target = getattr(torch, argument)
-    holder_name, fields = STAGE_DTYPE_FIELDS.get(problem.stage, STAGE_DTYPE_FIELDS["covariance"])
-    holder = fa if holder_name == "factor_args" else sa
-    named = [f for f in fields if any(f.removesuffix("_dtype") in subject for subject in problem.subjects)]
+    stage = "pairwise_scores" if problem.stage == "scores" else problem.stage
+    groups = [problem.setting] if problem.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
     changes: dict[str, tuple[Any, Any]] = {}
-    for name in named or fields:
-        current = getattr(holder, name)
-        if DTYPE_ORDER.get(current, 3) < DTYPE_ORDER[target]:
-            setattr(holder, name, target)
-            changes[f"{holder_name}.{name}"] = (current, target)
-    amp = holder.amp_dtype
-    if amp is not None and DTYPE_ORDER.get(amp, 3) < DTYPE_ORDER[target]:
-        holder.amp_dtype = target if target == torch.bfloat16 else None
-        changes[f"{holder_name}.amp_dtype"] = (amp, holder.amp_dtype)
+    for group in groups:
+        fa, sa, changed = raise_group(fa, sa, group, target)
+        changes.update(changed)
     if not changes:
-        return None, f"nothing in {problem.stage} is below {argument}"
-    if holder_name == "score_args":
+        return None, f"nothing in {', '.join(groups) or problem.stage} is below {argument}"
+    stored = ("factor_args.activation_covariance_dtype", "factor_args.gradient_covariance_dtype")
+    if target == torch.bfloat16 and any(key in changes for key in stored) and fa.strategy in ("ekfac", "kfac"):
+        return None, (
+            "bfloat16 covariances store bfloat16 eigenvectors, which always leaves the eigenvector "
+            "precision drifting (dtype-drift): known not to heal"
+        )
+    if all(key.startswith("score_args") for key in changes):
         first = settings.score_stage
-    elif any("covariance" in key or "amp_dtype" in key for key in changes):
+    elif any("covariance" in key or "amp_dtype" in key for key in changes if key.startswith("factor_args")):
         first = "covariance"
+    elif "factor_args.eigendecomposition_dtype" in changes:
+        first = "eigendecomposition"
     else:
         first = "lambda"
     return _change(rung, changes, first, fa, sa), ""
@@ -134,16 +123,21 @@ def _shift(rung, argument, problem, settings, fa, sa):
 
 
 def _damping(rung, argument, problem, settings, fa, sa):
+    """Damping rungs, smallest first; they are only ever climbed for a confirmed `tiny-damping`."""
     current = sa.damping_factor
     if argument == "heuristic":
         if current is None:
             return None, "damping is already kronfluence's heuristic"
         sa.damping_factor = None
     else:
-        base = settings.heuristic_damping
+        base, scale = {
+            "floor": (settings.damping_floor, 1.0),
+            "floor-x100": (settings.damping_floor, 100.0),
+            "heuristic-x10": (settings.heuristic_damping, 10.0),
+        }.get(argument, (None, 1.0))
         if base is None or not math.isfinite(base) or base <= 0:
-            return None, "no finite heuristic damping to scale"
-        target = 10.0 * base
+            return None, f"no finite {argument.split('-')[0]} damping to derive it from"
+        target = scale * base
         if current is not None and current >= target:
             return None, f"damping_factor {current:g} is already at least {target:g}"
         sa.damping_factor = target
@@ -223,18 +217,11 @@ def _name(value: Any) -> str:
     return "None" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def heuristic_damping(artifacts: dict[str, Any], strategy: str) -> float | None:
-    """The median over modules of kronfluence's damping heuristic (0.1 × mean of the divided spectrum)."""
-    values = []
-    lambdas = artifacts.get("lambda") or {}
-    if strategy in ("ekfac", "diagonal") and lambdas:
-        for module, matrix in lambdas.get("lambda_matrix", {}).items():
-            count = float(lambdas["num_lambda_processed"][module].sum())
-            values.append(HEURISTIC_DAMPING_SCALE * float(matrix.double().mean()) / max(count, 1.0))
-    eigen = artifacts.get("eigendecomposition") or {}
-    if strategy == "kfac" and eigen:
-        for module, act in eigen.get("activation_eigenvalues", {}).items():
-            grad = eigen["gradient_eigenvalues"][module]
-            values.append(HEURISTIC_DAMPING_SCALE * float(act.double().mean()) * float(grad.double().mean()))
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else None
+def damping_reference_points(artifacts: dict[str, Any], strategy: str, precondition_dtype: torch.dtype):
+    """(largest heuristic damping over modules, largest rounding floor over modules): kronfluence takes
+    one damping for every module, so a rung must be enough for the module that needs the most."""
+    from influence_doctor.lab import module_damping, rounding_floors
+
+    heuristic = [v for v in module_damping(artifacts, strategy, None).values() if math.isfinite(v)]
+    floors = [v for v in rounding_floors(artifacts, strategy, precondition_dtype).values() if math.isfinite(v)]
+    return (max(heuristic) if heuristic else None), (max(floors) if floors else None)

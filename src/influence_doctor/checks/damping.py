@@ -1,0 +1,46 @@
+"""How much the rankings depend on the damping: reported, never judged.
+
+Damping is the user's modeling choice. The doctor measures each query's ranking under every module's
+damping ×10 and says how much it moved, as `info`, so a person can weigh the choice with a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from influence_doctor.checks.outcome import CheckOutcome
+from influence_doctor.checks.thresholds import Thresholds
+from influence_doctor.findings import Finding
+
+
+def check_damping_sensitivity(stage: str, agreement: Mapping[str, float], thresholds: Thresholds) -> CheckOutcome:
+    """`scores.damping_sensitivity` (info): per-query rank agreement with every module's damping ×10."""
+    spearman = agreement.get("median_spearman", math.nan)
+    outcome = CheckOutcome(metrics={"damping_x10": dict(agreement)})
+    if math.isnan(spearman):
+        return outcome
+    moved = spearman < thresholds.damping_sensitivity_min_spearman
+    outcome.findings.append(
+        Finding(
+            check="scores.damping_sensitivity",
+            stage=stage,
+            subject="",
+            severity="info",
+            value=spearman,
+            limit=thresholds.damping_sensitivity_min_spearman,
+            cause=None,
+            message=f"With every module's damping ×10 the rankings agree at Spearman {spearman:.3f}"
+            + (
+                f" (median per query; worst query {agreement.get('worst_spearman', math.nan):.3f}): "
+                if agreement.get("rows", 1.0) > 1
+                else ": "
+            )
+            + (
+                "they depend on the damping, which is your modeling choice."
+                if moved
+                else "they depend little on the damping."
+            ),
+        )
+    )
+    return outcome

@@ -1,0 +1,32 @@
+"""From measured wrong results to root causes.
+
+- `symptoms`: fail findings and stage errors, grouped into what an experiment can measure;
+- `causes`: the table of causes — the symptoms that suggest each, the experiments that confirm it, its ladder;
+- `differential`: runs those experiments on a subsample and convicts one cause per symptom;
+- `presumptive`: the same naming without experiments, for `inspect`, which has no model to re-run;
+- `problem`: the Problem and Experiment records the report carries.
+"""
+
+from influence_doctor.diagnosis.presumptive import diagnose_findings
+from influence_doctor.diagnosis.problem import (
+    EXPLANATIONS,
+    TRAINING_ADVICE,
+    UNTREATABLE,
+    Experiment,
+    Problem,
+    StageView,
+    relabel,
+    stage_views,
+)
+
+__all__ = [
+    "EXPLANATIONS",
+    "TRAINING_ADVICE",
+    "UNTREATABLE",
+    "Experiment",
+    "Problem",
+    "StageView",
+    "diagnose_findings",
+    "relabel",
+    "stage_views",
+]

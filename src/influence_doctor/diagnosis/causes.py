@@ -1,0 +1,220 @@
+"""The causes the doctor knows, as data: which symptoms suggest each, the experiment that confirms it,
+and the ladder of remedies that treats it.
+
+To add a cause, add one `CauseRule` to `CAUSE_RULES`: the symptom kinds that make it a suspect, a
+function listing the hypotheses to test (each a short sequence of one-setting counterfactuals with
+the outcome that would confirm it), and its ladder of rungs (`remedies/rungs.py` knows the rung kinds).
+Rules are tried in table order; the first hypothesis whose experiments all come out as predicted
+names the cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from influence_doctor.diagnosis.symptoms import Symptom
+from influence_doctor.dtypes import (
+    GROUP_STAGE,
+    describe,
+    group_dtypes,
+    groups_in_use,
+    is_below,
+    raise_group,
+)
+from influence_doctor.remedies.ladders import (
+    DAMPING_RUNGS,
+    DTYPE_RUNGS,
+    EIGEN_RUNGS,
+    MEMORY_RUNGS,
+    SHIFT_RUNGS,
+)
+
+OVERFLOW_PRONE = (torch.float16,)
+"""Dtypes with float16's range: sums that are finite in float32 or bfloat16 overflow in them."""
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """One setting changed relative to the trial where the symptom was measured."""
+
+    kind: str  # "dtype" | "float64" | "damping" | "shift"
+    group: str | None = None  # for "dtype": which group (see dtypes.DTYPE_GROUPS)
+    target: torch.dtype | None = None  # for "dtype"
+    factor: float = 10.0  # for "damping": each module's damping × factor
+    shift: tuple[str, float] | None = None  # for "shift": (mode, ε)
+
+    def describe(self, factor_args: Any, score_args: Any) -> str | None:
+        """What this changes on top of the given settings, or None when it would change nothing."""
+        if self.kind == "dtype":
+            _, _, changes = raise_group(factor_args, score_args, self.group, self.target)
+            return describe(changes) or None
+        if self.kind == "float64":
+            return "every dtype float64 and no autocast, same damping"
+        if self.kind == "damping":
+            return f"each module's damping ×{self.factor:g} (from at least its rounding floor eps·λmax)"
+        mode, epsilon = self.shift
+        return f"covariances + {epsilon:g}·{'trace' if mode == 'trace' else 'mean(diag)'} on the diagonal"
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A cause, where it starts, what its remedies act on, and the experiments that would confirm it:
+    each step is a counterfactual and whether it must clear the symptom or leave it standing."""
+
+    cause: str
+    stage: str
+    setting: str | None
+    steps: tuple[tuple[Counterfactual, str], ...]  # (counterfactual, "clears" | "persists")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the hypotheses depend on besides the symptom: the settings as configured."""
+
+    factor_args: Any
+    score_args: Any
+    score_stage: str
+    rank_deficient: bool = False  # the checks saw a factor with zero directions (dead units, low rank)
+
+
+@dataclass(frozen=True)
+class CauseRule:
+    cause: str
+    suggested_by: frozenset[str]  # symptom kinds
+    hypotheses: Callable[[Symptom, Context], list[Hypothesis]]
+    ladder: tuple[str, ...] = ()
+    treatable: bool = True
+
+
+def _stage_of(group: str, context: Context) -> str:
+    stage = GROUP_STAGE[group]
+    return context.score_stage if stage == "scores" else stage
+
+
+def _raise(symptom: Symptom, context: Context, cause: str, prone: Callable[[torch.dtype], bool], target) -> list:
+    """One hypothesis per group feeding the symptom's stage whose dtype `prone` accepts: raising it
+    to `target` must clear the symptom."""
+    hypotheses = []
+    for group in groups_in_use(context.factor_args, symptom.stage):
+        dtypes = group_dtypes(context.factor_args, context.score_args, group)
+        if any(d is not None and prone(d) and is_below(d, target, group) for d in dtypes):
+            step = (Counterfactual("dtype", group=group, target=target), "clears")
+            hypotheses.append(Hypothesis(cause, _stage_of(group, context), group, (step,)))
+    return hypotheses
+
+
+def _fp16_overflow(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    return _raise(symptom, context, "fp16-overflow", lambda d: d in OVERFLOW_PRONE, torch.float32)
+
+
+def _low_precision(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    return _raise(symptom, context, "low-precision-loss", lambda d: True, torch.float64)
+
+
+def _eigendecomposition_failed(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    if symptom.stage != "eigendecomposition":
+        return []
+    hypotheses = []
+    for group in ("eigendecomposition", "covariance"):
+        if any(is_below(d, torch.float64, group) for d in group_dtypes(context.factor_args, context.score_args, group)):
+            step = (Counterfactual("dtype", group=group, target=torch.float64), "clears")
+            hypotheses.append(Hypothesis("eigendecomposition-failed", "eigendecomposition", group, (step,)))
+    return hypotheses
+
+
+def _dtype_drift(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    stored = group_dtypes(context.factor_args, context.score_args, "covariance")
+    if not any(is_below(d, torch.float32, "covariance") for d in stored):
+        return []
+    step = (Counterfactual("dtype", group="covariance", target=torch.float32), "clears")
+    return [Hypothesis("dtype-drift", "eigendecomposition", "covariance", (step,))]
+
+
+def _eigendecomposition_inaccurate(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    hypotheses = _eigendecomposition_failed(symptom, context)
+    return [Hypothesis("eigendecomposition-inaccurate", h.stage, h.setting, h.steps) for h in hypotheses]
+
+
+def _tiny_damping(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    """Not precision (float64 at the same damping still fails) and damping is what lifts it."""
+    if symptom.stage not in ("pairwise_scores", "self_scores"):
+        return []
+    damping = (Counterfactual("damping", factor=10.0), "clears")
+    if symptom.kind == "undefined":  # measured on the float64 trial already
+        return [Hypothesis("tiny-damping", symptom.stage, "damping", (damping,))]
+    return [Hypothesis("tiny-damping", symptom.stage, "damping", ((Counterfactual("float64"), "persists"), damping))]
+
+
+def _singular(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    """eigh fails or negative curvature appears even in float64: the matrix itself needs lifting."""
+    if symptom.stage != "eigendecomposition":
+        return []
+    cause = "rank-deficient" if context.rank_deficient else "ill-conditioned"
+    steps = ((Counterfactual("float64"), "persists"), (Counterfactual("shift", shift=("mean", 1e-6)), "clears"))
+    return [Hypothesis(cause, "covariance", "covariance", steps)]
+
+
+def _not_psd(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    steps = ((Counterfactual("float64"), "persists"), (Counterfactual("shift", shift=("mean", 1e-6)), "clears"))
+    return [Hypothesis("not-psd", symptom.stage, "covariance", steps)]
+
+
+def _nonfinite_model(symptom: Symptom, context: Context) -> list[Hypothesis]:
+    """inf/NaN that no precision removes comes from the model or its data."""
+    return [Hypothesis("nonfinite-model", symptom.stage, None, ((Counterfactual("float64"), "persists"),))]
+
+
+def _measured_directly(cause: str) -> Callable[[Symptom, Context], list[Hypothesis]]:
+    """Causes whose symptom is itself the proof (a NaN weight, a diverged loss, an allocator failure)."""
+
+    def hypotheses(symptom: Symptom, context: Context) -> list[Hypothesis]:
+        named = {f.cause for f in symptom.findings if f.cause}
+        if symptom.kind == "training" and cause not in named:
+            return []
+        return [Hypothesis(cause, symptom.stage, None, ())]
+
+    return hypotheses
+
+
+CAUSE_RULES: tuple[CauseRule, ...] = (
+    CauseRule("nonfinite-model", frozenset({"model"}), _measured_directly("nonfinite-model"), treatable=False),
+    CauseRule("training-diverged", frozenset({"training"}), _measured_directly("training-diverged"), treatable=False),
+    CauseRule(
+        "training-oscillating", frozenset({"training"}), _measured_directly("training-oscillating"), treatable=False
+    ),
+    CauseRule("out-of-memory", frozenset({"oom"}), _measured_directly("out-of-memory"), MEMORY_RUNGS),
+    CauseRule("fp16-overflow", frozenset({"nonfinite", "raised"}), _fp16_overflow, DTYPE_RUNGS),
+    CauseRule("eigendecomposition-failed", frozenset({"nonfinite", "raised"}), _eigendecomposition_failed, EIGEN_RUNGS),
+    CauseRule("dtype-drift", frozenset({"orthogonality"}), _dtype_drift, ("dtype:float32", "dtype:float64")),
+    CauseRule(
+        "eigendecomposition-inaccurate",
+        frozenset({"orthogonality", "reconstruction"}),
+        _eigendecomposition_inaccurate,
+        EIGEN_RUNGS,
+    ),
+    CauseRule("low-precision-loss", frozenset({"disagreement", "nonfinite", "negative"}), _low_precision, DTYPE_RUNGS),
+    CauseRule("tiny-damping", frozenset({"nonfinite", "undefined"}), _tiny_damping, DAMPING_RUNGS),
+    CauseRule("rank-deficient", frozenset({"raised"}), _singular, SHIFT_RUNGS),
+    CauseRule("not-psd", frozenset({"negative"}), _not_psd, SHIFT_RUNGS),
+    CauseRule("nonfinite-model", frozenset({"nonfinite"}), _nonfinite_model, treatable=False),
+)
+"""In the order they are tried: direct measurements, then the cheapest single-setting explanations."""
+
+
+def rules_for(kind: str) -> list[CauseRule]:
+    return [rule for rule in CAUSE_RULES if kind in rule.suggested_by]
+
+
+def ladders() -> dict[str, tuple[str, ...]]:
+    """Cause → its default ladder (the first rule naming a cause gives it), `ill-conditioned` like
+    `rank-deficient`, whose hypotheses name either."""
+    table: dict[str, tuple[str, ...]] = {}
+    for rule in CAUSE_RULES:
+        if rule.ladder and rule.cause not in table:
+            table[rule.cause] = rule.ladder
+    table.setdefault("ill-conditioned", SHIFT_RUNGS)
+    return table

@@ -1,0 +1,410 @@
+"""Differential diagnosis: every symptom's suspects tested by experiments that change one setting.
+
+For each symptom, earliest stage first:
+1. a symptom downstream of an already convicted inf/NaN or failed stage is explained by it;
+2. causes measured directly (NaN weights, a diverged loss, an allocator failure) need no experiment;
+3. otherwise the symptom is reproduced on the probe subsample (or, if it needs more data, on the whole
+   rehearsal), and each suspect from `causes.CAUSE_RULES` is tested in turn; the first whose
+   experiments come out as predicted is the cause, and every experiment run is kept as evidence.
+A symptom no experiment explains stays a Problem with cause None, and its refuted experiments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from influence_doctor.checks.precision import agreement_verdict, score_agreement
+from influence_doctor.checks.thresholds import Thresholds
+from influence_doctor.diagnosis.causes import Context, Counterfactual, Hypothesis, rules_for
+from influence_doctor.diagnosis.problem import (
+    EXPLANATIONS,
+    TRAINING_ADVICE,
+    UNTREATABLE,
+    Experiment,
+    Problem,
+    stage_views,
+)
+from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms
+from influence_doctor.dtypes import raise_group, score_path_dtype
+from influence_doctor.lab import Lab, Trial, float64_settings, scaled_damping
+from influence_doctor.pipeline import STAGES
+
+PROBE_QUERIES = 16
+"""Queries in the probe subsample: enough for a median over queries, few enough to stay cheap."""
+
+TRIAL_KINDS = frozenset(
+    {
+        "nonfinite",
+        "raised",
+        "undefined",
+        "disagreement",
+        "orthogonality",
+        "reconstruction",
+        "negative",
+        "empty",
+        "other",
+    }
+)
+"""Symptom kinds a trial can measure (training, model and memory are measured on the run itself)."""
+
+
+class Labs:
+    """Where experiments run: the probe subsample first, the whole rehearsal when the probe is too
+    small to show the symptom (an fp16 sum that overflows only with all the examples)."""
+
+    def __init__(self, run: Any, probe_examples: int, thresholds: Thresholds | None = None) -> None:
+        self.run = run
+        self.thresholds = thresholds or Thresholds()
+        ready = run.analyzer is not None and run.train_subset is not None
+        self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
+        self.rehearsal = Lab(run, None, None, name="rehearsal") if ready else None
+        self.refresh()
+
+    @property
+    def enabled(self) -> bool:
+        return self.probe is not None
+
+    def named(self, name: str | None) -> Lab | None:
+        return self.probe if name == "probe" else self.rehearsal if name == "rehearsal" else None
+
+    def refresh(self) -> None:
+        """After a remedy changed the run: its new results stand for the new settings."""
+        if self.rehearsal is not None:
+            self.rehearsal.adopt_run()
+
+    @property
+    def seconds(self) -> float:
+        return sum(lab.seconds for lab in (self.probe, self.rehearsal) if lab is not None)
+
+    def reproduce(self, symptom: Symptom) -> tuple[Lab, Trial, Any] | None:
+        """The smallest lab whose trial of the current settings shows the symptom, with that trial."""
+        if not self.enabled or symptom.kind not in TRIAL_KINDS:
+            return None
+        labs = [self.probe] if symptom.kind in ("undefined", "disagreement") else [self.probe, self.rehearsal]
+        for lab in labs:
+            base = lab.configured()
+            value, bad = measure(symptom, base, lab, self.thresholds)
+            if bad:
+                return lab, base, value
+        return None
+
+
+def counterfactual_trial(lab: Lab, base: Trial, counterfactual: Counterfactual) -> Trial:
+    """`base`'s settings with the one change applied, run in `lab`."""
+    fa, sa = base.factor_args, base.score_args
+    damping, shift = base.damping, base.shift
+    if counterfactual.kind == "dtype":
+        fa, sa, _ = raise_group(fa, sa, counterfactual.group, counterfactual.target)
+    elif counterfactual.kind == "float64":
+        fa, sa = float64_settings(fa, sa)
+    elif counterfactual.kind == "damping":
+        if damping is not None:
+            damping = {module: counterfactual.factor * value for module, value in damping.items()}
+        else:
+            damping = scaled_damping(
+                base.artifacts, fa.strategy, sa.damping_factor, counterfactual.factor, sa.precondition_dtype
+            )
+    elif counterfactual.kind == "shift":
+        shift = counterfactual.shift
+    return lab.trial(
+        fa, sa, label=counterfactual.describe(base.factor_args, base.score_args) or "", shift=shift, damping=damping
+    )
+
+
+def reference_for(lab: Lab, trial: Trial) -> Trial:
+    """The same trial in float64 end to end (same damping, same shift)."""
+    fa, sa = float64_settings(trial.factor_args, trial.score_args)
+    return lab.trial(fa, sa, label="float64 end to end, same damping", shift=trial.shift, damping=trial.damping)
+
+
+def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) -> tuple[Any, bool]:
+    """The symptom's failing measurement in `trial`: (value to report, whether it is still wrong)."""
+    stage = symptom.stage
+    failure = trial.failure(stage)
+    if symptom.kind in ("nonfinite", "raised"):
+        if failure:
+            return failure, True
+        if stage not in trial.artifacts:
+            return None, False
+        count = trial.nonfinite(stage)
+        return float(count), count > 0
+    if symptom.kind in ("undefined", "disagreement"):
+        if failure:
+            return failure, True
+        kind = "pairwise" if stage == "pairwise_scores" else "self"
+        reference = reference_for(lab, trial)
+        if symptom.kind == "undefined":
+            missing = reference.failure(stage)
+            if missing:
+                return missing, True
+            mine, expected = trial.scores(kind), reference.scores(kind)
+            if mine is None or expected is None:
+                return None, False
+            count = float(score_agreement(mine, expected)["only_reference_nonfinite"])
+            return count, count > 0
+        configured, expected = trial.scores(kind), reference.scores(kind)
+        if configured is None or expected is None:
+            return None, False
+        agreement = score_agreement(configured, expected)
+        dtype = score_path_dtype(trial.factor_args, trial.score_args)
+        wrong, _ = agreement_verdict(agreement, dtype, thresholds)
+        return agreement["median_spearman"], wrong
+    if failure:
+        return failure, True
+    fails = [f for f in _trial_findings(trial, stage, thresholds) if f.check in symptom.checks]
+    if not fails:
+        return 0.0, False
+    values = [f.value for f in fails if isinstance(f.value, float) and not math.isnan(f.value)]
+    worst = (min(values) if symptom.kind == "negative" else max(values)) if values else float(len(fails))
+    return worst, True
+
+
+def _trial_findings(trial: Trial, stage: str, thresholds: Thresholds) -> list:
+    from influence_doctor.examine import examine_artifacts
+
+    exams = examine_artifacts(trial.artifacts, trial.factor_args, trial.score_args, thresholds, stages=[stage])
+    return [f for f in exams.get(stage).findings if f.severity == "fail"] if stage in exams else []
+
+
+def trial_symptoms(trial: Trial, lab: Lab, thresholds: Thresholds) -> set[tuple[str, str]]:
+    """Every (kind, stage) the trial is wrong in: errors, fail checks and, on the probe, float64 disagreement."""
+    from influence_doctor.examine import examine_artifacts
+
+    wrong: set[tuple[str, str]] = {("raised", stage) for stage in trial.errors}
+    for stage, exam in examine_artifacts(trial.artifacts, trial.factor_args, trial.score_args, thresholds).items():
+        for symptom in find_symptoms([_view(stage, exam.findings)]):
+            wrong.add((symptom.kind, symptom.stage))
+    if not lab.covers_run:
+        for stage in ("pairwise_scores", "self_scores"):
+            if stage not in trial.artifacts:
+                continue
+            for kind in ("undefined", "disagreement"):
+                probe = Symptom(kind, stage, ())
+                if measure(probe, trial, lab, thresholds)[1]:
+                    wrong.add((kind, stage))
+    return wrong
+
+
+def _view(stage: str, findings: list) -> Any:
+    from influence_doctor.diagnosis.problem import StageView
+
+    return StageView(stage, "fail", findings)
+
+
+@dataclass
+class Verdict:
+    """Whether a change healed a problem on a lab, with the numbers that say so."""
+
+    heals: bool
+    before: Any
+    after: Any
+    reason: str
+
+
+def judge_change(problem: Problem, base: Trial, trial: Trial, lab: Lab, thresholds: Thresholds) -> Verdict:
+    """A change heals when every symptom of the problem is gone from the trial and nothing new went wrong."""
+    symptoms = problem.symptoms or []
+    before = [measure(s, base, lab, thresholds)[0] for s in symptoms]
+    measured = [measure(s, trial, lab, thresholds) for s in symptoms]
+    after = [value for value, _bad in measured]
+    still = [s for s, (_value, bad) in zip(symptoms, measured, strict=True) if bad]
+    new = trial_symptoms(trial, lab, thresholds) - trial_symptoms(base, lab, thresholds)
+    new -= {(s.kind, s.stage) for s in symptoms}
+    if still:
+        return Verdict(False, _one(before), _one(after), f"{still[0].measurement}: {_show(_one(after))}")
+    if new:
+        kind, stage = sorted(new)[0]
+        return Verdict(False, _one(before), _one(after), f"it cleared the problem but broke {stage} ({kind})")
+    return Verdict(True, _one(before), _one(after), "")
+
+
+def _one(values: list[Any]) -> Any:
+    return values[0] if len(values) == 1 else values
+
+
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- the diagnosis ----------------------------------------------------------------------------------
+
+
+def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds | None = None) -> list[Problem]:
+    """Root causes of every measured wrong result of `run`, each convicted by an experiment."""
+    thresholds = thresholds or Thresholds()
+    views = stage_views(run)
+    context = Context(
+        factor_args=run.factor_args,
+        score_args=run.score_args,
+        score_stage="pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores",
+        rank_deficient=any(f.cause == "rank-deficient" for view in views for f in view.findings),
+    )
+    problems: list[Problem] = []
+    for symptom in find_symptoms(views):
+        upstream = _explained_upstream(problems, symptom)
+        if upstream is not None:
+            upstream.evidence.extend(symptom.findings)
+            upstream.symptoms.append(symptom)
+            continue
+        found = investigate(symptom, context, labs, thresholds)
+        same = next(
+            (
+                p
+                for p in problems
+                if found.cause and (p.cause, p.stage, p.setting) == (found.cause, found.stage, found.setting)
+            ),
+            None,
+        )
+        if same is None:
+            problems.append(found)
+        else:  # e.g. pairwise and self scores both off for one precision setting: one problem
+            same.evidence.extend(found.evidence)
+            same.symptoms.extend(found.symptoms)
+            same.experiments.extend(found.experiments)
+    for problem in problems:
+        problem.subjects = sorted({f.subject for f in problem.evidence if f.subject})
+    return problems
+
+
+BROKEN_MODEL = frozenset({"nonfinite-model", "training-diverged"})
+"""A model that is itself broken explains everything computed from it."""
+
+
+def _explained_upstream(problems: Iterable[Problem], symptom: Symptom) -> Problem | None:
+    """inf/NaN or a failed stage flows downstream: a later stage fed by it fails in turn; and a broken
+    model (NaN weights, a diverged loss) explains every failure computed from it."""
+    for problem in problems:
+        origin = problem.symptoms[0] if problem.symptoms else None
+        if origin is None:
+            continue
+        if problem.cause in BROKEN_MODEL and origin.stage == "train":
+            return problem
+        if (
+            symptom.kind in PROPAGATING
+            and origin.kind in PROPAGATING
+            and STAGES.index(origin.stage) < STAGES.index(symptom.stage)
+        ):
+            return problem
+    return None
+
+
+def investigate(symptom: Symptom, context: Context, labs: Labs | None, thresholds: Thresholds) -> Problem:
+    """Test the symptom's suspects in table order; the first confirmed hypothesis names the cause."""
+    rules = rules_for(symptom.kind)
+    for rule in rules:
+        for hypothesis in rule.hypotheses(symptom, context):
+            if not hypothesis.steps:  # measured directly: the symptom is the proof
+                return _problem(hypothesis, symptom, [], confirmed=True, lab=None)
+    located = labs.reproduce(symptom) if labs is not None else None
+    if located is None:
+        presumed = next((f.cause for f in symptom.findings if f.cause), None)
+        why = (
+            "the probes are off, so no experiment tested it"
+            if labs is None or not labs.enabled
+            else "it did not reproduce on a subsample, so no experiment could test a cause"
+        )
+        problem = Problem(
+            cause=None,
+            stage=symptom.stage,
+            evidence=list(symptom.findings),
+            message=f"{_symptom_text(symptom)}; {why}" + (f" (the checks suspect {presumed})." if presumed else "."),
+            symptoms=[symptom],
+        )
+        return problem
+    lab, base, before = located
+    experiments: list[Experiment] = []
+    for rule in rules:
+        for hypothesis in rule.hypotheses(symptom, context):
+            if _test(hypothesis, symptom, lab, base, before, experiments, thresholds):
+                return _problem(hypothesis, symptom, experiments, confirmed=True, lab=lab.name)
+    return Problem(
+        cause=None,
+        stage=symptom.stage,
+        evidence=list(symptom.findings),
+        message=f"{_symptom_text(symptom)}; no single-setting experiment changed it"
+        + (f" ({len(experiments)} tried, all refuted)." if experiments else "."),
+        experiments=experiments,
+        lab=lab.name,
+        symptoms=[symptom],
+    )
+
+
+def _test(
+    hypothesis: Hypothesis,
+    symptom: Symptom,
+    lab: Lab,
+    base: Trial,
+    before: Any,
+    experiments: list[Experiment],
+    thresholds: Thresholds,
+) -> bool:
+    """Run the hypothesis's experiments in order; True when every one comes out as predicted."""
+    for index, (counterfactual, expected) in enumerate(hypothesis.steps, start=1):
+        change = counterfactual.describe(base.factor_args, base.score_args)
+        if change is None:
+            return False
+        trial = counterfactual_trial(lab, base, counterfactual)
+        after, bad = measure(symptom, trial, lab, thresholds)
+        as_predicted = bad if expected == "persists" else not bad
+        if not as_predicted:
+            verdict = "refutes"
+        else:
+            verdict = "confirms" if index == len(hypothesis.steps) else "consistent with"
+        experiments.append(
+            Experiment(
+                change=change,
+                measurement=symptom.measurement,
+                before=before,
+                after=after,
+                verdict=f"{verdict} {hypothesis.cause}",
+                examples=lab.examples,
+                queries=lab.queries,
+                seconds=trial.seconds,
+            )
+        )
+        if not as_predicted:
+            return False
+    return True
+
+
+def _problem(
+    hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experiment], confirmed: bool, lab: str | None
+) -> Problem:
+    return Problem(
+        cause=hypothesis.cause,
+        stage=hypothesis.stage,
+        evidence=list(symptom.findings),
+        message=_message(hypothesis, symptom, experiments),
+        setting=hypothesis.setting,
+        experiments=experiments,
+        confirmed=confirmed,
+        lab=lab,
+        symptoms=[symptom],
+    )
+
+
+def _symptom_text(symptom: Symptom) -> str:
+    first = symptom.findings[0].message if symptom.findings else symptom.measurement
+    return first.rstrip(".")
+
+
+def _message(hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experiment]) -> str:
+    """The symptom as the check saw it, the cause when it says more than the check did, and the
+    experiment that convicted it, in numbers."""
+    cause = hypothesis.cause
+    text = _symptom_text(symptom)
+    if all(f.cause != cause for f in symptom.findings):
+        text += f" ({cause}: {EXPLANATIONS.get(cause, cause)})"
+    if cause in UNTREATABLE:
+        return f"{text}. Influence of a broken model is meaningless: {TRAINING_ADVICE}"
+    confirming = [e for e in experiments if e.verdict.startswith("confirms")]
+    if confirming:
+        last = confirming[-1]
+        text += (
+            f"; confirmed on {last.examples} examples: with {last.change}, {last.measurement} went from "
+            f"{_show(last.before)} to {_show(last.after)}"
+        )
+    return text + "."

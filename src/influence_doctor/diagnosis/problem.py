@@ -1,0 +1,121 @@
+"""What a diagnosis produces: Problems (one root cause each) and the Experiments that convicted them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from influence_doctor.findings import Finding, json_number
+
+UNTREATABLE = frozenset({"nonfinite-model", "training-diverged", "training-oscillating"})
+"""Causes no factor setting can fix: the model itself must be retrained."""
+
+TRAINING_ADVICE = (
+    "lower the learning rate 2-5x, add a warmup, clip gradients (e.g. max norm 1.0), and watch the "
+    "validation loss; then re-run the doctor on the retrained model."
+)
+
+EXPLANATIONS: dict[str, str] = {
+    "fp16-overflow": "a float16 sum or product passed 65504 and became inf",
+    "low-precision-loss": "the configured precision measurably changes the result against float64",
+    "dtype-drift": "results computed in high precision were stored in a lower one",
+    "ill-conditioned": "the curvature spans more orders of magnitude than even float64 resolves",
+    "rank-deficient": "the factor is singular and nothing lifts its zero directions",
+    "asymmetric": "a covariance that must be symmetric is not",
+    "not-psd": "a quantity that must be positive semidefinite has negative values",
+    "eigendecomposition-failed": "the eigendecomposition failed on a valid-looking covariance",
+    "eigendecomposition-inaccurate": "the eigendecomposition does not reproduce its covariance",
+    "tiny-damping": "the damping does not cover directions without curvature, so influence is undefined there",
+    "score-outliers": "a few scores dwarf all others",
+    "nonfinite-model": "the model or its data produce inf/NaN",
+    "training-diverged": "training blew up",
+    "training-oscillating": "training oscillates instead of converging",
+    "out-of-memory": "a stage ran out of memory",
+    "untracked-modules": "parameters outside kronfluence's tracked modules are invisible to the scores",
+}
+
+
+@dataclass
+class Experiment:
+    """One counterfactual: a setting changed on a subsample, and what it did to the failing measurement."""
+
+    change: str  # e.g. "covariance dtypes float16 → float32"
+    measurement: str  # e.g. "non-finite entries in covariance"
+    before: float | str | None
+    after: float | str | None
+    verdict: str  # e.g. "confirms fp16-overflow", "refutes low-precision-loss"
+    examples: int = 0  # training examples of the subsample it ran on
+    queries: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "change": self.change,
+            "measurement": self.measurement,
+            "before": _plain(self.before),
+            "after": _plain(self.after),
+            "verdict": self.verdict,
+            "examples": self.examples,
+            "queries": self.queries,
+            "seconds": self.seconds,
+        }
+
+
+def _plain(value: float | str | None) -> float | str | None:
+    return json_number(value) if isinstance(value, float) else value
+
+
+@dataclass
+class Problem:
+    """One root cause, where it starts, the findings it explains and the experiments behind it."""
+
+    cause: str | None
+    stage: str
+    subjects: list[str] = field(default_factory=list)
+    evidence: list[Finding] = field(default_factory=list)
+    message: str = ""
+    setting: str | None = None  # the dtype group or knob its remedies act on ("covariance", "scores", ...)
+    experiments: list[Experiment] = field(default_factory=list)
+    confirmed: bool = False  # an experiment changed the failing measurement (or it was measured directly)
+    lab: str | None = None  # where it reproduced: "probe" or "rehearsal"; rungs are rehearsed there
+    symptoms: list[Any] = field(default_factory=list, repr=False)  # diagnosis.symptoms.Symptom, in order
+
+    @property
+    def treatable(self) -> bool:
+        """Whether a factor or score setting can fix it (the remedies' ladders apply): not a broken
+        model, and not a failure to build or train the model at all."""
+        return self.cause not in UNTREATABLE and self.stage != "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cause": self.cause,
+            "stage": self.stage,
+            "subjects": self.subjects,
+            "evidence": sorted({f.check for f in self.evidence}),
+            "message": self.message,
+            "treatable": self.treatable,
+            "confirmed": self.confirmed,
+            "setting": self.setting,
+            "experiments": [experiment.to_dict() for experiment in self.experiments],
+        }
+
+
+@dataclass
+class StageView:
+    """What diagnosis needs of a stage: status, findings, error. Works for a live Run or a report."""
+
+    name: str
+    status: str
+    findings: list[Finding]
+    error: dict[str, str] | None = None
+
+
+def stage_views(run: Any) -> list[StageView]:
+    """The diagnosis inputs of a live Run."""
+    return [StageView(r.name, r.status, r.findings, r.error) for r in run.stages.values()]
+
+
+def relabel(problems: Iterable[Problem]) -> dict[int, str | None]:
+    """Map id(finding) → the root cause that explains it: reports label each symptom with its cause."""
+    return {id(f): p.cause for p in problems for f in p.evidence}

@@ -1,0 +1,393 @@
+"""Counterfactual trials: the pipeline's influence stages re-run on a subsample with one setting changed.
+
+Every verdict the doctor reaches rests on a trial: the configured settings against float64, a stage's
+dtype raised, each module's damping ×10, a covariance shift or a remedy's rung. A `Lab` runs trials
+on a fixed subsample of the rehearsal — the first `examples` training examples and the first
+`queries` queries — from the same trained model, with the same seeds for every trial, so that the only
+difference between two trials is the setting that was changed. Trials are cached by their settings:
+factors are shared by trials that differ only in score settings.
+
+Everything a trial writes goes into the run's own kronfluence folder, under names starting `lab-`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from influence_doctor.checks.conditioning import HEURISTIC_DAMPING_SCALE
+from influence_doctor.environment import seed_everything
+from influence_doctor.pipeline import STAGES
+from influence_doctor.remedies.doctored import doctor_covariances, write_factors
+from influence_doctor.report.scores import total_scores
+from influence_doctor.runner.run import Run
+from influence_doctor.runner.stages import quiet_kronfluence
+
+FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
+SCORE_STAGE_OF = {"pairwise": "pairwise_scores", "self": "self_scores"}
+
+FLOAT64_FACTOR_FIELDS = (
+    "activation_covariance_dtype",
+    "gradient_covariance_dtype",
+    "eigendecomposition_dtype",
+    "per_sample_gradient_dtype",
+    "lambda_dtype",
+)
+FLOAT64_SCORE_FIELDS = ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype")
+
+
+def float64_settings(factor_args: Any, score_args: Any) -> tuple[Any, Any]:
+    """The same configuration with every kronfluence dtype float64 and no autocast: the reference."""
+    factors, scores = copy.deepcopy(factor_args), copy.deepcopy(score_args)
+    for name in FLOAT64_FACTOR_FIELDS:
+        setattr(factors, name, torch.float64)
+    for name in FLOAT64_SCORE_FIELDS:
+        setattr(scores, name, torch.float64)
+    factors.amp_dtype = None
+    scores.amp_dtype = None
+    return factors, scores
+
+
+@dataclass
+class Trial:
+    """What one configuration produced on the lab's subsample, stage by stage, or the error it raised."""
+
+    label: str
+    factor_args: Any
+    score_args: Any
+    examples: int
+    queries: int
+    artifacts: dict[str, Any] = field(default_factory=dict)  # stage → kronfluence's loaded dictionary
+    errors: dict[str, str] = field(default_factory=dict)  # stage → "Type: first line"
+    seconds: float = 0.0
+    damping: dict[str, float] | None = None  # per-module damping override, when one was applied
+    shift: tuple[str, float] | None = None  # diagonal shift of the covariances, when one was applied
+
+    def reached(self, stage: str) -> bool:
+        return stage in self.artifacts
+
+    def failure(self, stage: str) -> str | None:
+        """Why `stage` has no result in this trial: its own error, or an earlier stage's."""
+        if stage in self.errors:
+            return self.errors[stage]
+        for earlier in FACTOR_STAGES:
+            if earlier == stage:
+                break
+            if earlier in self.errors:
+                return f"not reached ({earlier} raised)"
+        return None
+
+    def nonfinite(self, stage: str) -> int:
+        """Non-finite entries in what `stage` produced (0 when it produced nothing to count)."""
+        artifact = self.artifacts.get(stage) or {}
+        return sum(_nonfinite(value) for value in artifact.values())
+
+    def scores(self, kind: str) -> torch.Tensor | None:
+        artifact = self.artifacts.get(SCORE_STAGE_OF[kind])
+        return None if not artifact else total_scores(artifact).detach().double().cpu()
+
+
+def _nonfinite(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            return 0
+        return int((~torch.isfinite(value)).sum().item())
+    if isinstance(value, Mapping):
+        return sum(_nonfinite(inner) for inner in value.values())
+    return 0
+
+
+def settings_key(factor_args: Any, score_args: Any | None = None, **extra: Any) -> str:
+    """A stable text key for a configuration: kronfluence's arguments as JSON, plus lab extras."""
+    document = {"factors": factor_args.to_dict(), **extra}
+    if score_args is not None:
+        document["scores"] = score_args.to_dict()
+    return json.dumps(document, sort_keys=True, default=str)
+
+
+class Lab:
+    """Runs and caches trials on a fixed subsample of the run's rehearsal data."""
+
+    def __init__(self, run: Run, examples: int | None, queries: int | None = None, name: str = "probe") -> None:
+        self.run = run
+        self.name = name
+        total = len(run.train_subset)
+        self.examples = total if examples is None else max(0, min(examples, total))
+        self.train = run.train_subset if self.examples == total else Subset(run.train_subset, range(self.examples))
+        query_total = len(run.query_subset)
+        self.queries = query_total if queries is None else max(0, min(queries, query_total))
+        self.query = run.query_subset if self.queries == query_total else Subset(run.query_subset, range(self.queries))
+        self._factors: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
+        self._trials: dict[str, Trial] = {}
+        self.seconds = 0.0
+
+    @property
+    def covers_run(self) -> bool:
+        """Whether this lab's subsample is the whole rehearsal (its trials measure the run's own data)."""
+        return self.examples == len(self.run.train_subset) and self.queries == len(self.run.query_subset)
+
+    # --- trials -------------------------------------------------------------------------------------
+
+    def adopt_run(self) -> None:
+        """Remember the run's own results as this lab's trial of the run's settings, when the lab covers
+        the whole rehearsal: measuring them again would only repeat the run."""
+        run = self.run
+        if not self.covers_run or run.covariance_shift is not None:
+            return
+        artifacts = {name: run.artifacts[name] for name in FACTOR_STAGES if run.artifacts.get(name)}
+        errors = {
+            name: f"{record.error.get('type', '').rsplit('.', 1)[-1]}: {record.error.get('message', '')}".strip()
+            for name, record in run.stages.items()
+            if name != "train" and record.error
+        }
+        factor_errors = {name: text for name, text in errors.items() if name in FACTOR_STAGES}
+        self._factors[settings_key(run.factor_args, shift=None)] = (run.factors_name, artifacts, factor_errors)
+        trial = Trial(
+            "as configured",
+            copy.deepcopy(run.factor_args),
+            copy.deepcopy(run.score_args),
+            self.examples,
+            self.queries,
+            artifacts=dict(artifacts),
+            errors=errors,
+        )
+        for kind in run.pipeline.scores:
+            stage = SCORE_STAGE_OF[kind]
+            if run.artifacts.get(stage):
+                trial.artifacts[stage] = run.artifacts[stage]
+        self._trials[settings_key(run.factor_args, run.score_args, shift=None, damping=None)] = trial
+
+    def configured(self) -> Trial:
+        """The run's current settings on this subsample."""
+        return self.trial(self.run.factor_args, self.run.score_args, label="as configured")
+
+    def reference(self, score_args: Any | None = None) -> Trial:
+        """Every dtype float64 with the run's (or the given) damping: the counterfactual of precision."""
+        factor_args, scores = float64_settings(self.run.factor_args, score_args or self.run.score_args)
+        return self.trial(factor_args, scores, label="float64 end to end, same damping")
+
+    def trial(
+        self,
+        factor_args: Any,
+        score_args: Any,
+        *,
+        label: str,
+        shift: tuple[str, float] | None = None,
+        damping: Mapping[str, float] | None = None,
+    ) -> Trial:
+        """Factors and the pipeline's scores under these settings; cached, so asking twice is free.
+
+        `shift` = (mode, ε) adds a diagonal shift to the trial's covariances (a doctored copy) before
+        the eigendecomposition. `damping` maps each tracked module to its own damping; kronfluence takes
+        one damping for all modules, so modules sharing a value are scored together, the rest apart.
+        """
+        damping = dict(damping) if damping else None
+        key = settings_key(factor_args, score_args, shift=shift, damping=damping)
+        if key not in self._trials:
+            started = time.perf_counter()
+            trial = Trial(label, copy.deepcopy(factor_args), copy.deepcopy(score_args), self.examples, self.queries)
+            factors_name, artifacts, errors = self._fit_factors(factor_args, shift)
+            trial.artifacts.update(artifacts)
+            trial.errors.update(errors)
+            if not errors:
+                self._score(trial, factors_name, damping)
+            trial.damping, trial.shift = damping, shift
+            trial.seconds = time.perf_counter() - started
+            self.seconds += trial.seconds
+            self._trials[key] = trial
+        return self._trials[key]
+
+    def _fit_factors(
+        self, factor_args: Any, shift: tuple[str, float] | None
+    ) -> tuple[str, dict[str, Any], dict[str, str]]:
+        from kronfluence.factor.config import FactorConfig
+
+        key = settings_key(factor_args, shift=shift)
+        if key in self._factors:
+            return self._factors[key]
+        analyzer = self.run.analyzer
+        name = f"lab-{self.name}-f{len(self._factors) + 1}"
+        strategy = FactorConfig.CONFIGS[factor_args.strategy]
+        artifacts: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        batch = self.run.train_batch_size
+        load_from: str | None = None
+        steps = (
+            ("covariance", strategy.requires_covariance_matrices),
+            ("eigendecomposition", strategy.requires_eigendecomposition),
+            ("lambda", strategy.requires_lambda_matrices),
+        )
+        for stage, needed in steps:
+            seed_everything(self.run.seed + STAGES.index(stage))  # as the runner seeds: one setting differs
+            try:
+                with quiet_kronfluence():
+                    if stage == "covariance":
+                        # Called even when not needed, so kronfluence records the factor arguments.
+                        analyzer.fit_covariance_matrices(
+                            factors_name=name,
+                            dataset=self.train,
+                            per_device_batch_size=batch,
+                            factor_args=factor_args,
+                            overwrite_output_dir=True,
+                        )
+                        if needed:
+                            artifacts[stage] = analyzer.load_covariance_matrices(name)
+                        if needed and shift is not None:
+                            load_from = f"{name}-shifted"
+                            doctored = doctor_covariances(artifacts[stage], *shift)
+                            write_factors(analyzer.factors_output_dir(load_from), doctored, factor_args)
+                            artifacts[stage] = doctored
+                    elif not needed:
+                        continue
+                    elif stage == "eigendecomposition":
+                        analyzer.perform_eigendecomposition(
+                            factors_name=name,
+                            factor_args=factor_args,
+                            overwrite_output_dir=True,
+                            load_from_factors_name=load_from,
+                        )
+                        artifacts[stage] = analyzer.load_eigendecomposition(name)
+                    else:
+                        analyzer.fit_lambda_matrices(
+                            factors_name=name,
+                            dataset=self.train,
+                            per_device_batch_size=batch,
+                            factor_args=factor_args,
+                            overwrite_output_dir=True,
+                        )
+                        artifacts[stage] = analyzer.load_lambda_matrices(name)
+            except Exception as exc:  # eigh failing is a measurement, not a crash
+                errors[stage] = _describe(exc)
+                break
+        self._factors[key] = (name, artifacts, errors)
+        return self._factors[key]
+
+    def _score(self, trial: Trial, factors_name: str, damping: dict[str, float] | None) -> None:
+        for kind in self.run.pipeline.scores:
+            stage = SCORE_STAGE_OF[kind]
+            seed_everything(self.run.seed + STAGES.index(stage))
+            try:
+                trial.artifacts[stage] = self._scores_with_damping(kind, factors_name, trial.score_args, damping)
+            except Exception as exc:
+                trial.errors[stage] = _describe(exc)
+
+    def _scores_with_damping(
+        self, kind: str, factors_name: str, score_args: Any, damping: dict[str, float] | None
+    ) -> dict[str, torch.Tensor]:
+        """kronfluence's scores; with per-module damping, one pass per distinct value, each module's
+        own scores taken from the pass that used its damping."""
+        if damping is None:
+            return self._kronfluence_scores(kind, factors_name, score_args)
+        by_value: dict[float, list[str]] = {}
+        for module, value in sorted(damping.items()):
+            by_value.setdefault(float(value), []).append(module)
+        combined: dict[str, torch.Tensor] = {}
+        for value, modules in by_value.items():
+            args = copy.deepcopy(score_args)
+            args.damping_factor = value
+            args.compute_per_module_scores = True
+            per_module = self._kronfluence_scores(kind, factors_name, args)
+            combined.update({module: per_module[module] for module in modules if module in per_module})
+        return combined
+
+    def _kronfluence_scores(self, kind: str, factors_name: str, score_args: Any) -> dict[str, torch.Tensor]:
+        analyzer, batch = self.run.analyzer, self.run.train_batch_size
+        name = f"{factors_name}-{kind}-{_short_hash(score_args)}"
+        with quiet_kronfluence():
+            if kind == "pairwise":
+                analyzer.compute_pairwise_scores(
+                    scores_name=name,
+                    factors_name=factors_name,
+                    query_dataset=self.query,
+                    train_dataset=self.train,
+                    per_device_query_batch_size=self.run.pipeline.query_batch_size,
+                    per_device_train_batch_size=batch,
+                    score_args=score_args,
+                    overwrite_output_dir=True,
+                )
+                return analyzer.load_pairwise_scores(name)
+            analyzer.compute_self_scores(
+                scores_name=name,
+                factors_name=factors_name,
+                train_dataset=self.train,
+                per_device_train_batch_size=batch,
+                score_args=score_args,
+                overwrite_output_dir=True,
+            )
+            return analyzer.load_self_scores(name)
+
+
+def _short_hash(score_args: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(score_args.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+
+
+# --- what kronfluence does with the damping, per module ------------------------------------------------
+
+
+def module_spectra(artifacts: Mapping[str, Any], strategy: str) -> dict[str, torch.Tensor]:
+    """The spectrum each module's preconditioner divides by before damping, as kronfluence forms it:
+    EK-FAC and diagonal Λ/n, K-FAC the Kronecker product of the two eigenvalue vectors."""
+    spectra: dict[str, torch.Tensor] = {}
+    lambdas = artifacts.get("lambda") or {}
+    if strategy in ("ekfac", "diagonal") and lambdas:
+        for module, matrix in lambdas.get("lambda_matrix", {}).items():
+            count = float(lambdas["num_lambda_processed"][module].sum())
+            spectra[module] = matrix.detach().double().cpu() / max(count, 1.0)
+    eigen = artifacts.get("eigendecomposition") or {}
+    if strategy == "kfac" and eigen:
+        for module, activation in eigen.get("activation_eigenvalues", {}).items():
+            gradient = eigen["gradient_eigenvalues"][module]
+            spectra[module] = torch.outer(gradient.detach().double().cpu(), activation.detach().double().cpu())
+    return spectra
+
+
+def module_damping(artifacts: Mapping[str, Any], strategy: str, damping_factor: float | None) -> dict[str, float]:
+    """The damping kronfluence adds to each module: the explicit value, or 0.1 × the mean of its spectrum."""
+    spectra = module_spectra(artifacts, strategy)
+    if damping_factor is not None:
+        return {module: float(damping_factor) for module in spectra}
+    return {module: HEURISTIC_DAMPING_SCALE * float(spectrum.mean()) for module, spectrum in spectra.items()}
+
+
+def rounding_floors(artifacts: Mapping[str, Any], strategy: str, dtype: torch.dtype) -> dict[str, float]:
+    """eps(dtype)·λmax per module: a damping below it vanishes when added to the largest eigenvalue."""
+    unit = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    floors = {}
+    for module, spectrum in module_spectra(artifacts, strategy).items():
+        finite = spectrum[torch.isfinite(spectrum)]
+        floors[module] = unit * float(finite.abs().max()) if finite.numel() else math.nan
+    return floors
+
+
+def scaled_damping(
+    artifacts: Mapping[str, Any], strategy: str, damping_factor: float | None, factor: float, dtype: torch.dtype
+) -> dict[str, float]:
+    """Each module's own damping × `factor`, taken from at least its rounding floor (a damping of 0
+    or below rounding damps nothing, and ten times nothing is still nothing)."""
+    damping = module_damping(artifacts, strategy, damping_factor)
+    floors = rounding_floors(artifacts, strategy, dtype)
+    return {
+        module: factor * max(value, floors.get(module, 0.0) if math.isfinite(floors.get(module, 0.0)) else 0.0)
+        for module, value in damping.items()
+    }
+
+
+def median_or_nan(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
