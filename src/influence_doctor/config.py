@@ -26,7 +26,9 @@ class Gates:
     max_seconds_ratio: float = field(default=2.0, metadata={"help": "Stage time vs baseline stage time."})
     min_fix_spearman: float = field(
         default=0.9,
-        metadata={"help": "Healed scores vs the least-regularized finite run, Spearman: a fix no worse than the problem."},
+        metadata={
+            "help": "Healed scores vs the least-regularized finite run (Spearman): no fix worse than the problem."
+        },
     )
 
 

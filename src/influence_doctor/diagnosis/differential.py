@@ -349,10 +349,8 @@ def _test(
         trial = counterfactual_trial(lab, base, counterfactual)
         after, bad = measure(symptom, trial, lab, thresholds)
         as_predicted = bad if expected == "persists" else not bad
-        if not as_predicted:
-            verdict = "refutes"
-        else:
-            verdict = "confirms" if index == len(hypothesis.steps) else "consistent with"
+        last = index == len(hypothesis.steps)
+        verdict = ("confirms" if last else "consistent with") if as_predicted else "refutes"
         experiments.append(
             Experiment(
                 change=change,

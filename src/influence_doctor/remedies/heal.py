@@ -214,8 +214,9 @@ def _next_change(
             skipped.append({"rung": rung, "reason": reason})
             continue
         lab = labs.named(problem.lab)
-        if lab is None or change.batch_size is not None or not problem.symptoms:
-            why = "memory depends on the full size" if change.batch_size is not None else "no lab reproduced it"
+        memory = change.batch_size is not None or problem.cause == "out-of-memory"
+        if lab is None or memory or not problem.symptoms:
+            why = "memory depends on the full size, not a subsample" if memory else "no subsample reproduced it"
             return change, {"rehearsed": False, "reason": why}, skipped
         progress.note(f"rehearsing {rung} on {lab.examples} examples")
         base = lab.configured()

@@ -17,9 +17,9 @@ from influence_doctor.report.text import (
     STATUS_WORDS,
     finding_rows,
     influence_lines,
-    problem_lines,
     remedy_rows,
     score_rows,
+    show_number,
     stage_rows,
 )
 
@@ -46,8 +46,8 @@ def render_html(document: dict[str, Any], run: Any = None) -> str:
         f"<p class='{status}'><b>{html.escape(STATUS_WORDS.get(status, status))}</b></p>",
         _table(stage_rows(document), ["stage", "status", "seconds", "findings", "detail"]),
     ]
-    if problems := problem_lines(document):
-        parts += ["<h2>Diagnosis</h2><ul>", *(f"<li>{html.escape(p[2:])}</li>" for p in problems), "</ul>"]
+    if diagnosis := document["pipeline"].get("diagnosis"):
+        parts += ["<h2>Diagnosis</h2>", _evidence(diagnosis)]
     if document["remedies"]:
         parts += [
             "<h2>Remedies</h2>",
@@ -70,6 +70,27 @@ def render_html(document: dict[str, Any], run: Any = None) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
         f"<body>{body}</body></html>\n"
     )
+
+
+def _evidence(diagnosis: list[dict[str, Any]]) -> str:
+    """Each Problem with the experiments behind its verdict: what changed, what moved, by how much."""
+    items = []
+    for problem in diagnosis:
+        head = f"<b>[{html.escape(problem['cause'] or 'unexplained')}]</b> at {html.escape(problem['stage'])}: "
+        rows = [
+            [
+                e["change"],
+                e["measurement"],
+                show_number(e["before"]),
+                show_number(e["after"]),
+                e["verdict"],
+                str(e["examples"]),
+            ]
+            for e in problem.get("experiments", [])
+        ]
+        table = _table(rows, ["change", "measurement", "before", "after", "verdict", "examples"]) if rows else ""
+        items.append(f"<li>{head}{html.escape(problem['message'])}{table}</li>")
+    return f"<figure id='evidence'><ul>{''.join(items)}</ul></figure>"
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:

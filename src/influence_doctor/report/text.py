@@ -59,10 +59,35 @@ def finding_rows(document: dict[str, Any]) -> list[list[str]]:
 
 
 def problem_lines(document: dict[str, Any]) -> list[str]:
-    """The diagnosis as found, before any remedy: one root cause per line."""
+    """The diagnosis as found, before any remedy: one root cause per line, each followed by the
+    experiments that convicted it (or refuted the other suspects), so the reasoning can be checked."""
+    lines = []
+    for problem in document["pipeline"].get("diagnosis", []):
+        lines.append(f"- [{problem['cause'] or 'unexplained'}] at {problem['stage']}: {problem['message']}")
+        lines += [f"    experiment: {experiment_text(e)}" for e in problem.get("experiments", [])]
+    return lines
+
+
+def experiment_text(experiment: dict[str, Any]) -> str:
+    """`change`: `measurement` before → after (verdict, on N examples)."""
+    return (
+        f"{experiment['change']}: {experiment['measurement']} {show_number(experiment['before'])} → "
+        f"{show_number(experiment['after'])} ({experiment['verdict']}, {experiment['examples']} examples)"
+    )
+
+
+def show_number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else _clip(str(value), 60)
+
+
+def skipped_lines(document: dict[str, Any]) -> list[str]:
+    """Rungs considered and not applied, with the reason: known not to heal, or rehearsed and failed."""
     return [
-        f"- [{problem['cause'] or 'unexplained'}] at {problem['stage']}: {problem['message']}"
-        for problem in document["pipeline"].get("diagnosis", [])
+        f"- {skip['rung']} (for {remedy['cause'] or 'an unexplained failure'}): {skip['reason']}"
+        for remedy in document["remedies"]
+        for skip in remedy.get("skipped", [])
     ]
 
 
@@ -101,7 +126,7 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
         lines.append(f"Exact influence not computed: {exact['skipped']}.")
     if exact and "spearman" in exact:
         lines.append(
-            f"Fidelity vs exact Gauss-Newton influence ({exact['parameters']} parameters, "
+            f"Fidelity vs exact influence (kronfluence's Fisher and damping, {exact['parameters']} parameters, "
             f"{exact['train_examples_compared']} training examples): Spearman {exact['spearman']:.3f} / "
             f"Pearson {exact['pearson']:.3f}."
         )
@@ -186,6 +211,8 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         parts += ["", "Remedies:" if not markdown else "## Remedies", ""]
         headers = ["#", "cause", "rung", "change", "re-ran", "outcome", "seconds"]
         parts.append(tabulate(remedy_rows(document), headers=headers, tablefmt=fmt))
+        if skipped := skipped_lines(document):
+            parts += ["", "Rungs not applied:" if not markdown else "### Rungs not applied", "", *skipped]
     python = document["prescription"].get("python")
     if python:
         parts += ["", "Prescription:" if not markdown else "## Prescription", ""]
