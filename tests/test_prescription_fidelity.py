@@ -202,7 +202,7 @@ def test_min_spearman_is_the_worst_kind():
         ([], "no remedy was applied"),
         (
             [snap("as configured", {"pairwise": BASE}), snap("after x", {"pairwise": BASE * math.inf}, finite=False)],
-            "the final configuration's scores are not finite",
+            "the final configuration's scores are not finite or not trustworthy",
         ),
         (
             [

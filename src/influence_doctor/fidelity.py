@@ -1,5 +1,5 @@
 """How much a fix moved the scores: rank and linear agreement with the least-regularized configuration
-that still gave finite scores (the closest thing to what the user asked for)."""
+that gave trustworthy scores (the closest thing to what the user asked for)."""
 
 from __future__ import annotations
 
@@ -35,21 +35,23 @@ def compare_scores(final: dict[str, torch.Tensor], reference: dict[str, torch.Te
 
 
 def fidelity_against_least_regularized(snapshots: list[Any], min_spearman: float) -> dict[str, Any]:
-    """Compare the final configuration with the earliest earlier one whose scores were all finite.
+    """Compare the final configuration with the earliest earlier one whose scores were trustworthy:
+    all finite, and not shown wrong by a measurement (finite rounding noise is not a reference).
 
-    Rungs climb from least to most distorting, so the earliest finite snapshot is the least
-    regularized. When there is none (the configuration as given was never finite), say so.
+    Rungs climb from least to most distorting, so the earliest trusted snapshot is the least
+    regularized. When there is none (the configuration as given was never right), say so.
     """
     if len(snapshots) < 2:
         return {"reference": None, "reason": "no remedy was applied"}
     final = snapshots[-1]
-    earlier = [s for s in snapshots[:-1] if s.finite]
-    if not final.finite:
-        return {"reference": None, "reason": "the final configuration's scores are not finite"}
+    earlier = [s for s in snapshots[:-1] if s.trusted]
+    if not final.trusted:
+        return {"reference": None, "reason": "the final configuration's scores are not finite or not trustworthy"}
     if not earlier:
         return {
             "reference": None,
-            "reason": "no less-regularized configuration gave finite scores: there is nothing finite to compare to",
+            "reason": "no less-regularized configuration gave finite, trustworthy scores: there is nothing finite "
+            "to compare to",
         }
     reference = earlier[0]
     agreement = compare_scores(final.scores, reference.scores)

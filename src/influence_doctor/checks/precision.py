@@ -82,6 +82,7 @@ def score_agreement(configured: torch.Tensor, reference: torch.Tensor) -> dict[s
         "nonfinite": float((~torch.isfinite(a)).sum()),
         "reference_nonfinite": float((~torch.isfinite(b)).sum()),
         "only_reference_nonfinite": float((torch.isfinite(a) & ~torch.isfinite(b)).sum()),
+        "only_configured_nonfinite": float((~torch.isfinite(a) & torch.isfinite(b)).sum()),
         "rows": float(rows_a.shape[0]),
     }
 
@@ -89,7 +90,7 @@ def score_agreement(configured: torch.Tensor, reference: torch.Tensor) -> dict[s
 def agreement_verdict(agreement: Mapping[str, float], dtype: torch.dtype, thresholds: Thresholds) -> tuple[bool, str]:
     """Whether the configured scores disagree with float64 in what the user reads, and why.
 
-    Wrong means rankings reordered: the median per-query Spearman below `precision_min_spearman`,
+    Wrong means scores lost to inf/NaN that float64 computes, or rankings reordered: the median per-query Spearman below `precision_min_spearman`,
     by errors larger than a few roundings of `dtype` (below that, the reordering is near-ties broken
     by rounding, not an error). A relative error alone is not judged: scores off by 0.1% in fp32 rank
     the same examples on top.
@@ -97,6 +98,9 @@ def agreement_verdict(agreement: Mapping[str, float], dtype: torch.dtype, thresh
     error = agreement.get("relative_error", math.nan)
     spearman = agreement.get("median_spearman", math.nan)
     tie_limit = thresholds.precision_tie_eps * eps(dtype)
+    lost = agreement.get("only_configured_nonfinite", 0.0)
+    if lost:
+        return True, f"{lost:.0f} scores are inf/NaN as configured but finite in float64"
     if not math.isnan(spearman) and spearman < thresholds.precision_min_spearman and not error <= tie_limit:
         return True, (
             f"median per-query Spearman {spearman:.3f} is below {thresholds.precision_min_spearman:g} "
@@ -130,12 +134,13 @@ def check_score_agreement(
 
 
 def check_reference_finite(stage: str, subject: str, agreement: Mapping[str, float]) -> CheckOutcome:
-    """`scores.reference_finite`: scores that are finite as configured but inf/NaN in float64 at the same
-    damping are undefined at that damping (singular curvature the damping does not cover): the finite
-    configured values are rounding noise divided by almost nothing, and no precision fixes it."""
-    bad = agreement.get("only_reference_nonfinite", 0.0)
+    """`scores.reference_finite`: scores that are inf/NaN in float64 at the same damping are undefined at
+    that damping (singular curvature the damping does not cover, or inf/NaN from the model or data):
+    finite configured values there are rounding noise divided by almost nothing. The diagnosis tells
+    the two apart by raising the damping."""
+    bad = agreement.get("reference_nonfinite", 0.0)
     outcome = CheckOutcome()
-    if bad > 0:  # where the configured scores are non-finite too, `scores.finite` already says so
+    if bad > 0:
         outcome.findings.append(
             Finding(
                 check="scores.reference_finite",
@@ -145,9 +150,8 @@ def check_reference_finite(stage: str, subject: str, agreement: Mapping[str, flo
                 value=bad,
                 limit=0.0,
                 cause="tiny-damping",
-                message=f"{bad:.0f} {subject} scores that are finite as configured are inf/NaN in float64 at the same "
-                "damping: the influence is undefined there (the curvature is singular and the damping does not "
-                "cover it), so the configured values are rounding noise.",
+                message=f"{bad:.0f} {subject} scores are inf/NaN in float64 at the same damping: the influence "
+                "is undefined there, so any finite value computed for them is rounding noise.",
             )
         )
     return outcome

@@ -143,7 +143,7 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
             mine, expected = trial.scores(kind), reference.scores(kind)
             if mine is None or expected is None:
                 return None, False
-            count = float(score_agreement(mine, expected)["only_reference_nonfinite"])
+            count = float(score_agreement(mine, expected)["reference_nonfinite"])
             return count, count > 0
         configured, expected = trial.scores(kind), reference.scores(kind)
         if configured is None or expected is None:
@@ -250,14 +250,7 @@ def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds |
             upstream.symptoms.append(symptom)
             continue
         found = investigate(symptom, context, labs, thresholds)
-        same = next(
-            (
-                p
-                for p in problems
-                if found.cause and (p.cause, p.stage, p.setting) == (found.cause, found.stage, found.setting)
-            ),
-            None,
-        )
+        same = next((p for p in problems if found.cause and _same_problem(p, found)), None)
         if same is None:
             problems.append(found)
         else:  # e.g. pairwise and self scores both off for one precision setting: one problem
@@ -269,8 +262,18 @@ def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds |
     return problems
 
 
+COMPARISONS = frozenset({"undefined", "disagreement"})
+"""Symptoms measured against float64 on the probe."""
+
 BROKEN_MODEL = frozenset({"nonfinite-model", "training-diverged"})
 """A model that is itself broken explains everything computed from it."""
+
+
+def _same_problem(first: Problem, second: Problem) -> bool:
+    """One cause acting through one setting is one problem, wherever it shows (pairwise and self scores)."""
+    if (first.cause, first.setting) != (second.cause, second.setting):
+        return False
+    return first.setting is not None or first.stage == second.stage
 
 
 def _explained_upstream(problems: Iterable[Problem], symptom: Symptom) -> Problem | None:
@@ -286,6 +289,12 @@ def _explained_upstream(problems: Iterable[Problem], symptom: Symptom) -> Proble
             symptom.kind in PROPAGATING
             and origin.kind in PROPAGATING
             and STAGES.index(origin.stage) < STAGES.index(symptom.stage)
+        ):
+            return problem
+        if (  # the probe's comparisons of scores the run could not compute add nothing to that failure
+            symptom.kind in COMPARISONS
+            and origin.kind in PROPAGATING
+            and STAGES.index(origin.stage) <= STAGES.index(symptom.stage)
         ):
             return problem
     return None

@@ -36,7 +36,7 @@ class Snapshot:
 
     label: str
     scores: dict[str, Any]
-    finite: bool
+    trusted: bool  # every score finite, and no measurement (e.g. the float64 re-run) showed them wrong
     regularization: dict[str, Any]
 
 
@@ -294,12 +294,15 @@ def snapshot(run: Run, label: str) -> Snapshot:
         if run.artifacts.get(stage) and run.stages[stage].completed
     }
     finite = bool(scores) and all(bool(torch.isfinite(tensor).all()) for tensor in scores.values())
+    measured_wrong = any(
+        f.severity == "fail" for name in ("pairwise_scores", "self_scores") for f in run.stages[name].findings
+    )
     regularization = {
         "damping_factor": run.score_args.damping_factor,
         "covariance_shift": run.covariance_shift,
         "strategy": run.factor_args.strategy,
     }
-    return Snapshot(label, scores, finite, regularization)
+    return Snapshot(label, scores, finite and not measured_wrong, regularization)
 
 
 def _plain(value: Any) -> Any:
