@@ -58,6 +58,35 @@ def test_status_severity_remedies_and_condition_gates_fail_when_they_should(two_
     assert not results["fail_on"].passed and "lambda.condition" in results["fail_on"].detail
     assert not results["allow_remedies"].passed
     assert not results["max_condition_number"].passed and results["max_condition_number"].value == float("inf")
+
+
+def test_condition_written_as_strict_json_null_with_its_reason_still_fails():
+    document = {"status": "healthy", "stages": [{"findings": [], "metrics": {"checks": {"m": {}}}}], "remedies": []}
+    document["stages"][0]["metrics"]["checks"]["m"] = {
+        "condition_after_damping": None,
+        "condition_after_damping_nonfinite": "inf",
+    }
+    result = _by_gate(evaluate(document, Gates()))["max_condition_number"]
+    assert not result.passed and result.value == float("inf")
+
+
+def test_a_fix_worse_than_the_problem_fails_min_fix_spearman(tmp_path):
+    """eigenvectors_fp16 healed by falling back to the identity strategy: the drift is gone, but the
+    rankings moved far from the configuration as given (Spearman ~0.6): a warn, and the gate fails."""
+    from fixtures import load_fixture
+
+    pipeline, _ = load_fixture("eigenvectors_fp16")
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, ladders={"dtype-drift": ["strategy:identity"]})
+    assert report.status == "healed"
+    fix = report.document["fidelity"]["fix"]
+    assert fix["below_limit"] is True and fix["min_spearman"] < 0.9
+    (warning,) = [f for f in report.findings if f.check == "scores.fix_fidelity"]
+    assert warning.severity == "warn" and warning.value == pytest.approx(fix["min_spearman"])
+    results = _by_gate(evaluate(report.document, Gates()))
+    assert results["status"].passed  # healed…
+    assert not results["min_fix_spearman"].passed  # …but by a fix worse than the problem
+    assert results["min_fix_spearman"].value == pytest.approx(fix["min_spearman"])
+    assert _by_gate(evaluate(report.document, Gates(min_fix_spearman=0.5)))["min_fix_spearman"].passed
     assert "min_score_spearman" not in results  # no baseline, no comparison gates
 
 
