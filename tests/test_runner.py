@@ -130,14 +130,16 @@ def test_model_given_as_module_and_nonfinite_scores_fail(tmp_path):
     statuses = _statuses(report)
     assert statuses["self_scores"] == "ok"
     assert statuses["pairwise_scores"] == "fail"
-    (finding,) = [f for f in report.document["stages"][4]["findings"] if f["severity"] == "fail"]
-    assert finding["check"] == "scores.finite"
+    fails = {f["check"]: f for f in report.document["stages"][4]["findings"] if f["severity"] == "fail"}
+    assert set(fails) == {"scores.finite", "scores.reference_finite"}  # float64 cannot compute them either
+    finding = fails["scores.finite"]
     assert finding["value"] == pytest.approx(0.75)  # one query row of four is non-finite
     assert report.document["scores"]["pairwise"]["nonfinite"] == 64
     assert report.status == "sick"
     # Not precision (float64 keeps it) and not damping (×10 keeps it): the data itself is non-finite.
-    (problem,) = report.problems
+    (problem,) = report.problems  # one root cause explains both
     assert problem.cause == "nonfinite-model" and not problem.treatable
+    assert {f.check for f in problem.evidence} == {"scores.finite", "scores.reference_finite"}
     verdicts = [e.verdict for e in problem.experiments]
     assert "refutes tiny-damping" in verdicts and verdicts[-1] == "confirms nonfinite-model"
     assert report.remedies == []

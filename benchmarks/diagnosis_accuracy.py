@@ -1,0 +1,113 @@
+"""Diagnosis accuracy over every fixture, and the false-alarm rates of the heuristic checks.
+
+For each fixture of `fixtures/` (pathological cases and healthy controls) the doctor runs twice on the
+CPU: without healing, for the diagnosis (first Problem's cause and stage, or "healthy"), and with
+healing, for the rung that healed the expected cause. Each is printed against what the fixture expects.
+Then the false-alarm rates of the training and score heuristics on generated healthy cases
+(`influence_doctor.calibration`) are printed with the same table style:
+
+    .venv/bin/python benchmarks/diagnosis_accuracy.py              # every fixture, then the rates
+    .venv/bin/python benchmarks/diagnosis_accuracy.py --skip-rates
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures package lives at the top level
+
+
+def diagnosis_of(report: Any) -> tuple[str | None, str | None]:
+    """(cause, stage) of the first Problem, or (None, None) when the pipeline is healthy."""
+    problems = report.document["pipeline"]["diagnosis"]
+    return (problems[0]["cause"], problems[0]["stage"]) if problems else (None, None)
+
+
+def healing_rung(report: Any, cause: str | None) -> str | None:
+    """The rung that resolved `cause` (or healed the run), or None when no rung was applied."""
+    for remedy in report.remedies:
+        if remedy["outcome"] in ("healed", "resolved") and (cause is None or remedy["cause"] == cause):
+            return remedy["rung"]
+    return None
+
+
+def cases() -> list[tuple[str, Any, dict[str, Any]]]:
+    """(label, pipeline factory, expected) for every fixture; strategy variants where a fixture has them."""
+    import importlib
+    import inspect
+
+    from fixtures import FIXTURES
+
+    rows = []
+    for name in sorted(FIXTURES):
+        module_name, _, attr = FIXTURES[name].partition(":")
+        module = importlib.import_module(module_name)
+        factory, expected = getattr(module, attr), dict(module.EXPECTED)
+        if "strategy" in inspect.signature(factory).parameters:
+            for strategy in ("ekfac", "kfac"):
+                rows.append((f"{name}[{strategy}]", lambda f=factory, s=strategy: f(strategy=s), expected))
+        else:
+            rows.append((name, lambda f=factory: f(), expected))
+    return rows
+
+
+def accuracy(out: Path) -> list[list[Any]]:
+    from influence_doctor import diagnose
+
+    rows = []
+    for label, factory, expected in cases():
+        started = time.perf_counter()
+        gc.collect()
+        diagnosed = diagnose(factory(), fix=False, out_dir=out, progress=False)
+        healed = diagnose(factory(), fix=True, out_dir=out, progress=False)
+        seconds = time.perf_counter() - started
+        cause, stage = diagnosis_of(diagnosed)
+        rung = healing_rung(healed, expected["cause"])
+        want = (expected["cause"], expected["stage"], expected["rung"])
+        got = (cause, stage, rung)
+        rows.append([label, *_pairs(want, got), healed.status, f"{seconds:.1f}", "✓" if want == got else "✗"])
+    return rows
+
+
+def _pairs(want: tuple[Any, ...], got: tuple[Any, ...]) -> list[str]:
+    """'expected | got' cells; no cause or stage reads "healthy", no rung "—"."""
+    blanks = ("healthy", "healthy", "—")
+    return [f"{w or blank} | {g or blank}" for w, g, blank in zip(want, got, blanks, strict=True)]
+
+
+def main() -> None:
+    from tabulate import tabulate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-rates", action="store_true", help="only the accuracy table")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as out:
+        rows = accuracy(Path(out))
+    headers = [
+        "fixture",
+        "cause: expected | got",
+        "stage: expected | got",
+        "rung: expected | got",
+        "final",
+        "seconds",
+        "match",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="simple"))
+    matched = sum(row[-1] == "✓" for row in rows)
+    print(f"\n{matched} of {len(rows)} fixtures diagnosed and healed as expected.\n")
+    if not args.skip_rates:
+        from influence_doctor.calibration import print_false_alarm_rates
+
+        print_false_alarm_rates()
+
+
+if __name__ == "__main__":
+    main()
