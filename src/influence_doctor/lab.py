@@ -145,9 +145,7 @@ class Lab:
             return
         artifacts = {name: run.artifacts[name] for name in FACTOR_STAGES if run.artifacts.get(name)}
         errors = {
-            name: f"{record.error.get('type', '').rsplit('.', 1)[-1]}: {record.error.get('message', '')}".strip()
-            for name, record in run.stages.items()
-            if name != "train" and record.error
+            name: _error_text(record.error) for name, record in run.stages.items() if name != "train" and record.error
         }
         factor_errors = {name: text for name, text in errors.items() if name in FACTOR_STAGES}
         self._factors[settings_key(run.factor_args, shift=None)] = (run.factors_name, artifacts, factor_errors)
@@ -330,6 +328,12 @@ def _short_hash(score_args: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(score_args.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _error_text(error: Mapping[str, str]) -> str:
+    """A recorded stage error in the form trials use: "Type: first line"."""
+    message = (error.get("message") or "").strip()
+    return f"{error.get('type', '').rsplit('.', 1)[-1]}: {message.splitlines()[0] if message else '(no message)'}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -90,10 +90,10 @@ def score_agreement(configured: torch.Tensor, reference: torch.Tensor) -> dict[s
 def agreement_verdict(agreement: Mapping[str, float], dtype: torch.dtype, thresholds: Thresholds) -> tuple[bool, str]:
     """Whether the configured scores disagree with float64 in what the user reads, and why.
 
-    Wrong means scores lost to inf/NaN that float64 computes, or rankings reordered: the median per-query Spearman below `precision_min_spearman`,
-    by errors larger than a few roundings of `dtype` (below that, the reordering is near-ties broken
-    by rounding, not an error). A relative error alone is not judged: scores off by 0.1% in fp32 rank
-    the same examples on top.
+    Wrong means scores lost to inf/NaN that float64 computes, or rankings reordered: the median
+    per-query Spearman below `precision_min_spearman`, by errors larger than a few roundings of `dtype`
+    (below that, the reordering is near-ties broken by rounding, not an error). A relative error alone
+    is not judged: scores off by 0.1% in fp32 rank the same examples on top.
     """
     error = agreement.get("relative_error", math.nan)
     spearman = agreement.get("median_spearman", math.nan)
