@@ -164,3 +164,15 @@ def test_cpu_out_of_memory_is_diagnosed_and_climbs_the_memory_ladder_not_the_str
     assert remedy["rung"] == "partitions:x2" and remedy["outcome"] == "healed"
     assert remedy["rehearsal"]["rehearsed"] is False  # memory depends on the full size, not a subsample
     assert report.prescription["factor_args"]["covariance_module_partitions"] == 2
+
+
+def test_with_the_probes_off_causes_are_presumed_and_said_to_be_unconfirmed(tmp_path):
+    from fixtures import load_fixture
+
+    report = diagnose(load_fixture("eigenvectors_fp16")[0], out_dir=tmp_path, progress=False, probe_examples=0)
+    (problem,) = report.document["pipeline"]["diagnosis"]
+    assert problem["cause"] == "dtype-drift" and problem["confirmed"] is False and problem["experiments"] == []
+    assert "probes are off" in problem["message"]
+    (remedy,) = report.remedies
+    assert remedy["rehearsal"] == {"rehearsed": False, "reason": "the probes are off"}
+    assert report.status == "healed"

@@ -310,21 +310,20 @@ def investigate(symptom: Symptom, context: Context, labs: Labs | None, threshold
             if not hypothesis.steps:  # measured directly: the symptom is the proof
                 return _problem(hypothesis, symptom, [], confirmed=True, lab=None)
     located = labs.reproduce(symptom) if labs is not None else None
-    if located is None:
+    if located is None:  # nothing to experiment on: the checks' suspicion, said to be unconfirmed
         presumed = next((f.cause for f in symptom.findings if f.cause), None)
         why = (
             "the probes are off, so no experiment tested it"
             if labs is None or not labs.enabled
-            else "it did not reproduce on a subsample, so no experiment could test a cause"
+            else "it did not reproduce on a subsample, so no experiment could test it"
         )
-        problem = Problem(
-            cause=None,
+        return Problem(
+            cause=presumed,
             stage=symptom.stage,
             evidence=list(symptom.findings),
-            message=f"{_symptom_text(symptom)}; {why}" + (f" (the checks suspect {presumed})." if presumed else "."),
+            message=f"{_symptom_text(symptom)}; presumably {presumed or 'an unknown cause'}, but {why}.",
             symptoms=[symptom],
         )
-        return problem
     lab, base, before = located
     experiments: list[Experiment] = []
     for rule in rules:

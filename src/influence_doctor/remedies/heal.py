@@ -216,7 +216,13 @@ def _next_change(
         lab = labs.named(problem.lab)
         memory = change.batch_size is not None or problem.cause == "out-of-memory"
         if lab is None or memory or not problem.symptoms:
-            why = "memory depends on the full size, not a subsample" if memory else "no subsample reproduced it"
+            why = (
+                "memory depends on the full size, not a subsample"
+                if memory
+                else "the probes are off"
+                if not labs.enabled
+                else "no subsample reproduced it"
+            )
             return change, {"rehearsed": False, "reason": why}, skipped
         progress.note(f"rehearsing {rung} on {lab.examples} examples")
         base = lab.configured()
