@@ -18,7 +18,7 @@ def test_missing_table_gives_defaults(tmp_path):
     config = load_config(_write(tmp_path, "[project]\nname = 'x'\n"))
     assert config.reports_dir == "reports"
     assert config.gates == Gates()
-    assert config.make_thresholds().outlier_mad == 1e4
+    assert config.make_thresholds().outlier_mad == 1e5
 
 
 def test_spec_example_parses_and_thresholds_override(tmp_path):
@@ -74,9 +74,10 @@ def test_cli_rejects_unknown_config_key_with_exit_2(cli, tmp_path):
 
 
 def test_threshold_from_config_changes_the_verdict(cli, tmp_path):
-    """A config limit reaches the checks: an absurdly strict outlier limit fails a healthy pipeline."""
-    _write(tmp_path, "[tool.influence-doctor.thresholds]\noutlier_mad = 0.5\n")
-    done = cli("diagnose", "tests.pipelines:small", "--quiet", "--probe-examples", "0", cwd=tmp_path)
+    """A config limit reaches the checks: demanding exactly orthonormal float32 eigenvectors fails a
+    healthy pipeline (the measured ‖QᵀQ−I‖ is a few float32 roundings, never 0)."""
+    _write(tmp_path, "[tool.influence-doctor.thresholds]\northogonality_eps = 0.0\n")
+    done = cli("diagnose", "tests.pipelines:small", "--quiet", "--no-fix", "--probe-examples", "0", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
-    assert "scores.outliers" in done.stdout
+    assert "eigendecomposition.orthogonality" in done.stdout
     assert (tmp_path / "reports" / "small").is_dir()  # reports_dir default, relative to the cwd

@@ -13,11 +13,12 @@ import math
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kronfluence.task import Task
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
@@ -26,11 +27,21 @@ from influence_doctor.checks.scores import check_module_dominance, check_query_s
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import check_loss_curve
 from influence_doctor.findings import Finding
+from influence_doctor.pipeline import Pipeline, TrainingMonitor
+from influence_doctor.report.scores import total_scores
 
 BATCH_SIZES: tuple[int | None, ...] = (1, 2, 8, 32, None)
 """Minibatch sizes the curves cycle through; None is full batch."""
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
 TASKS: tuple[str, ...] = ("regression", "classification")
+TRAINING_CHECKS: tuple[str, ...] = (
+    "train.loss_finite",
+    "train.loss_decreased",
+    "train.divergence",
+    "train.oscillation",
+    "train.validation_gap",
+)
+"""The loss-curve checks; validation_gap applies only to curves with validation losses."""
 
 
 @dataclass(frozen=True)
@@ -80,18 +91,24 @@ class HealthyScores:
 
 @dataclass
 class AlarmRates:
-    """How many healthy cases raised each check, per severity: every one of them is a false alarm."""
+    """How many healthy cases raised each check, per severity: every one of them is a false alarm.
+
+    Rates are shares of the cases a check was applied to (module dominance needs per-module scores),
+    each check counted at most once per case and severity.
+    """
 
     cases: int = 0
+    checked: Counter[str] = field(default_factory=Counter)
     fail: Counter[str] = field(default_factory=Counter)
     warn: Counter[str] = field(default_factory=Counter)
     any_fail: int = 0
     any_warn: int = 0
 
-    def add(self, findings: Iterable[Finding]) -> None:
-        """Count one case: each check at most once per severity, so rates are shares of cases."""
+    def add(self, findings: Iterable[Finding], checked: Iterable[str]) -> None:
+        """Count one case, to which the checks in `checked` were applied."""
         findings = list(findings)
         self.cases += 1
+        self.checked.update(set(checked))
         fails = {finding.check for finding in findings if finding.severity == "fail"}
         warns = {finding.check for finding in findings if finding.severity == "warn"}
         self.fail.update(fails)
@@ -99,13 +116,30 @@ class AlarmRates:
         self.any_fail += bool(fails)
         self.any_warn += bool(warns)
 
+    def count(self, severity: str, check: str | None = None) -> int:
+        """Cases with a finding of `severity` for `check` (for any check when None)."""
+        if check is None:
+            return self.any_fail if severity == "fail" else self.any_warn
+        return (self.fail if severity == "fail" else self.warn)[check]
+
     def rate(self, severity: str, check: str | None = None) -> float:
-        """Share of cases with a finding of `severity` for `check` (any check when None)."""
-        if not self.cases:
-            return 0.0
-        counts = self.fail if severity == "fail" else self.warn
-        total = (self.any_fail if severity == "fail" else self.any_warn) if check is None else counts[check]
-        return total / self.cases
+        """Share of the cases `check` was applied to (of all cases when None) with such a finding."""
+        total = self.cases if check is None else self.checked[check]
+        return self.count(severity, check) / total if total else 0.0
+
+    def rows(self) -> list[list[Any]]:
+        """One row per check, then one for any check: cases, fails (count, %), warns (count, %)."""
+        rows = []
+        for check in [*sorted(self.checked), None]:
+            cases = self.cases if check is None else self.checked[check]
+            cells: list[Any] = [check or "any check", cases]
+            for severity in ("fail", "warn"):
+                cells += [self.count(severity, check), f"{100 * self.rate(severity, check):.1f}"]
+            rows.append(cells)
+        return rows
+
+
+TABLE_HEADERS = ("check", "cases", "fail", "fail %", "warn", "warn %")
 
 
 # --- healthy training curves ---------------------------------------------------------------------------
@@ -185,24 +219,20 @@ def _optimizer(recipe: TrainingRecipe, parameters: Iterable[nn.Parameter]) -> to
     return torch.optim.SGD(parameters, lr=recipe.learning_rate, momentum=0.9 if recipe.optimizer == "momentum" else 0)
 
 
-def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
-    """Train the recipe's model for real; log every step's loss and, ten times a run, validation loss."""
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train, validation, outputs = synthetic_task(recipe, generator)
-    torch.manual_seed(recipe.seed)
-    model = _network(recipe, outputs)
+def _train_steps(
+    model: nn.Module, train: TensorDataset, recipe: TrainingRecipe, generator: torch.Generator
+) -> Iterator[float]:
+    """Train for the recipe's steps on reshuffled minibatches, yielding each step's minibatch loss once the
+    update is applied (so a caller can measure validation loss between steps)."""
     optimizer = _optimizer(recipe, model.parameters())
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
         F.mse_loss if recipe.task == "regression" else F.cross_entropy
     )
     x, y = train.tensors
-    batch_size = recipe.batch_size or len(x)
-    every = max(1, recipe.steps // 10)
-    order = torch.randperm(len(x), generator=generator)
-    cursor = 0
-    losses: list[float] = []
-    validation_losses: list[float | None] = []
-    for step in range(recipe.steps):
+    batch_size = min(recipe.batch_size or len(x), len(x))
+    order, cursor = torch.randperm(len(x), generator=generator), 0
+    model.train()
+    for _step in range(recipe.steps):
         if cursor + batch_size > len(x):
             order, cursor = torch.randperm(len(x), generator=generator), 0
         rows = order[cursor : cursor + batch_size]
@@ -211,7 +241,22 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.item()))
+        yield float(loss.item())
+    model.eval()
+
+
+def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
+    """Train the recipe's model for real; log every step's loss and, ten times a run, validation loss."""
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train, validation, outputs = synthetic_task(recipe, generator)
+    torch.manual_seed(recipe.seed)
+    model = _network(recipe, outputs)
+    loss_fn = F.mse_loss if recipe.task == "regression" else F.cross_entropy
+    every = max(1, recipe.steps // 10)
+    losses: list[float] = []
+    validation_losses: list[float | None] = []
+    for step, loss in enumerate(_train_steps(model, train, recipe, generator)):
+        losses.append(loss)
         if (step + 1) % every == 0 or step + 1 == recipe.steps:
             with torch.no_grad():
                 validation_losses.append(float(loss_fn(model(validation.tensors[0]), validation.tensors[1]).item()))
@@ -221,7 +266,7 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
 
 
 def healthy_loss_curves(count: int = 120, seed: int = 0) -> list[HealthyCurve]:
-    """`count` loss curves of real, healthy training runs (about 0.05 s each on one CPU core)."""
+    """`count` loss curves of real, healthy training runs (about 0.03 s each on one CPU core)."""
     rng = random.Random(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threading costs more than it saves
@@ -236,5 +281,198 @@ def training_alarms(curves: Sequence[HealthyCurve], thresholds: Thresholds | Non
     thresholds = thresholds or Thresholds()
     rates = AlarmRates()
     for curve in curves:
-        rates.add(check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings)
+        checked = list(TRAINING_CHECKS)
+        if not any(value is not None for value in curve.validation_loss):
+            checked.remove("train.validation_gap")
+        rates.add(check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings, checked)
     return rates
+
+
+# --- healthy score matrices ----------------------------------------------------------------------------
+
+
+class MarginClassificationTask(Task):
+    """Summed cross-entropy, labels sampled from the softmax for the true Fisher, margin measured."""
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(inputs)
+        if sample:
+            with torch.no_grad():
+                labels = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).flatten()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(inputs)
+        correct = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+        others = logits.masked_fill(F.one_hot(labels, logits.shape[-1]).bool(), float("-inf"))
+        return -(correct - others.logsumexp(dim=-1)).sum()
+
+
+@dataclass(frozen=True)
+class ScoreRecipe:
+    """One healthy influence pipeline: a trained MLP, in-distribution queries, a damping choice."""
+
+    task: str
+    hidden: tuple[int, ...]
+    activation: str
+    features: int
+    classes: int
+    examples: int
+    queries: int
+    noise: float
+    damping: float | None
+    strategy: str
+    per_module: bool
+    epochs: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        damping = "heuristic" if self.damping is None else f"{self.damping:g}"
+        layers = "x".join(map(str, self.hidden))
+        return (
+            f"{self.task} {layers} {self.activation} n={self.examples} q={self.queries} {self.strategy} "
+            f"damping={damping}{' per-module' if self.per_module else ''} seed={self.seed}"
+        )
+
+
+def draw_score_recipe(index: int, rng: random.Random) -> ScoreRecipe:
+    """One healthy pipeline; task, damping (kronfluence's default 1e-8 or its heuristic) and per-module
+    scores cycle, the rest is drawn."""
+    task = TASKS[index % len(TASKS)]
+    return ScoreRecipe(
+        task=task,
+        hidden=tuple(rng.choice((8, 16, 32, 64)) for _ in range(rng.choice((1, 2)))),
+        activation=rng.choice(("tanh", "relu")),
+        features=rng.choice((4, 8, 16)),
+        classes=rng.choice((2, 3, 5)),
+        examples=rng.choice((128, 256, 512)),
+        queries=rng.choice((8, 16, 32)),
+        noise=_log_uniform(rng, 0.02, 0.3) if task == "regression" else rng.uniform(0.0, 0.1),
+        damping=(1e-8, None)[(index // len(TASKS)) % 2],
+        strategy=rng.choice(("ekfac", "ekfac", "kfac")),
+        per_module=(index // (2 * len(TASKS))) % 2 == 1,
+        epochs=rng.choice((10, 20, 40)),
+        seed=rng.randrange(2**31),
+    )
+
+
+def score_pipeline(recipe: ScoreRecipe) -> Pipeline:
+    """The recipe as a Pipeline: data from a random teacher, Adam on minibatches of 32."""
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    from influence_doctor.demos.uci_mlp import RegressionTask
+
+    training_recipe = TrainingRecipe(
+        task=recipe.task,
+        optimizer="adam",
+        learning_rate=3e-3,
+        batch_size=32,
+        steps=recipe.epochs * recipe.examples // 32,
+        examples=recipe.examples,
+        features=recipe.features,
+        hidden=recipe.hidden,
+        activation=recipe.activation,
+        noise=recipe.noise,
+        classes=recipe.classes,
+        seed=recipe.seed,
+    )
+    train, held_out, outputs = synthetic_task(training_recipe, torch.Generator().manual_seed(recipe.seed))
+    queries = TensorDataset(*(tensor[: recipe.queries] for tensor in held_out.tensors))
+
+    def build() -> nn.Module:
+        torch.manual_seed(recipe.seed)
+        return _network(training_recipe, outputs)
+
+    def fit(model: nn.Module, dataset: TensorDataset, monitor: TrainingMonitor) -> None:
+        for loss in _train_steps(model, dataset, training_recipe, torch.Generator().manual_seed(recipe.seed)):
+            monitor.log(loss)
+
+    return Pipeline(
+        name=f"healthy-{recipe.task}-{recipe.seed}",
+        model=build,
+        task=RegressionTask() if recipe.task == "regression" else MarginClassificationTask(),
+        train_dataset=train,
+        query_dataset=queries,
+        train=fit,
+        factor_args=FactorArguments(strategy=recipe.strategy),
+        score_args=ScoreArguments(damping_factor=recipe.damping, compute_per_module_scores=recipe.per_module),
+        batch_size=64,
+        query_batch_size=recipe.queries,
+    )
+
+
+def run_score_recipe(recipe: ScoreRecipe) -> HealthyScores:
+    """Run the recipe's pipeline under the doctor (no fixes, no probes) and keep the stored scores."""
+    from influence_doctor.doctor import diagnose
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        report = diagnose(
+            score_pipeline(recipe),
+            fix=False,
+            out_dir=out_dir,
+            examples=None,
+            queries=None,
+            progress=False,
+            probe_examples=0,
+            device="cpu",
+        )
+    artifacts = report.run.artifacts
+    return HealthyScores(
+        recipe.name,
+        pairwise=dict(artifacts.get("pairwise_scores") or {}),
+        self_scores=dict(artifacts.get("self_scores") or {}),
+    )
+
+
+def healthy_score_cases(count: int = 40, seed: int = 0) -> list[HealthyScores]:
+    """Scores of `count` healthy pipelines really run through kronfluence (1-2 s each on CPU, most of it
+    the doctor writing its report)."""
+    rng = random.Random(seed)
+    return [run_score_recipe(draw_score_recipe(index, rng)) for index in range(count)]
+
+
+def score_findings(case: HealthyScores, thresholds: Thresholds) -> tuple[list[Finding], set[str]]:
+    """The score checks exactly as the pairwise and self stages apply them: findings, and which checks ran."""
+    findings: list[Finding] = []
+    checked: set[str] = set()
+    for stage, subject, per_module in (
+        ("pairwise_scores", "pairwise", case.pairwise),
+        ("self_scores", "self", case.self_scores),
+    ):
+        if not per_module:
+            continue
+        total = total_scores(per_module)
+        findings += check_scores(stage, subject, total, thresholds).findings
+        checked |= {"scores.finite", "scores.outliers"} | ({"scores.self_nonnegative"} if subject == "self" else set())
+        if subject == "pairwise" and total.ndim == 2 and total.shape[0] >= 3:
+            findings += check_query_scale(stage, total, thresholds).findings
+            checked.add("scores.query_scale")
+        if "all_modules" not in per_module and len(per_module) > 1:
+            findings += check_module_dominance(stage, per_module, thresholds).findings
+            checked.add("scores.module_dominance")
+    return findings, checked
+
+
+def score_alarms(cases: Sequence[HealthyScores], thresholds: Thresholds | None = None) -> AlarmRates:
+    """False alarms of the score checks over healthy pipelines."""
+    thresholds = thresholds or Thresholds()
+    rates = AlarmRates()
+    for case in cases:
+        rates.add(*score_findings(case, thresholds))
+    return rates
+
+
+def print_false_alarm_rates(curve_count: int = 600, score_count: int = 100, seed: int = 0) -> None:
+    """Print the false-alarm tables of the training and score heuristics on freshly generated healthy cases."""
+    from tabulate import tabulate
+
+    for title, rates in (
+        (f"{curve_count} healthy training curves", training_alarms(healthy_loss_curves(curve_count, seed))),
+        (f"{score_count} healthy score cases", score_alarms(healthy_score_cases(score_count, seed))),
+    ):
+        print(f"False alarms on {title} (every finding is false):")
+        print(tabulate(rates.rows(), headers=TABLE_HEADERS, tablefmt="simple"))
+        print()

@@ -1,20 +1,27 @@
-"""Training-curve and parameter checks on constructed loss curves."""
+"""Training-curve and parameter checks on constructed and really trained loss curves."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import (
+    autocorrelation,
     check_loss_curve,
     check_parameters,
     detrend,
     lowest_autocorrelation,
+    periodicity,
     smooth,
+    step_noise,
+    window_means,
 )
 from tests.checks.helpers import assert_valid, checks_of, only
 
@@ -27,6 +34,34 @@ def _decaying(n: int = 200) -> list[float]:
 
 def _oscillating(n: int, period: int = 4, amplitude: float = 0.8) -> list[float]:
     return [1.0 + amplitude * math.sin(2 * math.pi * t / period) for t in range(n)]
+
+
+def _climb() -> list[float]:
+    """Down from 1.0 to 0.1 in 100 steps, then back up to 0.6."""
+    return [1.0 - 0.009 * t for t in range(100)] + [0.1 + 0.005 * t for t in range(1, 101)]
+
+
+def _converging_full_batch_adam() -> list[float]:
+    """Real full-batch Adam on a two-layer tanh MLP: 0.75 → 0.075 in 40 steps, with bumps of up to ~10%
+    per step (0.167 → 0.204 over four steps) in the second half."""
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(256, 8, generator=generator)
+    w = torch.randn(8, generator=generator) / math.sqrt(8)
+    y = (1.2 * torch.sin(2 * x @ w) + 0.25 * torch.randn(256, generator=generator)).unsqueeze(1)
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    losses = []
+    for _ in range(40):
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+# --- helpers ------------------------------------------------------------------------------------------
 
 
 def test_smooth_is_an_exact_ema():
@@ -50,14 +85,59 @@ def test_lowest_autocorrelation_exact():
     assert lowest_autocorrelation([5.0, 5.0, 5.0], max_lag=2) == (0.0, 0)
 
 
+def test_autocorrelation_is_normalised_per_pair():
+    alternating = [1.0, -1.0, 1.0, -1.0]
+    assert autocorrelation(alternating, 1) == pytest.approx(-1.0)  # mean of three products −1 over mean square 1
+    assert autocorrelation(alternating, 2) == pytest.approx(1.0)
+    assert autocorrelation([1.0, 0.0, -1.0], 1) == pytest.approx(0.0)  # (0 + 0)/2 over 2/3
+    assert autocorrelation([1.0, 2.0, -3.0], 1) == pytest.approx(((2.0 - 6.0) / 2) / (14.0 / 3))
+    assert autocorrelation(alternating, 0) == 0.0
+    assert autocorrelation(alternating, 4) == 0.0
+    assert autocorrelation([0.0, 0.0, 0.0], 1) == 0.0
+
+
+def test_periodicity_finds_the_half_period_of_a_regular_swing():
+    strength, half_period = periodicity(_oscillating(40, period=8), min_cycles=2.5)
+    assert half_period == 4
+    assert strength > 0.95
+    assert periodicity([1.0, 9.0] * 10, min_cycles=2.5) == (pytest.approx(1.0, abs=0.01), 1)
+    assert periodicity([float(t) for t in range(30)], min_cycles=2.5) == (0.0, 0)  # a line is all trend
+    assert periodicity(_oscillating(16, period=8), min_cycles=2.5) == (0.0, 0)  # two periods: too few to judge
+
+
+def test_periodicity_of_white_noise_is_weak():
+    rng = random.Random(0)
+    strengths = [periodicity([rng.gauss(0, 1) for _ in range(50)], min_cycles=2.5)[0] for _ in range(50)]
+    assert max(strengths) < 0.6
+
+
+def test_step_noise_and_window_means_exact():
+    assert step_noise([0.0, 2.0, 0.0]) == pytest.approx(math.sqrt((4 + 4) / (2 * 2)))
+    assert step_noise([float(t) for t in range(10)]) == pytest.approx(math.sqrt(0.5))  # a unit trend per step
+    assert step_noise([3.0]) == 0.0
+    assert window_means([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.5, 3.5, 4.5]  # the last window ends at the end
+    assert window_means([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 3.5]
+    assert window_means([1.0, 2.0], 2) == [1.5]
+
+
+# --- the loss curve -----------------------------------------------------------------------------------
+
+
 def test_smooth_decreasing_curve_has_no_findings():
     loss = _decaying()
     outcome = check_loss_curve(loss, [], T)
     assert outcome.findings == []
     assert outcome.metrics["steps"] == 200
+    assert outcome.metrics["window_steps"] == 20
     assert outcome.metrics["initial_loss"] == pytest.approx(sum(loss[:20]) / 20)
     assert outcome.metrics["final_loss"] == pytest.approx(sum(loss[-20:]) / 20)
-    assert outcome.metrics["lowest_autocorrelation"] > T.oscillation_autocorrelation
+    assert outcome.metrics["oscillation_periodicity"] < T.oscillation_periodicity
+
+
+def test_short_runs_average_at_least_the_minimum_window():
+    outcome = check_loss_curve(_decaying(30), [], T)
+    assert outcome.metrics["window_steps"] == 5  # 10% of 30 steps is 3, fewer than the 5-step minimum
+    assert outcome.metrics["initial_loss"] == pytest.approx(sum(_decaying(5)) / 5)
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, -math.inf])
@@ -74,16 +154,24 @@ def test_nonfinite_loss_means_training_diverged(bad):
     assert len(outcome.findings) == 1
 
 
-def test_decrease_then_climb_to_five_times_the_minimum_diverges():
-    loss = [1.0 - 0.009 * t for t in range(100)] + [0.1 + 0.005 * t for t in range(1, 101)]
+def test_decrease_then_climb_far_above_the_lowest_level_diverges():
+    loss = _climb()
     outcome = check_loss_curve(loss, [], T)
     finding = only(outcome, "train.divergence")
     assert finding.severity == "fail"
     assert finding.cause == "training-diverged"
-    smoothed = smooth(loss, span=20)
-    assert finding.value == pytest.approx(smoothed[-1] / min(smoothed))
-    assert finding.value > 3.0
-    assert outcome.metrics["lowest_smoothed_loss"] == min(smoothed)
+    logs = [math.log(v) for v in loss]
+    levels = window_means(logs, 20)
+    assert finding.value == pytest.approx(math.exp(levels[-1] - min(levels)))  # geometric window means
+    assert finding.value > T.divergence_ratio
+    assert outcome.metrics["lowest_loss"] == pytest.approx(math.exp(min(levels)))
+    assert outcome.metrics["divergence_significance"] > T.divergence_significance
+
+
+def test_a_noisy_climb_still_diverges():
+    rng = random.Random(1)
+    loss = [value * (1 + 0.3 * rng.gauss(0, 1)) for value in _climb()]
+    assert only(check_loss_curve(loss, [], T), "train.divergence").severity == "fail"
 
 
 def test_a_mild_rebound_is_not_divergence():
@@ -91,10 +179,36 @@ def test_a_mild_rebound_is_not_divergence():
     assert "train.divergence" not in checks_of(check_loss_curve(loss, [], T))
 
 
-def test_loss_that_never_decreased_warns():
+@pytest.mark.parametrize("seed", range(20))
+def test_single_example_noise_is_not_divergence(seed):
+    """Per-example squared errors (χ² with one degree of freedom) around a converged level: window means
+    scatter by several times, which a plain ratio would call divergence."""
+    rng = random.Random(seed)
+    loss = [(0.05 + math.exp(-t / 5)) * rng.gauss(0, 1) ** 2 for t in range(rng.choice((20, 40, 80)))]
+    outcome = check_loss_curve(loss, [], T)
+    assert "train.divergence" not in checks_of(outcome)
+    assert not any(finding.severity == "fail" for finding in outcome.findings)
+
+
+def test_a_loss_that_rose_warns():
     finding = only(check_loss_curve([1.0 + 0.001 * t for t in range(50)], [], T), "train.loss_decreased")
     assert finding.severity == "warn"
     assert finding.value > finding.limit
+
+
+def test_a_flat_noiseless_loss_did_not_decrease():
+    outcome = check_loss_curve([0.7] * 40, [], T)
+    assert only(outcome, "train.loss_decreased").severity == "warn"
+    assert outcome.metrics["step_noise"] == 0.0
+
+
+def test_a_slight_rise_within_the_noise_is_not_judged():
+    rng = random.Random(6)
+    loss = [1.0 + 0.001 * t + 0.2 * rng.gauss(0, 1) for t in range(60)]
+    outcome = check_loss_curve(loss, [], T)
+    assert outcome.metrics["final_loss"] > outcome.metrics["initial_loss"]  # higher at the end, but only by noise
+    assert outcome.metrics["loss_rise_significance"] < T.loss_rise_significance
+    assert "train.loss_decreased" not in checks_of(outcome)
 
 
 @pytest.mark.parametrize("steps", [20, 40, 60])
@@ -103,12 +217,39 @@ def test_large_oscillation_is_flagged_on_short_runs(steps):
     finding = only(outcome, "train.oscillation")
     assert finding.severity == "fail"
     assert finding.cause == "training-oscillating"
-    assert finding.value < T.oscillation_autocorrelation
+    assert finding.value > T.oscillation_periodicity
+    assert outcome.metrics["oscillation_period"] == 4
     assert outcome.metrics["oscillation_amplitude"] > T.oscillation_min_amplitude
+    assert outcome.metrics["second_half_progress"] < T.oscillation_max_progress
 
 
 def test_large_oscillation_is_flagged_on_long_runs():
     assert only(check_loss_curve(_oscillating(200), [], T), "train.oscillation").cause == "training-oscillating"
+
+
+def test_a_loss_alternating_between_two_levels_oscillates():
+    """What a per-step cyclic learning rate does: L, L/16, L, L/16, ... with no net progress."""
+    finding = only(check_loss_curve([16.4, 1.03] * 30, [], T), "train.oscillation")
+    assert finding.severity == "fail"
+    assert "every ~2 steps" in finding.message
+
+
+def test_a_regular_swing_on_a_converging_loss_is_only_a_warning():
+    loss = [(0.1 + math.exp(-t / 30)) * (1 + 0.5 * (-1) ** t) for t in range(100)]
+    outcome = check_loss_curve(loss, [], T)
+    finding = only(outcome, "train.oscillation")
+    assert finding.severity == "warn"
+    assert outcome.metrics["second_half_progress"] > T.oscillation_max_progress
+
+
+def test_converging_full_batch_adam_with_late_bumps_is_healthy():
+    loss = _converging_full_batch_adam()
+    assert loss[0] == pytest.approx(0.75, abs=0.01)
+    assert loss[-1] < 0.1
+    assert max(b / a for a, b in itertools.pairwise(loss[20:])) > 1.05  # real bumps in the second half
+    outcome = check_loss_curve(loss, [], T)
+    assert outcome.findings == []
+    assert outcome.metrics["oscillation_periodicity"] < T.oscillation_periodicity
 
 
 def test_small_noise_at_convergence_is_not_oscillation():
@@ -128,15 +269,33 @@ def test_noisy_but_converging_training_is_not_oscillation(seed):
     assert "train.oscillation" not in checks_of(check_loss_curve(loss, [], T))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_short_noisy_flat_curves_are_not_oscillation(seed):
+    rng = random.Random(seed)
+    loss = [1.0 + 0.5 * rng.gauss(0, 1) for _ in range(rng.choice((16, 20, 24)))]
+    assert "train.oscillation" not in checks_of(check_loss_curve(loss, [], T))
+
+
 def test_validation_gap_warns():
     loss = _decaying()
-    end = sum(loss[-20:]) / 20
-    finding = only(check_loss_curve(loss, [None, 0.5, None, 0.35, None], T), "train.validation_gap")
+    outcome = check_loss_curve(loss, [None, 3.0, None, 2.5, None], T)
+    finding = only(outcome, "train.validation_gap")
     assert finding.severity == "warn"
     assert finding.subject == "validation_loss"
-    assert finding.value == pytest.approx(0.35 / end - 1.0)
-    assert check_loss_curve(loss, [0.15], T).metrics["generalization_gap"] == pytest.approx(0.15 / end - 1.0)
-    assert check_loss_curve(loss, [0.15], T).findings == []
+    start, end = outcome.metrics["initial_loss"], outcome.metrics["final_loss"]
+    error = outcome.metrics["step_noise"] / math.sqrt(outcome.metrics["window_steps"])
+    assert finding.value == pytest.approx((2.5 - end - 2 * error) / start)
+    assert finding.value > T.max_generalization_gap
+    healthy = check_loss_curve(loss, [0.15], T)
+    assert healthy.metrics["generalization_gap"] == pytest.approx((0.15 - end - 2 * error) / start)
+    assert healthy.findings == []
+
+
+def test_validation_gap_stays_sane_when_the_training_loss_nears_zero():
+    loss = [2.0 * math.exp(-t / 10) for t in range(100)]  # ends near 1e-4
+    outcome = check_loss_curve(loss, [0.5], T)
+    assert outcome.metrics["generalization_gap"] < 1.0  # a ratio to the final loss would be in the thousands
+    assert "train.validation_gap" not in checks_of(outcome)
 
 
 def test_validation_of_only_none_or_nonfinite_is_ignored():
@@ -146,6 +305,14 @@ def test_validation_of_only_none_or_nonfinite_is_ignored():
 
 def test_empty_loss_curve():
     assert check_loss_curve([], [], T).metrics == {"steps": 0}
+
+
+def test_tiny_and_odd_curves_do_not_raise():
+    for loss in ([1.0], [0.0, 0.0], [-1.0, 2.0, -3.0] * 5, [1e308, 1e308, -1e308] * 6, [5e-324] * 20):
+        assert_valid(check_loss_curve(loss, [1.0], T).findings)
+
+
+# --- parameters ---------------------------------------------------------------------------------------
 
 
 def test_nonfinite_parameter_is_a_nonfinite_model():

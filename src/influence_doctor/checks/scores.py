@@ -48,7 +48,11 @@ def check_scores_finite(
 def check_scores(
     stage: str, subject: str, scores: torch.Tensor, thresholds: Thresholds, *, overflow_prone: bool = False
 ) -> CheckOutcome:
-    """Finite share, robust outliers (median/MAD) and, for self-influence, non-negativity."""
+    """Finite share, robust outliers (median/MAD) and, for self-influence, non-negativity.
+
+    Non-finite and negative self-influence are measured wrong results (`fail`); outliers are a
+    heuristic (`warn`): influence is heavy-tailed by nature, so its limit is calibrated on healthy
+    pipelines (`influence_doctor.calibration`)."""
     outcome = CheckOutcome(metrics={"finite_fraction": finite_fraction(scores)})
     outcome.findings += check_scores_finite(
         stage,
@@ -64,11 +68,12 @@ def check_scores(
                 check="scores.outliers",
                 stage=stage,
                 subject=subject,
-                severity="fail",
+                severity="warn",
                 value=z,
                 limit=thresholds.outlier_mad,
                 cause="score-outliers",
-                message=f"A {subject} score lies {fmt(z)} robust SDs from the median: it dwarfs every other score.",
+                message=f"A {subject} score lies {fmt(z)} robust SDs from the median, beyond what healthy "
+                "pipelines produce: a few examples may dominate the rankings.",
             )
         )
     if subject == "self":
@@ -97,8 +102,9 @@ def check_scores(
 
 
 def check_query_scale(stage: str, scores: torch.Tensor, thresholds: Thresholds) -> CheckOutcome:
-    """One query whose scores dwarf every other query's: its gradient lives in near-flat directions
-    of the curvature, which only damping bounds (out-of-distribution queries do this)."""
+    """One query whose scores dwarf the median query's: its gradient may live in near-flat directions
+    of the curvature, which only damping bounds (out-of-distribution queries do this). A heuristic
+    (`warn`): in-distribution queries vary in scale too, so the limit is calibrated on healthy pipelines."""
     outcome = CheckOutcome()
     if scores.ndim != 2 or scores.shape[0] < 3 or scores.shape[1] == 0:
         return outcome
@@ -115,12 +121,12 @@ def check_query_scale(stage: str, scores: torch.Tensor, thresholds: Thresholds) 
                 check="scores.query_scale",
                 stage=stage,
                 subject=f"query {query}",
-                severity="fail",
+                severity="warn",
                 value=ratio,
                 limit=thresholds.query_scale_ratio,
                 cause="score-outliers",
-                message=f"Query {query}'s scores are typically {fmt(ratio)}× those of the other queries: "
-                "it falls where the curvature is nearly flat.",
+                message=f"Query {query}'s scores are typically {fmt(ratio)}× those of the median query: "
+                "it may fall where the curvature is nearly flat (out of distribution).",
             )
         )
     return outcome

@@ -102,21 +102,17 @@ class Thresholds:
     )
     # scores
     outlier_mad: float = field(
-        default=1e4,
+        default=1e5,
         metadata={
-            "help": "Scores further than this many robust SDs (1.4826·MAD) from the median are absurd; "
-            "heavy-tailed but healthy influence stays within a few hundred."
+            "help": "Warn when a score lies this many robust SDs (1.4826·MAD) from the median; influence is "
+            "heavy-tailed (healthy self-influence reaches 1e8): 1.8% of 400 healthy pipelines reach 1e5."
         },
     )
-    outlier_warn_fraction: float = field(
-        default=0.0,
-        metadata={"help": "Share of absurd scores tolerated; none by default, one absurd score skews rankings."},
-    )
     query_scale_ratio: float = field(
-        default=50.0,
+        default=30.0,
         metadata={
-            "help": "Fail when one query's typical |score| is this many times the typical query's: "
-            "healthy query sets stay within ~5x; 50x means it sits where the curvature is nearly flat."
+            "help": "Warn when one query's median |score| is this many times the median query's: 0.25% of 400 "
+            "healthy pipelines reach it (99th percentile 20, maximum 36)."
         },
     )
     negative_self_influence_eps: float = field(
@@ -124,8 +120,11 @@ class Thresholds:
         metadata={"help": "A self-influence below −this·eps·max|self| is negative for real: H was not PSD."},
     )
     module_dominance_share: float = field(
-        default=0.9,
-        metadata={"help": "Warn when one module carries more than this share of total |score| mass."},
+        default=0.97,
+        metadata={
+            "help": "Warn when one module carries more than this share of total |score| mass; the last layer of "
+            "a healthy MLP often carries 90%: 2.5% of 200 healthy per-module pipelines exceed 0.97."
+        },
     )
     damping_sensitivity_min_spearman: float = field(
         default=0.9,
@@ -156,32 +155,63 @@ class Thresholds:
             "by rounding, not a wrong result."
         },
     )
-    # training
+    # training: heuristics on the loss curve, calibrated on 1200 generated healthy runs (benchmarks/calibration.py)
     loss_window_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of steps averaged at the start and at the end of training to compare loss."},
+        metadata={"help": "Share of steps averaged into each window (start, end, lowest level) when comparing losses."},
+    )
+    loss_window_min_steps: float = field(
+        default=5.0,
+        metadata={"help": "Fewest steps in a window: fewer minibatch losses average too little of their noise away."},
+    )
+    loss_rise_significance: float = field(
+        default=2.0,
+        metadata={
+            "help": "Warn that the loss did not decrease when its last window is this many standard errors (of the "
+            "step-to-step noise) above its first, or equal on a noiseless curve; 0.25% of healthy runs reach 2."
+        },
     )
     divergence_ratio: float = field(
         default=3.0,
-        metadata={"help": "Training diverged when the final loss exceeds this multiple of the lowest smoothed loss."},
-    )
-    oscillation_autocorrelation: float = field(
-        default=-0.45,
         metadata={
-            "help": "A detrended loss whose autocorrelation at some lag falls below this swings back "
-            "and forth; white batch noise stays above about -0.4 at every lag."
+            "help": "Fail as diverged when the last window's (geometric) mean loss is this multiple of the lowest "
+            "window's (healthy runs with small batches reach 30×, hence the significance test below)."
+        },
+    )
+    divergence_significance: float = field(
+        default=5.0,
+        metadata={
+            "help": "A climb above the lowest window counts as divergence only beyond this many standard errors "
+            "of the step-to-step noise (log scale); healthy runs stay below 4, below 3 where the ratio exceeds 3."
+        },
+    )
+    oscillation_periodicity: float = field(
+        default=0.8,
+        metadata={
+            "help": "A second half whose detrended loss swings this regularly (min(−r(k), r(2k)), about the "
+            "share of its variance in the swing) oscillates; healthy runs stay below 0.62."
         },
     )
     oscillation_min_amplitude: float = field(
         default=0.25,
         metadata={
             "help": "Peak-to-peak swing (2√2·std of the detrended second half) relative to the loss "
-            "level that makes a swinging loss an oscillation rather than noise at convergence."
+            "level that makes a regular swing an oscillation rather than ripple at convergence."
+        },
+    )
+    oscillation_max_progress: float = field(
+        default=0.25,
+        metadata={
+            "help": "A regular swing is a fail (no convergence) when the second half's mean loss is less than "
+            "this share below the first half's; a loss that descends more only gets a warn."
         },
     )
     max_generalization_gap: float = field(
         default=1.0,
-        metadata={"help": "Warn when final validation loss exceeds training loss by more than this ratio."},
+        metadata={
+            "help": "Warn when final validation loss exceeds the training loss (upper 2-SE bound) by more than "
+            "this multiple of the initial training loss; 0.4% of healthy runs do (they overfit)."
+        },
     )
 
     @classmethod

@@ -1,7 +1,15 @@
-"""Checks on the trained model and its training curve: influence of a broken model is meaningless."""
+"""Checks on the trained model and its training curve: influence of a broken model is meaningless.
+
+Minibatch losses are noisy (a single example's loss can swing tenfold from step to step), so every
+judgement on the curve is held against the curve's own step-to-step noise, and only a measured
+wrong result (a non-finite loss, a significant climb far above the lowest level, a regular swing that
+makes no progress) is a `fail`. The limits are calibrated on generated healthy runs
+(`influence_doctor.calibration`).
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -10,9 +18,13 @@ import torch
 from influence_doctor.checks.measures import nonfinite_count
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.findings import Finding
+from influence_doctor.findings import Finding, Severity
 
 STAGE = "train"
+MIN_OSCILLATION_STEPS = 8
+"""Fewest second-half steps in which a swing can be told from noise at all."""
+MIN_CYCLES = 2.5
+"""Periods a swing must show in the second half before its regularity can be judged."""
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:
@@ -36,11 +48,10 @@ def detrend(values: Sequence[float]) -> list[float]:
 
 
 def lowest_autocorrelation(values: Sequence[float], max_lag: int) -> tuple[float, int]:
-    """The most negative autocorrelation over lags 1..max_lag, and its lag.
+    """The most negative (biased, per-point) autocorrelation over lags 1..max_lag, and its lag.
 
-    A loss that swings back and forth is anti-correlated with itself half a period later; batch noise
-    around a trend is not (its autocorrelations stay near zero).
-    """
+    A cruder view of a swing than `periodicity`: white noise reaches -0.4 on short series, so the
+    checks judge by `periodicity`."""
     n = len(values)
     mean = sum(values) / n if n else 0.0
     centred = [v - mean for v in values]
@@ -55,6 +66,77 @@ def lowest_autocorrelation(values: Sequence[float], max_lag: int) -> tuple[float
     return best, best_lag
 
 
+def autocorrelation(residuals: Sequence[float], lag: int) -> float:
+    """Mean lagged product over mean square of zero-mean residuals, in [-1, 1].
+
+    Normalised per pair (not per point), so that a perfectly periodic series scores ±1 at any length.
+    """
+    n = len(residuals)
+    if not 0 < lag < n:
+        return 0.0
+    energy = sum(r * r for r in residuals) / n
+    if energy == 0.0 or not math.isfinite(energy):
+        return 0.0
+    product = sum(residuals[i] * residuals[i + lag] for i in range(n - lag)) / (n - lag)
+    return max(-1.0, min(1.0, product / energy))
+
+
+def periodicity(values: Sequence[float], min_cycles: float) -> tuple[float, int]:
+    """How regularly a detrended curve swings back and forth, and its half-period in steps.
+
+    A swing with half-period k is anti-correlated with itself k steps later and correlated 2k steps
+    later; the strength is the weaker of the two, min(−r(k), r(2k)), maximised over k with at least
+    `min_cycles` whole periods in view. For a sinusoid plus white noise it is about the share of the
+    variance the sinusoid carries; batch noise, whose autocorrelations scatter around zero, rarely
+    reaches both signs at once.
+    """
+    residuals = detrend(values)
+    best, best_lag = 0.0, 0
+    for lag in range(1, int(len(residuals) / (2.0 * min_cycles)) + 1):
+        strength = min(-autocorrelation(residuals, lag), autocorrelation(residuals, 2 * lag))
+        if strength > best:
+            best, best_lag = strength, lag
+    return best, best_lag
+
+
+def step_noise(values: Sequence[float]) -> float:
+    """Standard deviation of the per-step noise, from successive differences (√(mean Δ²/2)).
+
+    Differences cancel a smooth trend, so this measures the scatter of single steps, not the descent.
+    """
+    if len(values) < 2:
+        return 0.0
+    return math.sqrt(sum((b - a) * (b - a) for a, b in itertools.pairwise(values)) / (2.0 * (len(values) - 1)))
+
+
+def window_means(values: Sequence[float], width: int) -> list[float]:
+    """Means of consecutive windows of `width` steps, the last one ending at the final step."""
+    starts = list(range(0, len(values) - width + 1, width))
+    if starts and starts[-1] != len(values) - width:
+        starts.append(len(values) - width)
+    return [sum(values[start : start + width]) / width for start in starts]
+
+
+def _finding(check: str, severity: Severity, value: float, limit: float, cause: str | None, message: str) -> Finding:
+    return Finding(
+        check=check,
+        stage=STAGE,
+        subject="loss",
+        severity=severity,
+        value=value,
+        limit=limit,
+        cause=cause,
+        message=message,
+    )
+
+
+def _significance(difference: float, standard_error: float) -> float:
+    """difference / standard_error, where a noiseless curve makes any difference infinitely significant."""
+    if standard_error > 0.0:
+        return difference / standard_error
+    return math.inf if difference > 0 else (-math.inf if difference < 0 else 0.0)
+
+
 def check_loss_curve(
     loss: Sequence[float], validation_loss: Sequence[float | None], thresholds: Thresholds
 ) -> CheckOutcome:
@@ -66,92 +148,144 @@ def check_loss_curve(
     if len(finite) < len(loss):
         first = next(index for index, value in enumerate(loss) if not math.isfinite(value))
         outcome.findings.append(
-            Finding(
-                check="train.loss_finite",
-                stage=STAGE,
-                subject="loss",
-                severity="fail",
-                value=float(len(loss) - len(finite)),
-                limit=0.0,
-                cause="training-diverged",
-                message=f"The training loss became {loss[first]} at step {first}: training blew up.",
+            _finding(
+                "train.loss_finite",
+                "fail",
+                float(len(loss) - len(finite)),
+                0.0,
+                "training-diverged",
+                f"The training loss became {loss[first]} at step {first}: training blew up.",
             )
         )
         return outcome
-    window = max(1, int(len(loss) * thresholds.loss_window_fraction))
-    start, end = sum(loss[:window]) / window, sum(loss[-window:]) / window
-    smoothed = smooth(loss, span=window)
-    lowest = min(smoothed)
-    outcome.metrics.update(initial_loss=start, final_loss=end, lowest_smoothed_loss=lowest)
-    if len(loss) >= 2 * window and end >= start:
-        outcome.findings.append(
-            Finding(
-                check="train.loss_decreased",
-                stage=STAGE,
-                subject="loss",
-                severity="warn",
-                value=end,
-                limit=start,
-                cause=None,
-                message=f"The loss did not decrease ({fmt(start)} at the start, {fmt(end)} at the end).",
-            )
-        )
-    if lowest > 0 and smoothed[-1] > thresholds.divergence_ratio * lowest:
-        outcome.findings.append(
-            Finding(
-                check="train.divergence",
-                stage=STAGE,
-                subject="loss",
-                severity="fail",
-                value=smoothed[-1] / lowest,
-                limit=thresholds.divergence_ratio,
-                cause="training-diverged",
-                message=f"The smoothed loss ended {smoothed[-1] / lowest:.1f}× above its lowest point: "
-                "training diverged.",
-            )
-        )
-    tail = detrend(loss[len(loss) // 2 :])
-    correlation, lag = lowest_autocorrelation(tail, max_lag=max(1, len(tail) // 4))
-    level = abs(end) if end else 0.0
-    spread = math.sqrt(sum(v * v for v in tail) / len(tail)) if tail else 0.0
-    amplitude = 2 * math.sqrt(2) * spread / level if level > 0 else 0.0
-    outcome.metrics.update(lowest_autocorrelation=correlation, oscillation_lag=lag, oscillation_amplitude=amplitude)
-    if (
-        len(tail) >= 8
-        and correlation < thresholds.oscillation_autocorrelation
-        and amplitude > thresholds.oscillation_min_amplitude
-    ):
-        outcome.findings.append(
-            Finding(
-                check="train.oscillation",
-                stage=STAGE,
-                subject="loss",
-                severity="fail",
-                value=correlation,
-                limit=thresholds.oscillation_autocorrelation,
-                cause="training-oscillating",
-                message=f"The loss swings back and forth every ~{2 * lag} steps by {amplitude:.0%} of its level "
-                "in the second half of training: it oscillates instead of converging.",
-            )
-        )
+    loss = [float(value) for value in loss]
+    width = min(
+        len(loss), max(1, int(thresholds.loss_window_min_steps), int(len(loss) * thresholds.loss_window_fraction))
+    )
+    levels = window_means(loss, width)
+    start, end = levels[0], levels[-1]
+    noise = step_noise(loss)
+    outcome.metrics.update(initial_loss=start, final_loss=end, step_noise=noise, window_steps=width)
+    if len(loss) >= 2 * width:
+        _check_decrease(outcome, start, end, noise * math.sqrt(2.0 / width), thresholds)
+    _check_divergence(outcome, loss, width, thresholds)
+    _check_oscillation(outcome, loss, thresholds)
     validation = [value for value in validation_loss if value is not None and math.isfinite(value)]
-    if validation and end > 0:
-        gap = validation[-1] / end - 1.0
-        outcome.metrics["generalization_gap"] = gap
-        if gap > thresholds.max_generalization_gap:
-            outcome.findings.append(
-                Finding(
-                    check="train.validation_gap",
-                    stage=STAGE,
-                    subject="validation_loss",
-                    severity="warn",
-                    value=gap,
-                    limit=thresholds.max_generalization_gap,
-                    cause=None,
-                    message=f"Validation loss is {gap:.0%} above training loss: the model overfits.",
-                )
-            )
+    if validation and start > 0:
+        _check_validation_gap(outcome, start, end, noise / math.sqrt(width), validation[-1], thresholds)
     return outcome
+
+
+def _check_decrease(outcome: CheckOutcome, start: float, end: float, error: float, thresholds: Thresholds) -> None:
+    """The loss did not decrease: its last window sits measurably above its first (or equal, noiselessly)."""
+    rise = _significance(end - start, error)
+    outcome.metrics["loss_rise_significance"] = rise
+    if end >= start and (error == 0.0 or rise >= thresholds.loss_rise_significance):
+        outcome.findings.append(
+            _finding(
+                "train.loss_decreased",
+                "warn",
+                end,
+                start,
+                None,
+                f"The loss did not decrease ({fmt(start)} at the start, {fmt(end)} at the end).",
+            )
+        )
+
+
+def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> None:
+    """The loss climbed far above its lowest level, by much more than its step-to-step noise.
+
+    Positive losses are compared on a log scale (geometric window means): minibatch noise is
+    multiplicative, a batch of easy examples can be ten times below a batch of hard ones.
+    """
+    logarithmic = all(value > 0.0 for value in loss)
+    series = [math.log(value) for value in loss] if logarithmic else loss
+    levels = window_means(series, width)
+    lowest, final = min(levels), levels[-1]
+    significance = _significance(final - lowest, step_noise(series) * math.sqrt(2.0 / width))
+    if logarithmic:
+        ratio = math.exp(min(final - lowest, 700.0))
+        lowest_loss = math.exp(lowest)
+    else:
+        ratio = final / lowest if lowest > 0.0 else math.nan
+        lowest_loss = lowest
+    outcome.metrics.update(lowest_loss=lowest_loss, divergence_ratio=ratio, divergence_significance=significance)
+    if ratio > thresholds.divergence_ratio and significance > thresholds.divergence_significance:
+        outcome.findings.append(
+            _finding(
+                "train.divergence",
+                "fail",
+                ratio,
+                thresholds.divergence_ratio,
+                "training-diverged",
+                f"The loss ended {ratio:.1f}× above its lowest level ({fmt(lowest_loss)}), a climb of "
+                f"{fmt(significance)} standard errors of its step-to-step noise: training diverged.",
+            )
+        )
+
+
+def _check_oscillation(outcome: CheckOutcome, loss: list[float], thresholds: Thresholds) -> None:
+    """A regular back-and-forth swing in the second half of training, comparable to the loss level.
+
+    A `fail` when the second half is no better than the first (it oscillates instead of converging);
+    a `warn` when the loss still descends underneath the swing.
+    """
+    middle = len(loss) // 2
+    first, second = loss[:middle], loss[middle:]
+    if len(second) < MIN_OSCILLATION_STEPS:
+        return
+    first_level, second_level = sum(first) / len(first), sum(second) / len(second)
+    residuals = detrend(second)
+    spread = math.sqrt(sum(r * r for r in residuals) / len(residuals))
+    amplitude = 2 * math.sqrt(2) * spread / abs(second_level) if second_level else math.inf
+    progress = (first_level - second_level) / abs(first_level) if first_level else 0.0
+    strength, half_period = periodicity(second, MIN_CYCLES)
+    outcome.metrics.update(
+        oscillation_periodicity=strength,
+        oscillation_period=2 * half_period,
+        oscillation_amplitude=amplitude,
+        second_half_progress=progress,
+    )
+    if strength < thresholds.oscillation_periodicity or not amplitude > thresholds.oscillation_min_amplitude:
+        return
+    swing = f"The loss swings by {amplitude:.0%} of its level every ~{2 * half_period} steps"
+    halves = f"(mean {fmt(first_level)} in the first half of training, {fmt(second_level)} in the second)"
+    if progress < thresholds.oscillation_max_progress:
+        severity: Severity = "fail"
+        message = f"{swing} and barely descends {halves}: it oscillates instead of converging."
+    else:
+        severity = "warn"
+        message = f"{swing} while it descends {halves}: the learning rate may be near its stability limit."
+    outcome.findings.append(
+        _finding(
+            "train.oscillation", severity, strength, thresholds.oscillation_periodicity, "training-oscillating", message
+        )
+    )
+
+
+def _check_validation_gap(
+    outcome: CheckOutcome, start: float, end: float, end_error: float, validation: float, thresholds: Thresholds
+) -> None:
+    """Validation loss far above the training loss, in units of the initial loss (stable when the
+    training loss nears zero); the training level is taken at its upper two-standard-error bound so
+    that a few lucky minibatches at the end do not read as overfitting."""
+    gap = (validation - (end + 2.0 * end_error)) / start
+    outcome.metrics["generalization_gap"] = gap
+    if gap > thresholds.max_generalization_gap:
+        outcome.findings.append(
+            Finding(
+                check="train.validation_gap",
+                stage=STAGE,
+                subject="validation_loss",
+                severity="warn",
+                value=gap,
+                limit=thresholds.max_generalization_gap,
+                cause=None,
+                message=f"Validation loss ({fmt(validation)}) ends above the training loss ({fmt(end)}) by "
+                f"{gap:.1f}× the initial loss: the model overfits.",
+            )
+        )
 
 
 def check_parameters(parameters: Mapping[str, torch.Tensor]) -> CheckOutcome:
