@@ -1,51 +1,53 @@
-"""The regression harness: every pathological fixture gets its cause and stage, and heals by the
-expected rung (or stays sick when no factor setting can fix it), through the real runner."""
+"""The regression harness: every fixture gets its cause and stage from an experiment and heals by the
+expected rung (or stays sick when no factor setting can fix it), through the real runner; every healthy
+control stays healthy with no remedy, whatever its damping."""
 
 from __future__ import annotations
 
 import pytest
 
 from fixtures import FIXTURES, load_fixture
+from fixtures.healthy_conv_default_damping import healthy_conv_default_damping
 from influence_doctor import diagnose
 
-HEALING_RUNG: dict[str, str | None] = {
-    "fp16_covariance_overflow": "dtype:bfloat16",  # cures the overflow; dtype-drift then climbs to float32
-    "fp16_score_overflow": "dtype:bfloat16",
-    "rank_deficient_inputs": "shift:1e-4",
-    "dead_relu": "damping:heuristic",
-    "tiny_damping_ood_queries": "damping:heuristic",
-    "diverging_training": None,
-    "oscillating_training": None,
-    "amp_fp16": "dtype:bfloat16",
-    "eigenvectors_fp16": "dtype:float32",
-}
+SICK = sorted(name for name in FIXTURES if load_fixture(name)[1]["cause"] is not None)
+HEALTHY = sorted(name for name in FIXTURES if load_fixture(name)[1]["cause"] is None)
 
 
-def test_every_fixture_has_an_expected_rung():
-    assert set(HEALING_RUNG) == set(FIXTURES)
+def test_the_harness_has_both_kinds_and_every_expected_rung_is_a_rung():
+    from influence_doctor.remedies.ladders import ladder_for
+
+    assert len(SICK) >= 8 and len(HEALTHY) >= 3
+    for name in SICK:
+        expected = load_fixture(name)[1]
+        if expected["rung"] is not None:
+            assert expected["rung"] in ladder_for(expected["cause"]), name
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_fixture_is_diagnosed_with_its_root_cause(name, tmp_path):
+@pytest.mark.parametrize("name", SICK)
+def test_fixture_is_diagnosed_with_its_root_cause_by_an_experiment(name, tmp_path):
     pipeline, expected = load_fixture(name)
     report = diagnose(pipeline, fix=False, out_dir=tmp_path, progress=False)
     assert report.status == "sick"
     assert report.remedies == []
     first = report.problems[0]
     assert (first.cause, first.stage) == (expected["cause"], expected["stage"]), [
-        (p.cause, p.stage) for p in report.problems
+        (p.cause, p.stage, p.message) for p in report.problems
     ]
-    # The stage entry of report.json carries the problem rooted there.
+    assert first.confirmed
+    if first.treatable:  # a broken model is measured directly; everything else by a one-setting experiment
+        assert first.experiments and first.experiments[-1].verdict == f"confirms {expected['cause']}"
+    # The stage entry of report.json carries the problem rooted there, with its experiments.
     stage = next(s for s in report.document["stages"] if s["name"] == expected["stage"])
-    assert expected["cause"] in [p["cause"] for p in stage["problems"]]
+    (entry,) = [p for p in stage["problems"] if p["cause"] == expected["cause"]]
+    assert entry["experiments"] == [e.to_dict() for e in first.experiments]
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", SICK)
 def test_fixture_heals_by_the_expected_rung(name, tmp_path):
     pipeline, expected = load_fixture(name)
     report = diagnose(pipeline, out_dir=tmp_path, progress=False)
-    rung = HEALING_RUNG[name]
-    if rung is None:
+    if expected["rung"] is None:
         # No factor setting can fix a broken model: no rung is tried, the advice is about training.
         assert report.status == "sick"
         assert report.remedies == []
@@ -55,6 +57,43 @@ def test_fixture_heals_by_the_expected_rung(name, tmp_path):
     resolving = [
         r for r in report.remedies if r["cause"] == expected["cause"] and r["outcome"] in ("resolved", "healed")
     ]
-    assert resolving and resolving[0]["rung"] == rung, report.remedies
+    assert resolving and resolving[0]["rung"] == expected["rung"], report.remedies
     assert report.prescription["python"]
     assert report.document["fidelity"]["fix"] is not None
+    if expected["cause"] != "tiny-damping":  # damping is the user's choice unless a tiny damping is proven
+        assert "damping_factor" not in report.prescription["score_args"]
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_control_stays_healthy_with_no_remedy(name, tmp_path):
+    pipeline, _ = load_fixture(name)
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "healthy", [(p.cause, p.stage, p.message) for p in report.problems]
+    assert report.remedies == [] and report.prescription == {}
+    assert not [f for f in report.findings if f.severity == "fail"]
+    # Damping is a modeling choice: its sensitivity is reported as info, never a warning or a failure.
+    sensitivity = [f for f in report.findings if f.check == "scores.damping_sensitivity"]
+    assert sensitivity and all(f.severity == "info" for f in sensitivity)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_singular_factors_at_kronfluences_default_damping_are_healthy_under_both_strategies(strategy, tmp_path):
+    """A Linear whose 257-wide activation covariance has rank ≤ 64, at damping 1e-8: normal, not sick."""
+    pipeline = healthy_conv_default_damping(strategy=strategy)
+    assert pipeline.score_args.damping_factor == 1e-8
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "healthy" and report.remedies == []
+    rank = [f for f in report.findings if f.cause == "rank-deficient"]
+    assert all(f.severity in ("info", "warn") for f in rank)  # a fact about the factor, never a failure
+    agreement = report.run.probes["precision"]["pairwise"]
+    assert agreement["median_spearman"] > 0.999
+
+
+def test_probe_only_disagreement_is_a_warning_about_the_probe(tmp_path):
+    """rank_deficient_inputs: the 64-example probe disagrees with float64, the whole rehearsal does not."""
+    report = diagnose(load_fixture("rank_deficient_inputs")[0], out_dir=tmp_path, progress=False)
+    assert report.status == "healthy" and report.remedies == []
+    (finding,) = [f for f in report.findings if f.check == "scores.precision" and f.subject == "pairwise"]
+    assert finding.severity == "warn" and "probe subsample only" in finding.message
+    probes = report.run.probes["precision"]
+    assert probes["pairwise"]["median_spearman"] < 0.99 <= probes["pairwise_rehearsal"]["median_spearman"]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from kronfluence.arguments import FactorArguments
 
 from fixtures import load_fixture
 from influence_doctor import diagnose
@@ -82,17 +83,15 @@ def test_diagonal_shift_writes_a_new_factors_folder_and_leaves_the_original(tmp_
         return real_apply(run, change, index, base_factors, *args, **kwargs)
 
     monkeypatch.setattr(heal_module, "_apply", recording_apply)
-    report = diagnose(
-        load_fixture("rank_deficient_inputs")[0],
-        out_dir=tmp_path,
-        progress=False,
-        ladders={"low-precision-loss": ["shift:1e-4"]},
-    )
+    pipeline = load_fixture("zero_damping")[0]
+    pipeline.factor_args = FactorArguments(strategy="kfac")  # K-FAC divides by the covariances' eigenvalues
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, ladders={"tiny-damping": ["shift:1e-4"]})
     assert report.status == "healed", report.remedies
+    assert [(r["rung"], r["outcome"]) for r in report.remedies] == [("shift:1e-4", "healed")]
     assert original_hashes, "a diagonal shift rung ran"
     for folder, before in original_hashes.items():
         assert tree_digest(Path(folder)) == before  # the covariances it shifted were never touched
-    analysis = report.run_dir / "kronfluence" / "rank-deficient-inputs"
+    analysis = report.run_dir / "kronfluence" / pipeline.name
     doctored = sorted(p.name for p in analysis.iterdir() if "__doctored_" in p.name)
     assert doctored and all((analysis / d / "activation_covariance.safetensors").is_file() for d in doctored)
     assert not list(analysis.rglob("*.tmp"))
@@ -104,11 +103,11 @@ def test_users_project_is_byte_identical_after_a_healing_run(cli, tmp_path):
     (project / "data" / "train.csv").write_text("x,y\n1,2\n")
     (project / "pyproject.toml").write_text("[project]\nname = 'users-project'\n")
     before = tree_digest(project)
-    done = cli("diagnose", "fixtures.rank_deficient_inputs:rank_deficient_inputs", "--quiet", cwd=project)
+    done = cli("diagnose", "fixtures.fp16_covariance_overflow:fp16_covariance_overflow", "--quiet", cwd=project)
     assert done.returncode == 0, done.stderr
     assert "HEALED" in done.stdout
     assert tree_digest(project, skip="reports") == before
-    assert list((project / "reports").glob("rank-deficient-inputs/*/report.json"))
+    assert list((project / "reports").glob("fp16-covariance-overflow/*/report.json"))
 
 
 def test_interrupt_in_the_middle_of_a_ladder_leaves_a_partial_report(tmp_path, monkeypatch):

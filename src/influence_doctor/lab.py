@@ -141,14 +141,14 @@ class Lab:
         """Remember the run's own results as this lab's trial of the run's settings, when the lab covers
         the whole rehearsal: measuring them again would only repeat the run."""
         run = self.run
-        if not self.covers_run or run.covariance_shift is not None:
+        if not self.covers_run:
             return
         artifacts = {name: run.artifacts[name] for name in FACTOR_STAGES if run.artifacts.get(name)}
         errors = {
             name: _error_text(record.error) for name, record in run.stages.items() if name != "train" and record.error
         }
         factor_errors = {name: text for name, text in errors.items() if name in FACTOR_STAGES}
-        self._factors[settings_key(run.factor_args, shift=None)] = (run.factors_name, artifacts, factor_errors)
+        self._factors[settings_key(run.factor_args, shift=run.shift)] = (run.factors_name, artifacts, factor_errors)
         trial = Trial(
             "as configured",
             copy.deepcopy(run.factor_args),
@@ -162,11 +162,12 @@ class Lab:
             stage = SCORE_STAGE_OF[kind]
             if run.artifacts.get(stage):
                 trial.artifacts[stage] = run.artifacts[stage]
-        self._trials[settings_key(run.factor_args, run.score_args, shift=None, damping=None)] = trial
+        trial.shift = run.shift
+        self._trials[settings_key(run.factor_args, run.score_args, shift=run.shift, damping=None)] = trial
 
     def configured(self) -> Trial:
-        """The run's current settings on this subsample."""
-        return self.trial(self.run.factor_args, self.run.score_args, label="as configured")
+        """The run's current settings on this subsample (a covariance shift a remedy applied included)."""
+        return self.trial(self.run.factor_args, self.run.score_args, label="as configured", shift=self.run.shift)
 
     def reference(self, score_args: Any | None = None) -> Trial:
         """Every dtype float64 with the run's (or the given) damping: the counterfactual of precision."""

@@ -84,8 +84,6 @@ class Labs:
         if not self.enabled or symptom.kind not in TRIAL_KINDS:
             return None
         labs = [self.probe] if symptom.kind in COMPARISONS else [self.probe, self.rehearsal]
-        if self.run.covariance_shift is not None:  # trials start from fresh covariances: only the probe's apply
-            labs = [self.probe]
         for lab in labs:
             base = lab.configured()
             value, bad = measure(symptom, base, lab, self.thresholds)

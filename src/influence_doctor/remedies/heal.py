@@ -226,7 +226,9 @@ def _next_change(
             return change, {"rehearsed": False, "reason": why}, skipped
         progress.note(f"rehearsing {rung} on {lab.examples} examples")
         base = lab.configured()
-        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=change.shift)
+        # The rung's own shift, or the one the run carries unless the rung recomputes the covariances.
+        kept = run.shift if change.first_stage != "covariance" else None
+        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=change.shift or kept)
         verdict = judge_change(problem, base, trial, lab, thresholds)
         rehearsal = {
             "rehearsed": True,
@@ -271,13 +273,13 @@ def _apply(
         doctored = doctor_covariances(base_covariance, mode, epsilon)
         write_factors(run.analyzer.factors_output_dir(doctored_name), doctored, run.factor_args)
         run.artifacts["covariance"] = doctored
-        run.covariance_shift = change.description
+        run.covariance_shift, run.shift = change.description, change.shift
         covariance_from = doctored_name
         run.factors_name = f"{base_factors}__{slug}"
         first = "eigendecomposition"
     elif first in ("covariance", "eigendecomposition", "lambda"):
         if first == "covariance":
-            run.covariance_shift = None
+            run.covariance_shift = run.shift = None
         else:
             covariance_from, first = run.factors_name, "eigendecomposition"
         run.factors_name = f"{base_factors.split('__')[0]}__{slug}"

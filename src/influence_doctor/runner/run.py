@@ -72,6 +72,7 @@ class Run:
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
     factors_name: str = "factors"
     covariance_shift: str | None = None  # the diagonal shift the current covariances carry, if any
+    shift: tuple[str, float] | None = None  # the same shift as (mode, ε), for trials that must carry it too
     scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
     batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
     interrupted_in: str | None = None
