@@ -5,6 +5,7 @@ control stays healthy with no remedy, whatever its damping."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fixtures import FIXTURES, load_fixture
 from fixtures.healthy_conv_default_damping import healthy_conv_default_damping
@@ -97,3 +98,31 @@ def test_probe_only_disagreement_is_a_warning_about_the_probe(tmp_path):
     assert finding.severity == "warn" and "probe subsample only" in finding.message
     probes = report.run.probes["precision"]
     assert probes["pairwise"]["median_spearman"] < 0.99 <= probes["pairwise_rehearsal"]["median_spearman"]
+
+
+@pytest.mark.parametrize(
+    "name", ["amp_fp16", "fp16_covariance_overflow", "fp16_score_overflow", "fp16_score_overflow_partial"]
+)
+def test_float16_overflow_heals_by_dtype_rungs_only_with_the_damping_untouched(name, tmp_path):
+    """amp_fp16's eigh raises on the overflowed covariance; the score fixtures lose all or ~2% of their
+    scores to inf. Each is fp16-overflow where the inf first appears, and only dtypes change."""
+    pipeline, _ = load_fixture(name)
+    damping = pipeline.score_args.damping_factor
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "healed"
+    assert report.remedies and all(r["rung"].startswith("dtype:") for r in report.remedies)
+    assert report.run.score_args.damping_factor == damping
+    assert report.document["pipeline"]["diagnosis"][0]["cause"] == "fp16-overflow"
+
+
+def test_bf16_everywhere_is_caught_by_per_query_rankings_against_float64(tmp_path):
+    report = diagnose(load_fixture("bf16_everywhere")[0], fix=False, out_dir=tmp_path, progress=False)
+    (problem,) = [p for p in report.problems if p.cause == "low-precision-loss"]
+    assert {f.check for f in problem.evidence} >= {"scores.precision"}
+    (finding,) = [f for f in problem.evidence if f.check == "scores.precision" and f.subject == "pairwise"]
+    assert finding.severity == "fail" and finding.value < 0.99  # median per-query Spearman, measured
+    assert all(torch.isfinite(t).all() for t in report.run.artifacts["pairwise_scores"].values())
+    # The experiment that convicted the covariance dtypes is recorded with its numbers.
+    (experiment,) = [e for e in problem.experiments if e.verdict == "confirms low-precision-loss"][:1]
+    assert "covariance_dtype bfloat16 → float64" in experiment.change
+    assert experiment.before < 0.99 <= experiment.after
