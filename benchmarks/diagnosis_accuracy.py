@@ -3,11 +3,11 @@
 For each fixture of `fixtures/` (pathological cases and healthy controls) the doctor runs twice on the
 CPU: without healing, for the diagnosis (first Problem's cause and stage, or "healthy"), and with
 healing, for the rung that healed the expected cause. Each is printed against what the fixture expects.
-Then the false-alarm rates of the training and score heuristics on generated healthy cases
-(`influence_doctor.calibration`) are printed with the same table style:
+Then the whole doctor's verdicts on generated pipelines nobody tuned anything to, and the false-alarm
+rates of the training and score heuristics on generated healthy cases (`influence_doctor.calibration`):
 
-    .venv/bin/python benchmarks/diagnosis_accuracy.py              # every fixture, then the rates
-    .venv/bin/python benchmarks/diagnosis_accuracy.py --skip-rates
+    .venv/bin/python benchmarks/diagnosis_accuracy.py              # fixtures, generated verdicts, rates
+    .venv/bin/python benchmarks/diagnosis_accuracy.py --skip-rates --generated 0
 """
 
 from __future__ import annotations
@@ -82,15 +82,40 @@ def _pairs(want: tuple[Any, ...], got: tuple[Any, ...]) -> list[str]:
     return [f"{w or blank} | {g or blank}" for w, g, blank in zip(want, got, blanks, strict=True)]
 
 
+def generated_verdicts(out: Path, count: int, seed: int = 0) -> list[list[Any]]:
+    """The whole doctor, probes on, on `count` generated pipelines (varied MLPs, ekfac/kfac, damping
+    1e-8 or kronfluence's heuristic): which it calls healthy and, for any other, what it measured."""
+    import random
+    from collections import Counter
+
+    from influence_doctor import diagnose
+    from influence_doctor.calibration import draw_score_recipe, score_pipeline
+
+    rng = random.Random(seed)
+    verdicts: Counter[str] = Counter()
+    evidence: dict[str, list[str]] = {}
+    for index in range(count):
+        recipe = draw_score_recipe(index, rng)
+        report = diagnose(score_pipeline(recipe), fix=False, out_dir=out, progress=False)
+        causes = sorted({p.cause or "unexplained" for p in report.problems})
+        verdict = "healthy" if report.status == "healthy" else f"sick: {', '.join(causes)}"
+        verdicts[verdict] += 1
+        agreement = (report.run.probes.get("precision") or {}).get("pairwise") or {}
+        evidence.setdefault(verdict, []).append(f"{agreement.get('median_spearman', float('nan')):.4f}")
+    return [[verdict, n, f"{100 * n / count:.1f}", ", ".join(evidence[verdict][:6])] for verdict, n in verdicts.items()]
+
+
 def main() -> None:
     from tabulate import tabulate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-rates", action="store_true", help="only the accuracy table")
+    parser.add_argument("--generated", type=int, default=40, help="generated pipelines for the verdict table")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as out:
         rows = accuracy(Path(out))
+        verdicts = generated_verdicts(Path(out), args.generated) if args.generated else []
     headers = [
         "fixture",
         "cause: expected | got",
@@ -103,6 +128,10 @@ def main() -> None:
     print(tabulate(rows, headers=headers, tablefmt="simple"))
     matched = sum(row[-1] == "✓" for row in rows)
     print(f"\n{matched} of {len(rows)} fixtures diagnosed and healed as expected.\n")
+    if verdicts:
+        print(f"Verdicts on {args.generated} generated pipelines (probes on; median per-query Spearman vs float64):")
+        print(tabulate(verdicts, headers=["verdict", "pipelines", "%", "float64 agreement (first 6)"]))
+        print()
     if not args.skip_rates:
         from influence_doctor.calibration import print_false_alarm_rates
 

@@ -33,6 +33,11 @@ def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
     assert on_disk["environment"]["device"] == "cpu"
     assert on_disk["environment"]["kronfluence"] == "1.0.1"
     assert on_disk["scores"]["pairwise"]["shape"] == [16, 1000]
+    # The healthy verdict rests on a measurement: float64 at the same damping agrees, per query.
+    assert on_disk["fidelity"]["float64"]["pairwise"]["median_spearman"] > 0.999
+    json.loads(report_path.read_text(), parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))
+    markdown = (report_path.parent / "report.md").read_text()
+    assert "Scores vs float64 at the same damping (probe subsample): pairwise median per-query Spearman" in markdown
     # Progress went to stderr, one line per stage.
     for stage in STAGES:
         assert stage in done.stderr

@@ -124,7 +124,7 @@ def diagnose(
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
             run_influence_stages(run, reporter, on_stage_done=examine)
-            labs = Labs(run, options.probe_examples, thresholds)
+            labs = Labs(run, options.probe_examples, thresholds, note=reporter.note)
             if labs.enabled:
                 reporter.note(f"probing precision and damping on {labs.probe.examples} examples")
                 run.probes = run_probes(run, labs, thresholds)
@@ -181,6 +181,17 @@ def _cheap_garbage_collection() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _final_float64_agreement(probes: dict[str, Any]) -> dict[str, Any]:
+    """How the final configuration's scores compare with float64 at the same damping, on the probe:
+    the fidelity of a fix that changed only precision, which no less-regularized run can measure."""
+    precision = (probes.get("final") or probes).get("precision") or {}
+    return {
+        kind: {key: precision[kind][key] for key in ("median_spearman", "worst_spearman", "top_overlap")}
+        for kind in ("pairwise", "self")
+        if isinstance(precision.get(kind), dict)
+    }
+
+
 def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
     """A fix that moved the rankings further than `min_fix_spearman` allows is worse than the problem
     it healed, or close to it: a `warn` on the score stage, which the gate of that name fails."""
@@ -216,6 +227,8 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         status = "healthy"
     prescription: dict[str, Any] = {}
     fidelity: dict[str, Any] = {"probes": run.probes}
+    if float64 := _final_float64_agreement(run.probes):
+        fidelity["float64"] = float64
     if treatment.applied:
         batch = run.train_batch_size
         prescription = prescribe(

@@ -12,7 +12,7 @@ A symptom no experiment explains stays a Problem with cause None, and its refute
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,16 @@ class Labs:
     """Where experiments run: the probe subsample first, the whole rehearsal when the probe is too
     small to show the symptom (an fp16 sum that overflows only with all the examples)."""
 
-    def __init__(self, run: Any, probe_examples: int, thresholds: Thresholds | None = None) -> None:
+    def __init__(
+        self,
+        run: Any,
+        probe_examples: int,
+        thresholds: Thresholds | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
         self.run = run
         self.thresholds = thresholds or Thresholds()
+        self.note = note or (lambda text: None)  # progress lines, one per experiment
         ready = run.analyzer is not None and run.train_subset is not None
         self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
         self.rehearsal = Lab(run, None, None, name="rehearsal") if ready else None
@@ -326,6 +333,7 @@ def investigate(symptom: Symptom, context: Context, labs: Labs | None, threshold
     experiments: list[Experiment] = []
     for rule in rules:
         for hypothesis in rule.hypotheses(symptom, context):
+            labs.note(f"testing {hypothesis.cause} at {hypothesis.stage} on {lab.examples} examples")
             if _test(hypothesis, symptom, lab, base, before, experiments, thresholds):
                 return _problem(hypothesis, symptom, experiments, confirmed=True, lab=lab.name)
     return Problem(
@@ -409,8 +417,7 @@ def _message(hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experim
     confirming = [e for e in experiments if e.verdict.startswith("confirms")]
     if confirming:
         last = confirming[-1]
-        text += (
-            f"; confirmed on {last.examples} examples: with {last.change}, {last.measurement} went from "
-            f"{_show(last.before)} to {_show(last.after)}"
+        text += f"; confirmed on {last.examples} examples: {last.change} took it from {_show(last.before)} to " + (
+            f"{_show(last.after)}"
         )
     return text + "."

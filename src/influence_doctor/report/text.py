@@ -130,6 +130,16 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
             f"{exact['train_examples_compared']} training examples): Spearman {exact['spearman']:.3f} / "
             f"Pearson {exact['pearson']:.3f}."
         )
+    float64 = document["fidelity"].get("float64")
+    if float64:
+        parts = [
+            f"pairwise median per-query Spearman {_spearman(v['median_spearman'])} "
+            f"(worst {_spearman(v['worst_spearman'])})"
+            if kind == "pairwise"
+            else f"{kind} Spearman {_spearman(v['median_spearman'])}"
+            for kind, v in float64.items()
+        ]
+        lines.append(f"Scores vs float64 at the same damping (probe subsample): {'; '.join(parts)}.")
     fix = document["fidelity"].get("fix")
     if not fix:
         return lines
@@ -144,6 +154,10 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
         else f"within the {fix['limit']} limit"
     )
     return [*lines, f"Fidelity vs '{fix['reference']}' (least regularized finite run): {'; '.join(parts)} — {verdict}."]
+
+
+def _spearman(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "—"
 
 
 def influence_lines(document: dict[str, Any], limit: int = 8) -> list[str]:
