@@ -417,7 +417,6 @@ def _message(hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experim
     confirming = [e for e in experiments if e.verdict.startswith("confirms")]
     if confirming:
         last = confirming[-1]
-        text += f"; confirmed on {last.examples} examples: {last.change} took it from {_show(last.before)} to " + (
-            f"{_show(last.after)}"
-        )
+        text += f"; confirmed on {last.examples} examples: with {last.change} it went from {_show(last.before)} to "
+        text += _show(last.after)
     return text + "."
