@@ -136,7 +136,7 @@ def test_presumptive_diagnosis_names_the_origin_and_marks_it_unconfirmed():
     assert (problem.cause, problem.stage) == ("fp16-overflow", "covariance")
     assert {f.check for f in problem.evidence} == {"covariance.finite", "eigendecomposition.raised", "scores.finite"}
     assert not problem.confirmed and "not confirmed" in problem.message
-    assert problem.to_dict()["experiments"] == []
+    assert problem.to_dict()["experiments"] == [] and problem.to_dict()["basis"] == "presumption"
 
 
 # ------------------------------------------------------------------------------- out of memory, for real
@@ -159,6 +159,7 @@ def test_cpu_out_of_memory_is_diagnosed_and_climbs_the_memory_ladder_not_the_str
     report = diagnose(small_pipeline(task=RunsOutOfMemoryOnce()), out_dir=tmp_path, progress=False)
     (problem,) = report.document["pipeline"]["diagnosis"]
     assert (problem["cause"], problem["stage"], problem["confirmed"]) == ("out-of-memory", "covariance", True)
+    assert problem["basis"] == "direct measurement" and problem["experiments"] == []
     assert report.status == "healed"
     (remedy,) = report.remedies
     assert remedy["rung"] == "partitions:x2" and remedy["outcome"] == "healed"

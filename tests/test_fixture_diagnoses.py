@@ -37,7 +37,10 @@ def test_fixture_is_diagnosed_with_its_root_cause_by_an_experiment(name, tmp_pat
     ]
     assert first.confirmed
     if first.treatable:  # a broken model is measured directly; everything else by a one-setting experiment
+        assert first.basis == "experiment"
         assert first.experiments and first.experiments[-1].verdict == f"confirms {expected['cause']}"
+    else:
+        assert first.basis == "direct measurement"
     # The stage entry of report.json carries the problem rooted there, with its experiments.
     stage = next(s for s in report.document["stages"] if s["name"] == expected["stage"])
     (entry,) = [p for p in stage["problems"] if p["cause"] == expected["cause"]]

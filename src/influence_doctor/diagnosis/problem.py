@@ -82,6 +82,14 @@ class Problem:
     symptoms: list[Any] = field(default_factory=list, repr=False)  # diagnosis.symptoms.Symptom, in order
 
     @property
+    def basis(self) -> str:
+        """What the verdict rests on: a one-setting experiment, the symptom itself (a NaN weight, a
+        diverged loss, an allocator error need no counterfactual), or only the checks' presumption."""
+        if not self.confirmed:
+            return "presumption"
+        return "experiment" if self.experiments else "direct measurement"
+
+    @property
     def treatable(self) -> bool:
         """Whether a factor or score setting can fix it (the remedies' ladders apply): not a broken
         model, and not a failure to build or train the model at all."""
@@ -96,6 +104,7 @@ class Problem:
             "message": self.message,
             "treatable": self.treatable,
             "confirmed": self.confirmed,
+            "basis": self.basis,
             "setting": self.setting,
             "experiments": [experiment.to_dict() for experiment in self.experiments],
         }

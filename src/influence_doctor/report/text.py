@@ -65,6 +65,10 @@ def problem_lines(document: dict[str, Any]) -> list[str]:
     for problem in document["pipeline"].get("diagnosis", []):
         lines.append(f"- [{problem['cause'] or 'unexplained'}] at {problem['stage']}: {problem['message']}")
         lines += [f"    experiment: {experiment_text(e)}" for e in problem.get("experiments", [])]
+        if problem.get("basis") == "direct measurement":
+            lines.append(f"    measured directly: {', '.join(problem['evidence'])} (no setting could change it)")
+        elif problem.get("basis") == "presumption":
+            lines.append("    not confirmed: no experiment could be run")
     return lines
 
 
