@@ -244,16 +244,17 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         if treatment.exact is not None:
             fidelity["exact"] = treatment.exact
     rehearsal = run.options.examples is not None and len(run.train_indices) < run.train_examples_total
-    document = strict(build_report(
-        run,
-        status,
-        target,
-        problems,
-        initial_problems=treatment.initial_problems,
-        remedies=[remedy.to_dict() for remedy in treatment.remedies],
-        prescription=prescription,
-        fidelity=fidelity,
-        projection=project(run) if rehearsal else {},
+    document = strict(
+        build_report(
+            run,
+            status,
+            target,
+            problems,
+            initial_problems=treatment.initial_problems,
+            remedies=[remedy.to_dict() for remedy in treatment.remedies],
+            prescription=prescription,
+            fidelity=fidelity,
+            projection=project(run) if rehearsal else {},
         )
     )
     write_text_atomic(run.run_dir / "report.json", dumps(document))

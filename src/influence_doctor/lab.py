@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -381,18 +380,20 @@ def rounding_floors(artifacts: Mapping[str, Any], strategy: str, dtype: torch.dt
 
 
 def scaled_damping(
-    artifacts: Mapping[str, Any], strategy: str, damping_factor: float | None, factor: float, dtype: torch.dtype
+    artifacts: Mapping[str, Any],
+    strategy: str,
+    damping_factor: float | None,
+    factor: float,
+    dtype: torch.dtype,
+    from_floor: bool = True,
 ) -> dict[str, float]:
-    """Each module's own damping × `factor`, taken from at least its rounding floor (a damping of 0
-    or below rounding damps nothing, and ten times nothing is still nothing)."""
+    """Each module's own damping × `factor`. With `from_floor`, taken from at least the module's rounding
+    floor eps·λmax (a damping below rounding damps nothing, and ten times nothing is still nothing: the
+    experiment that asks whether damping lifts a failure needs that); without it, only a damping of
+    exactly 0 starts from the floor, so an explicit damping stays one value for every module."""
     damping = module_damping(artifacts, strategy, damping_factor)
-    floors = rounding_floors(artifacts, strategy, dtype)
+    floors = {m: v if math.isfinite(v) else 0.0 for m, v in rounding_floors(artifacts, strategy, dtype).items()}
     return {
-        module: factor * max(value, floors.get(module, 0.0) if math.isfinite(floors.get(module, 0.0)) else 0.0)
+        module: factor * (max(value, floors.get(module, 0.0)) if from_floor or value == 0.0 else value)
         for module, value in damping.items()
     }
-
-
-def median_or_nan(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if finite else math.nan

@@ -164,7 +164,7 @@ def measure_damping_sensitivity(run: Run, labs: Labs, thresholds: Thresholds) ->
     base = lab.configured()
     if base.errors:
         return {"skipped": "the configured settings did not complete on the probe"}
-    raised = counterfactual_trial(lab, base, Counterfactual("damping", factor=10.0))
+    raised = counterfactual_trial(lab, base, Counterfactual("damping", factor=10.0, from_floor=False))
     result: dict[str, Any] = {"damping": raised.damping}
     for kind in run.pipeline.scores:
         before, after = base.scores(kind), raised.scores(kind)

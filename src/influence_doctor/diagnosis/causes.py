@@ -45,6 +45,7 @@ class Counterfactual:
     group: str | None = None  # for "dtype": which group (see dtypes.DTYPE_GROUPS)
     target: torch.dtype | None = None  # for "dtype"
     factor: float = 10.0  # for "damping": each module's damping × factor
+    from_floor: bool = True  # for "damping": scale from at least the rounding floor (see lab.scaled_damping)
     shift: tuple[str, float] | None = None  # for "shift": (mode, ε)
 
     def describe(self, factor_args: Any, score_args: Any) -> str | None:
@@ -55,7 +56,8 @@ class Counterfactual:
         if self.kind == "float64":
             return "every dtype float64 and no autocast, same damping"
         if self.kind == "damping":
-            return f"each module's damping ×{self.factor:g} (from at least its rounding floor eps·λmax)"
+            floor = " (from at least its rounding floor eps·λmax)" if self.from_floor else ""
+            return f"each module's damping ×{self.factor:g}{floor}"
         mode, epsilon = self.shift
         return f"covariances + {epsilon:g}·{'trace' if mode == 'trace' else 'mean(diag)'} on the diagonal"
 

@@ -112,7 +112,12 @@ def counterfactual_trial(lab: Lab, base: Trial, counterfactual: Counterfactual) 
             damping = {module: counterfactual.factor * value for module, value in damping.items()}
         else:
             damping = scaled_damping(
-                base.artifacts, fa.strategy, sa.damping_factor, counterfactual.factor, sa.precondition_dtype
+                base.artifacts,
+                fa.strategy,
+                sa.damping_factor,
+                counterfactual.factor,
+                sa.precondition_dtype,
+                counterfactual.from_floor,
             )
     elif counterfactual.kind == "shift":
         shift = counterfactual.shift
