@@ -629,3 +629,13 @@ def test_write_factors_replaces_an_earlier_write(tmp_path):
     assert torch.equal(loaded["fc1"], second["activation_covariance"]["fc1"])
     assert json.loads((tmp_path / "factor_arguments.json").read_text())["strategy"] == "kfac"
     assert len(os.listdir(tmp_path)) == 5
+
+
+def test_scaled_damping_without_the_floor_keeps_an_explicit_damping_one_value():
+    artifacts = lambda_artifacts([(50.0, 10), (3.0, 100)])
+    assert scaled_damping(artifacts, "ekfac", 1e-8, 10.0, FP32, from_floor=False) == pytest.approx(
+        {"m0": 1e-7, "m1": 1e-7}, rel=1e-12
+    )  # one scoring pass serves every module
+    floors = rounding_floors(artifacts, "ekfac", FP32)
+    zero = scaled_damping(artifacts, "ekfac", 0.0, 10.0, FP32, from_floor=False)
+    assert zero == pytest.approx({module: 10.0 * floor for module, floor in floors.items()})
