@@ -14,7 +14,11 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
+
 from influence_doctor.checks.damping import check_damping_sensitivity
+from influence_doctor.checks.headroom import check_projected_headroom, project_headroom
+from influence_doctor.checks.measures import max_abs_finite
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.precision import (
     check_factor_precision,
@@ -24,16 +28,22 @@ from influence_doctor.checks.precision import (
     disagrees,
     score_agreement,
 )
-from influence_doctor.checks.thresholds import Thresholds
+from influence_doctor.checks.thresholds import Thresholds, max_value
 from influence_doctor.diagnosis.causes import Counterfactual
 from influence_doctor.diagnosis.differential import Labs, counterfactual_trial, reference_for
 from influence_doctor.dtypes import score_path_dtype
 from influence_doctor.lab import SCORE_STAGE_OF
+from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.run import Run, StageRecord
 from influence_doctor.runner.stages import settle_status
 
+SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}
+
 PROBE_CHECKS = frozenset(
     {
+        "covariance.projected_headroom",
+        "lambda.projected_headroom",
+        "scores.projected_headroom",
         "covariance.precision",
         "lambda.precision",
         "scores.precision",
@@ -54,11 +64,17 @@ def run_probes(run: Run, labs: Labs, thresholds: Thresholds | None = None, dampi
     thresholds = thresholds or Thresholds()
     clear_probe_findings(run)
     summary: dict[str, Any] = {}
-    if labs.probe is None or run.analyzer is None or not labs.probe.examples:
+    if run.analyzer is None:
+        return summary
+    if labs.probe is None or not labs.probe.examples:  # no float64 trial, but sums still grow with the data
+        summary["headroom"] = measure_headroom(run, labs, thresholds)
+        for record in run.stages.values():
+            settle_status(record)
         return summary
     bars, run.analyzer.disable_tqdm = run.analyzer.disable_tqdm, True  # probes are quick: no bars
     try:
         summary["precision"] = _timed(lambda: measure_precision(run, labs, thresholds), labs)
+        summary["headroom"] = _timed(lambda: measure_headroom(run, labs, thresholds), labs)
         if damping:
             summary["damping"] = _timed(lambda: measure_damping_sensitivity(run, labs, thresholds), labs)
     finally:
@@ -129,6 +145,63 @@ def measure_precision(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str,
         refute_bounds(run, result)
     result["agrees"] = agree
     return result
+
+
+def accumulated_maxima(artifacts: dict[str, Any], stage: str) -> dict[str, tuple[float, float, float]]:
+    """subject → (terms summed or pairs maximised over, largest finite |value|, the stored dtype's max) for
+    what `stage` accumulates; subjects holding inf/NaN are left out (their overflow is already measured)."""
+    artifact = artifacts.get(stage) or {}
+    out: dict[str, tuple[float, float, float]] = {}
+    if stage in ("covariance", "lambda"):
+        factors = (
+            (
+                ("activation_covariance", "num_activation_covariance_processed"),
+                ("gradient_covariance", "num_gradient_covariance_processed"),
+            )
+            if stage == "covariance"
+            else (("lambda_matrix", "num_lambda_processed"),)
+        )
+        for factor, counts in factors:
+            for module, tensor in (artifact.get(factor) or {}).items():
+                if bool(torch.isfinite(tensor).all()):
+                    size = float(artifact[counts][module].sum())
+                    out[f"{module}/{factor}"] = (size, max_abs_finite(tensor), max_value(tensor.dtype))
+    elif artifact:
+        scores = total_scores(artifact)
+        if scores.numel() and bool(torch.isfinite(scores).all()):
+            out[SCORE_SUBJECTS[stage]] = (float(scores.numel()), max_abs_finite(scores), max_value(scores.dtype))
+    return out
+
+
+def measure_headroom(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str, Any]:
+    """Every accumulated quantity's largest magnitude on the probe and on the rehearsal, its measured
+    growth, and where it lands at the full size against its dtype's max (fp16 overflow before it happens)."""
+    run.headroom = {}
+    rehearsed, total = len(run.train_indices), run.train_examples_total
+    if rehearsed >= total:
+        return {"skipped": "the rehearsal is the full run: its headroom is measured, not projected"}
+    queries = max(len(run.query_indices), 1)
+    scale = {"covariance": total / rehearsed, "lambda": total / rehearsed, "self_scores": total / rehearsed}
+    scale["pairwise_scores"] = total / rehearsed * max(run.query_examples_total, queries) / queries
+    probe = labs.probe.configured() if labs.probe is not None else None
+    projected = []
+    for stage, factor in scale.items():
+        small = accumulated_maxima(probe.artifacts, stage) if probe is not None else {}
+        for subject, (size, largest, _dtype_max) in accumulated_maxima(run.artifacts, stage).items():
+            size_probe, max_probe = small.get(subject, (0.0, 0.0, 0.0))[:2]
+            dtype = _stored_dtype(run.artifacts, stage, subject)
+            headroom = project_headroom(subject, stage, dtype, (size_probe, max_probe), (size, largest), size * factor)
+            run.headroom[subject] = headroom
+            projected.append(headroom.to_dict())
+            attach(run.stages[stage], subject, check_projected_headroom(headroom, thresholds))
+    return {"quantities": len(projected)}
+
+
+def _stored_dtype(artifacts: dict[str, Any], stage: str, subject: str) -> torch.dtype:
+    if stage in ("pairwise_scores", "self_scores"):
+        return next(iter(artifacts[stage].values())).dtype
+    module, _, factor = subject.rpartition("/")
+    return artifacts[stage][factor][module].dtype
 
 
 def _whole_rehearsal_agreement(labs: Labs, kind: str) -> dict[str, float] | None:

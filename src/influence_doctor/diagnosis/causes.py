@@ -189,7 +189,7 @@ CAUSE_RULES: tuple[CauseRule, ...] = (
         "training-oscillating", frozenset({"training"}), _measured_directly("training-oscillating"), treatable=False
     ),
     CauseRule("out-of-memory", frozenset({"oom"}), _measured_directly("out-of-memory"), MEMORY_RUNGS),
-    CauseRule("fp16-overflow", frozenset({"nonfinite", "raised"}), _fp16_overflow, DTYPE_RUNGS),
+    CauseRule("fp16-overflow", frozenset({"nonfinite", "raised", "projected"}), _fp16_overflow, DTYPE_RUNGS),
     CauseRule("eigendecomposition-failed", frozenset({"nonfinite", "raised"}), _eigendecomposition_failed, EIGEN_RUNGS),
     CauseRule("dtype-drift", frozenset({"orthogonality"}), _dtype_drift, ("dtype:float32", "dtype:float64")),
     CauseRule(

@@ -37,6 +37,7 @@ PROBE_QUERIES = 16
 
 TRIAL_KINDS = frozenset(
     {
+        "projected",
         "nonfinite",
         "raised",
         "undefined",
@@ -166,12 +167,35 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
         return agreement["median_spearman"], wrong
     if failure:
         return failure, True
+    if symptom.kind == "projected":
+        return projected_share(symptom, trial, lab)
     fails = [f for f in _trial_findings(trial, stage, thresholds) if f.check in symptom.checks]
     if not fails:
         return 0.0, False
     values = [f.value for f in fails if isinstance(f.value, float) and not math.isnan(f.value)]
     worst = (min(values) if symptom.kind == "negative" else max(values)) if values else float(len(fails))
     return worst, True
+
+
+def projected_share(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[float | None, bool]:
+    """The trial's largest magnitudes carried to the full size with the growth the run measured, as a
+    share of the trial's own dtype max: above 1, the full run overflows under the trial's settings."""
+    from influence_doctor.probes import accumulated_maxima
+
+    growth = lab.run.headroom
+    measured = accumulated_maxima(trial.artifacts, symptom.stage)
+    shares = []
+    for subject in {f.subject for f in symptom.findings}:
+        if subject not in growth or subject not in measured:
+            continue
+        size, largest, dtype_max = measured[subject]
+        headroom = growth[subject]
+        scale = (headroom.size_full / size) ** headroom.growth if size > 0 and headroom.size_full > size else 1.0
+        shares.append(largest * scale / dtype_max if dtype_max > 0 else math.inf)
+    if not shares:
+        return None, False
+    worst = max(shares)
+    return worst, worst > 1.0
 
 
 def _trial_findings(trial: Trial, stage: str, thresholds: Thresholds) -> list:

@@ -37,6 +37,9 @@ KIND_OF_CHECK: dict[str, str] = {
     "lambda.nonnegative": "negative",
     "scores.self_nonnegative": "negative",
     "covariance.examples": "empty",
+    "covariance.projected_headroom": "projected",
+    "lambda.projected_headroom": "projected",
+    "scores.projected_headroom": "projected",
 }
 """Fail checks → symptom kind. Training fails are `training`, stage errors `raised` (or `oom`)."""
 
@@ -53,6 +56,7 @@ MEASUREMENTS: dict[str, str] = {
     "orthogonality": "worst ‖QᵀQ−I‖ of the stored eigenvectors",
     "reconstruction": "worst ‖QΛQᵀ−C‖/‖C‖",
     "negative": "{stage} values below zero beyond rounding",
+    "projected": "largest |{stage} entry| projected to the full run, as a share of its dtype's max",
     "empty": "modules that saw no examples",
     "oom": "{stage} ran out of memory",
     "other": "failing checks in {stage}",

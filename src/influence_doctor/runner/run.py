@@ -77,6 +77,7 @@ class Run:
     batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
     interrupted_in: str | None = None
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
+    headroom: dict[str, Any] = field(default_factory=dict)  # subject → checks.headroom.Headroom, projected
 
     @property
     def train_batch_size(self) -> int:

@@ -1,0 +1,122 @@
+"""Headroom of accumulated quantities, projected from the rehearsal to the full run.
+
+kronfluence accumulates covariance and Lambda matrices as sums over examples and divides at the end, so
+a float16 sum that fits on 1,024 examples can pass 65504 on the full data set; the largest score grows
+with the number of (query, example) pairs it is the maximum of. The growth is measured, not assumed:
+the largest magnitude at two sizes (the probe subsample and the rehearsal) gives an exponent, and the
+projection is that measured growth carried to the full size. Pure: numbers in, findings out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.thresholds import Thresholds, max_value
+from influence_doctor.findings import Finding
+
+MAX_GROWTH = 1.0
+"""A sum of n terms grows at most linearly in n (its largest entry sums non-negative squares), and a
+maximum over n draws slower: a measured exponent above 1 is noise between the two sizes."""
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """One accumulated quantity: its largest magnitude at two sizes, the growth between them, projected."""
+
+    subject: str
+    stage: str
+    dtype: str
+    size_probe: float  # examples (or query × example pairs) behind max_probe
+    max_probe: float
+    size_rehearsal: float
+    max_rehearsal: float
+    size_full: float
+    growth: float  # exponent: max ∝ size**growth between the two measured sizes
+    max_projected: float
+    dtype_max: float
+
+    @property
+    def share_projected(self) -> float:
+        return self.max_projected / self.dtype_max if self.dtype_max > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def growth_exponent(size_small: float, max_small: float, size_large: float, max_large: float) -> float:
+    """log(max_large/max_small) / log(size_large/size_small), in [0, MAX_GROWTH]; linear when unmeasurable."""
+    if not (size_large > size_small > 0) or not (max_large > 0 and max_small > 0):
+        return MAX_GROWTH
+    if not (math.isfinite(max_large) and math.isfinite(max_small)):
+        return MAX_GROWTH
+    exponent = math.log(max_large / max_small) / math.log(size_large / size_small)
+    return min(max(exponent, 0.0), MAX_GROWTH)
+
+
+def project_headroom(
+    subject: str,
+    stage: str,
+    dtype: torch.dtype,
+    probe: tuple[float, float],
+    rehearsal: tuple[float, float],
+    size_full: float,
+) -> Headroom:
+    """Carry the largest magnitude measured at (size, max) `probe` and `rehearsal` to `size_full`."""
+    (size_probe, max_probe), (size_rehearsal, max_rehearsal) = probe, rehearsal
+    growth = growth_exponent(size_probe, max_probe, size_rehearsal, max_rehearsal)
+    scale = (size_full / size_rehearsal) ** growth if size_rehearsal > 0 and size_full > size_rehearsal else 1.0
+    return Headroom(
+        subject=subject,
+        stage=stage,
+        dtype=dtype_name(dtype) or "",
+        size_probe=float(size_probe),
+        max_probe=float(max_probe),
+        size_rehearsal=float(size_rehearsal),
+        max_rehearsal=float(max_rehearsal),
+        size_full=float(size_full),
+        growth=growth,
+        max_projected=float(max_rehearsal) * scale,
+        dtype_max=max_value(dtype),
+    )
+
+
+def check_projected_headroom(headroom: Headroom, thresholds: Thresholds) -> CheckOutcome:
+    """`<stage>.projected_headroom`: the full run passes the dtype's max (fp16-overflow where it will
+    happen), or comes within `headroom_warn_fraction` of it (a warn).
+
+    Measured growth carried to the full size is a prediction, but not a bound: it rests on two measured
+    sizes, and the diagnosis still confirms it by re-projecting with the dtype raised.
+    """
+    outcome = CheckOutcome(metrics={"projected_headroom": headroom.to_dict()})
+    share = headroom.share_projected
+    if share <= thresholds.headroom_warn_fraction or headroom.size_full <= headroom.size_rehearsal:
+        return outcome
+    overflow = share > 1.0
+    prefix = "scores" if headroom.stage.endswith("_scores") else headroom.stage
+    outcome.findings.append(
+        Finding(
+            check=f"{prefix}.projected_headroom",
+            stage=headroom.stage,
+            subject=headroom.subject,
+            severity="fail" if overflow else "warn",
+            value=headroom.max_projected,
+            limit=headroom.dtype_max if overflow else thresholds.headroom_warn_fraction * headroom.dtype_max,
+            cause="fp16-overflow" if overflow else None,
+            message=(
+                f"The largest |entry| grows as size^{headroom.growth:.2f} ({fmt(headroom.max_probe)} at "
+                f"{headroom.size_probe:.0f}, {fmt(headroom.max_rehearsal)} at {headroom.size_rehearsal:.0f}): "
+                f"at the full {headroom.size_full:.0f} it reaches {fmt(headroom.max_projected)}, "
+                + (
+                    f"past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}: the full run will overflow."
+                    if overflow
+                    else f"{share:.0%} of {headroom.dtype}'s range."
+                )
+            ),
+        )
+    )
+    return outcome

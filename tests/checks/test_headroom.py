@@ -1,0 +1,78 @@
+"""Projected headroom: measured growth between two sizes, carried to the full size, held to the dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from influence_doctor.checks.headroom import MAX_GROWTH, check_projected_headroom, growth_exponent, project_headroom
+from influence_doctor.checks.thresholds import Thresholds
+
+T = Thresholds()
+FP16, FP32 = torch.float16, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("small", "large", "expected"),
+    [((64, 1000.0), (1024, 16000.0), 1.0), ((64, 1000.0), (1024, 4000.0), 0.5), ((64, 10.0), (1024, 10.0), 0.0)],
+)
+def test_growth_is_the_measured_exponent(small, large, expected):
+    assert growth_exponent(*small, *large) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("small", "large"),
+    [((0, 0.0), (1024, 5.0)), ((64, 0.0), (1024, 5.0)), ((1024, 1.0), (1024, 5.0)), ((64, math.inf), (1024, 5.0))],
+)
+def test_growth_that_cannot_be_measured_is_taken_as_linear(small, large):
+    """A sum grows at most linearly: with one usable size the projection must not be optimistic."""
+    assert growth_exponent(*small, *large) == MAX_GROWTH
+
+
+def test_growth_above_linear_is_noise_and_clipped():
+    assert growth_exponent(64, 1.0, 1024, 1e6) == MAX_GROWTH
+
+
+def test_a_sum_that_fits_on_the_rehearsal_and_overflows_at_full_size_fails_where_it_happens():
+    headroom = project_headroom("fc1/activation_covariance", "covariance", FP16, (64, 1000.0), (1024, 16000.0), 8192)
+    assert headroom.max_projected == pytest.approx(16000.0 * 8)
+    outcome = check_projected_headroom(headroom, T)
+    (finding,) = outcome.findings
+    assert (finding.check, finding.stage, finding.severity, finding.cause) == (
+        "covariance.projected_headroom",
+        "covariance",
+        "fail",
+        "fp16-overflow",
+    )
+    assert finding.value == pytest.approx(128000.0) and finding.limit == 65504.0
+    assert "8192" in finding.message and "will overflow" in finding.message
+    assert outcome.metrics["projected_headroom"]["growth"] == pytest.approx(1.0)
+
+
+def test_thin_projected_headroom_is_a_warning_and_a_wide_one_nothing():
+    thin = project_headroom("m/lambda_matrix", "lambda", FP16, (64, 100.0), (1024, 1600.0), 8192)  # 12800: 20 %
+    (finding,) = check_projected_headroom(thin, T).findings
+    assert finding.severity == "warn" and finding.cause is None
+    assert finding.limit == pytest.approx(T.headroom_warn_fraction * 65504.0)
+    wide = project_headroom("m/lambda_matrix", "lambda", FP16, (64, 10.0), (1024, 160.0), 8192)
+    assert check_projected_headroom(wide, T).findings == []
+
+
+def test_float32_sums_have_all_the_room_they_need():
+    headroom = project_headroom("m/activation_covariance", "covariance", FP32, (64, 1e6), (1024, 1.6e7), 1e7)
+    assert check_projected_headroom(headroom, T).findings == []
+
+
+def test_score_maxima_grow_with_pairs_and_name_the_score_check():
+    headroom = project_headroom("pairwise", "pairwise_scores", FP16, (64 * 8, 3e3), (1024 * 8, 3e4), 8192 * 64)
+    assert 0.0 < headroom.growth < 1.0
+    (finding,) = check_projected_headroom(headroom, T).findings
+    assert finding.check == "scores.projected_headroom" and finding.stage == "pairwise_scores"
+
+
+def test_nothing_is_projected_when_the_rehearsal_is_the_full_run():
+    headroom = project_headroom("m/activation_covariance", "covariance", FP16, (64, 1000.0), (1024, 60000.0), 1024)
+    assert headroom.max_projected == 60000.0
+    assert check_projected_headroom(headroom, T).findings == []
