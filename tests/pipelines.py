@@ -66,3 +66,37 @@ def not_a_pipeline() -> int:
 
 def factory_that_raises() -> Pipeline:
     raise RuntimeError("the dataset server is down")
+
+
+WIDE = 768
+"""A Linear wide enough that its per-sample gradients (64 × 769 × 768 floats, 150 MB a copy) dominate Λ."""
+
+
+def wide_lambda(iterative: bool = False) -> Pipeline:
+    """A pipeline whose lambda stage's memory is its per-sample gradients, for the memory projection."""
+
+    def data(count: int, seed: int) -> TensorDataset:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(count, WIDE, generator=generator)
+        return TensorDataset(x, x[:, :1] + 0.1 * torch.randn(count, 1, generator=generator))
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(WIDE, WIDE), nn.Tanh(), nn.Linear(WIDE, 1))
+
+    return Pipeline(
+        name="wide-lambda-iterative" if iterative else "wide-lambda",
+        model=model,
+        task=RegressionTask(),
+        train_dataset=data(512, seed=0),
+        query_dataset=data(4, seed=1),
+        factor_args=FactorArguments(strategy="ekfac", use_iterative_lambda_aggregation=iterative),
+        score_args=ScoreArguments(),
+        scores=("pairwise",),
+        batch_size=64,
+        query_batch_size=4,
+    )
+
+
+def wide_lambda_iterative() -> Pipeline:
+    return wide_lambda(iterative=True)

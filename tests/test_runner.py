@@ -179,10 +179,17 @@ def test_rehearsal_projects_exact_factor_memory_and_scaled_time(tmp_path):
         "eigendecomposition": _stored_bytes(artifacts["eigendecomposition"]),
         "lambda": _stored_bytes({"lambda_matrix": artifacts["lambda"]["lambda_matrix"]}),
     }
-    assert projection["examples"] == {"rehearsal": 16, "full": 64}
+    assert (projection["examples_rehearsal"], projection["examples_full"]) == (16, 64)
     covariance_stage = projection["stages"]["covariance"]
-    assert covariance_stage["projected_seconds"] == pytest.approx(4 * covariance_stage["rehearsal_seconds"])
+    # One measured size (the probes are off): time per batch, 1 batch rehearsed, 4 at full size.
+    assert covariance_stage["seconds"] == pytest.approx(4 * covariance_stage["rehearsal_seconds"])
     eigen = projection["stages"]["eigendecomposition"]
-    assert eigen["projected_seconds"] == eigen["rehearsal_seconds"]  # one eigh per factor, whatever the data
+    assert eigen["seconds"] == pytest.approx(eigen["rehearsal_seconds"])  # one eigh per factor, whatever the data
+    # Peak memory starts from what each stage measured; the score matrix grows with the examples.
+    for stage in ("covariance", "lambda", "pairwise_scores"):
+        measured = report.run.stages[stage].metrics["memory"]
+        assert projection["stages"][stage]["rehearsal_peak_bytes"] == measured["peak_bytes"] > 0
+        assert projection["stages"][stage]["peak_bytes"] >= measured["peak_bytes"]
+    assert projection["stages"]["covariance"]["fits"] is True and projection["advice"] == []
     full = diagnose(small_pipeline(), out_dir=tmp_path, examples=None, progress=False, probe_examples=0)
     assert full.document["projection"] == {}  # nothing to project when the run was already full

@@ -24,6 +24,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message[:1].upper()}{message[1:]} (see 'influence-doctor {self.prog.split()[-1]} --help').")
 
 
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """A size like 800M, 12G or 1.5G (powers of 1024), or plain bytes."""
+    number, unit = text.strip().upper().rstrip("IB").rstrip("B"), ""
+    if number and number[-1] in UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 800M or 12G") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive size")
+    return int(value)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -78,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         metavar="N",
         help="examples in the float64 precision and 10x-damping probes; 0 turns them off (default: 64)",
+    )
+    diagnose.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="memory a stage may use at full size, e.g. 12G or 800M (default: the device's memory)",
     )
     diagnose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     diagnose.add_argument("--seed", type=int, default=None, help="override the pipeline's seed")
@@ -162,6 +186,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         thresholds=config.make_thresholds(),
         ladders=config.ladders,
         min_fix_spearman=config.gates.min_fix_spearman,
+        memory_budget=args.memory_budget,
     )
     if args.format == "json":
         sys.stdout.write(dumps(report.document))

@@ -67,6 +67,7 @@ class _Treatment:
     original_batch_size: int = 0
     exact: dict[str, Any] | None = None
     min_fix_spearman: float = MIN_FIX_SPEARMAN
+    labs: Labs | None = None
 
     @property
     def applied(self) -> list[Remedy]:
@@ -90,6 +91,7 @@ def diagnose(
     thresholds: Thresholds | None = None,
     ladders: Mapping[str, list[str]] | None = None,
     min_fix_spearman: float = MIN_FIX_SPEARMAN,
+    memory_budget: float | None = None,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
@@ -97,7 +99,8 @@ def diagnose(
     With `fix`, each treatable problem climbs its ladder one rung at a time until healed.
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
     `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml);
-    `min_fix_spearman` is the fidelity below which a fix is flagged as worse than the problem.
+    `min_fix_spearman` is the fidelity below which a fix is flagged as worse than the problem;
+    `memory_budget` (bytes) is what a stage may use at full size (default: the device's memory).
     """
     options = RunOptions(
         out_dir=Path(out_dir),
@@ -109,6 +112,7 @@ def diagnose(
         run_id=run_id,
         fix=fix,
         probe_examples=probe_examples,
+        memory_budget=memory_budget,
     )
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
@@ -124,7 +128,7 @@ def diagnose(
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
             run_influence_stages(run, reporter, on_stage_done=examine)
-            labs = Labs(run, options.probe_examples, thresholds, note=reporter.note)
+            labs = treatment.labs = Labs(run, options.probe_examples, thresholds, note=reporter.note)
             if labs.enabled:
                 reporter.note(f"probing precision and damping on {labs.probe.examples} examples")
                 run.probes = run_probes(run, labs, thresholds)
@@ -254,7 +258,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
             remedies=[remedy.to_dict() for remedy in treatment.remedies],
             prescription=prescription,
             fidelity=fidelity,
-            projection=project(run) if rehearsal else {},
+            projection=project(run, treatment.labs, run.options.memory_budget) if rehearsal else {},
         )
     )
     write_text_atomic(run.run_dir / "report.json", dumps(document))

@@ -68,6 +68,7 @@ class Trial:
     artifacts: dict[str, Any] = field(default_factory=dict)  # stage → kronfluence's loaded dictionary
     errors: dict[str, str] = field(default_factory=dict)  # stage → "Type: first line"
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # how long each stage took here
     damping: dict[str, float] | None = None  # per-module damping override, when one was applied
     shift: tuple[str, float] | None = None  # diagonal shift of the covariances, when one was applied
 
@@ -125,7 +126,7 @@ class Lab:
         query_total = len(run.query_subset)
         self.queries = query_total if queries is None else max(0, min(queries, query_total))
         self.query = run.query_subset if self.queries == query_total else Subset(run.query_subset, range(self.queries))
-        self._factors: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
+        self._factors: dict[str, tuple[str, dict[str, Any], dict[str, str], dict[str, float]]] = {}
         self._trials: dict[str, Trial] = {}
         self.seconds = 0.0
 
@@ -147,7 +148,13 @@ class Lab:
             name: _error_text(record.error) for name, record in run.stages.items() if name != "train" and record.error
         }
         factor_errors = {name: text for name, text in errors.items() if name in FACTOR_STAGES}
-        self._factors[settings_key(run.factor_args, shift=run.shift)] = (run.factors_name, artifacts, factor_errors)
+        seconds = {name: record.seconds for name, record in run.stages.items() if record.seconds is not None}
+        self._factors[settings_key(run.factor_args, shift=run.shift)] = (
+            run.factors_name,
+            artifacts,
+            factor_errors,
+            {name: seconds[name] for name in FACTOR_STAGES if name in seconds},
+        )
         trial = Trial(
             "as configured",
             copy.deepcopy(run.factor_args),
@@ -156,6 +163,7 @@ class Lab:
             self.queries,
             artifacts=dict(artifacts),
             errors=errors,
+            stage_seconds={name: value for name, value in seconds.items() if name != "train"},
         )
         for kind in run.pipeline.scores:
             stage = SCORE_STAGE_OF[kind]
@@ -193,9 +201,10 @@ class Lab:
         if key not in self._trials:
             started = time.perf_counter()
             trial = Trial(label, copy.deepcopy(factor_args), copy.deepcopy(score_args), self.examples, self.queries)
-            factors_name, artifacts, errors = self._fit_factors(factor_args, shift)
+            factors_name, artifacts, errors, seconds = self._fit_factors(factor_args, shift)
             trial.artifacts.update(artifacts)
             trial.errors.update(errors)
+            trial.stage_seconds.update(seconds)
             if not errors:
                 self._score(trial, factors_name, damping)
             trial.damping, trial.shift = damping, shift
@@ -206,7 +215,7 @@ class Lab:
 
     def _fit_factors(
         self, factor_args: Any, shift: tuple[str, float] | None
-    ) -> tuple[str, dict[str, Any], dict[str, str]]:
+    ) -> tuple[str, dict[str, Any], dict[str, str], dict[str, float]]:
         from kronfluence.factor.config import FactorConfig
 
         key = settings_key(factor_args, shift=shift)
@@ -217,6 +226,7 @@ class Lab:
         strategy = FactorConfig.CONFIGS[factor_args.strategy]
         artifacts: dict[str, Any] = {}
         errors: dict[str, str] = {}
+        seconds: dict[str, float] = {}
         batch = self.run.train_batch_size
         load_from: str | None = None
         steps = (
@@ -226,6 +236,7 @@ class Lab:
         )
         for stage, needed in steps:
             seed_everything(self.run.seed + STAGES.index(stage))  # as the runner seeds: one setting differs
+            started = time.perf_counter()
             try:
                 with quiet_kronfluence():
                     if stage == "covariance":
@@ -266,17 +277,21 @@ class Lab:
             except Exception as exc:  # eigh failing is a measurement, not a crash
                 errors[stage] = _describe(exc)
                 break
-        self._factors[key] = (name, artifacts, errors)
+            finally:
+                seconds[stage] = time.perf_counter() - started
+        self._factors[key] = (name, artifacts, errors, seconds)
         return self._factors[key]
 
     def _score(self, trial: Trial, factors_name: str, damping: dict[str, float] | None) -> None:
         for kind in self.run.pipeline.scores:
             stage = SCORE_STAGE_OF[kind]
             seed_everything(self.run.seed + STAGES.index(stage))
+            started = time.perf_counter()
             try:
                 trial.artifacts[stage] = self._scores_with_damping(kind, factors_name, trial.score_args, damping)
             except Exception as exc:
                 trial.errors[stage] = _describe(exc)
+            trial.stage_seconds[stage] = time.perf_counter() - started
 
     def _scores_with_damping(
         self, kind: str, factors_name: str, score_args: Any, damping: dict[str, float] | None

@@ -114,13 +114,46 @@ def _rerun(stages: list[str]) -> str:
     return "—" if not stages else stages[0] if len(stages) == 1 else f"{stages[0]} +{len(stages) - 1}"
 
 
-def projection_line(projection: dict[str, Any]) -> str:
-    size = projection["peak_factor_bytes"]
-    memory = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-    return (
-        f"Projected full run ({projection['examples']['full']} examples, {projection['queries']['full']} queries): "
-        f"about {projection['projected_seconds']:.2g} s of kronfluence stages, {memory} of factors."
-    )
+def projection_lines(projection: dict[str, Any]) -> list[str]:
+    """The full run as projected: per-stage peak memory and seconds, overflow headroom, memory advice."""
+    lines = [
+        f"Projected full run ({projection['examples_full']} examples, {projection['queries_full']} queries, "
+        f"from {projection['examples_rehearsal']} rehearsed): about {projection['seconds']:.3g} s of kronfluence "
+        f"stages, {_size(sum(projection['factor_bytes'].values()))} of factors."
+    ]
+    budget = projection.get("memory_budget_bytes")
+    for stage, entry in projection["stages"].items():
+        if "peak_bytes" in entry:
+            verdict = (
+                "" if budget is None else ("" if entry.get("fits", True) else f" — over the {_size(budget)} budget")
+            )
+            lines.append(
+                f"  {stage}: peak {_size(entry['peak_bytes'])}"
+                + (f", {entry['seconds']:.3g} s" if "seconds" in entry else "")
+                + verdict
+            )
+    for advice in projection.get("advice", []):
+        if advice["fits"]:
+            lines.append(
+                f"  to fit {advice['stage']}: {advice['setting']} (projected peak "
+                f"{_size(advice['projected_peak_bytes'])})"
+            )
+        else:
+            lines.append(f"  {advice['stage']}: no single documented setting brings it under the budget")
+    tight = [h for h in projection.get("headroom", []) if h["dtype_max"] and h["max_projected"] > 0.1 * h["dtype_max"]]
+    for headroom in tight:
+        lines.append(
+            f"  headroom {headroom['subject']}: {show_number(headroom['max_projected'])} of {headroom['dtype']}'s "
+            f"{show_number(headroom['dtype_max'])} at full size"
+        )
+    return lines
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def fidelity_lines(document: dict[str, Any]) -> list[str]:
@@ -250,7 +283,7 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         ]
         parts += [f"    {line}" for line in influences] if markdown else influences
     if projection := document.get("projection"):
-        parts += ["", projection_line(projection)]
+        parts += ["", *projection_lines(projection)]
     if pipeline["partial"]:
         parts += ["", f"PARTIAL report: the run was interrupted during {pipeline['interrupted_in']}."]
     parts += ["", f"Status: {STATUS_WORDS.get(document['status'], document['status'])}"]

@@ -29,6 +29,9 @@ class RunOptions:
     probe_examples: int = field(
         default=64, metadata={"help": "Subsample size of the float64 and damping probes; 0 turns them off."}
     )
+    memory_budget: float | None = field(
+        default=None, metadata={"help": "Bytes a stage may use at full size; None: the device's memory."}
+    )
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""Peak memory per stage at full size, and the smallest kronfluence setting that makes a stage fit.
+
+Starts from what the rehearsal measured (each stage's peak: `runner.memory`), because per-batch working
+memory — activations, per-sample gradients, preconditioned query gradients — does not grow with the
+number of examples: the configured batch sizes fix it. What does grow is added exactly from shapes: the
+score matrices kronfluence keeps for every (query, example) pair. Settings that shrink a stage
+(smaller batches, iterative Λ aggregation, module partitions, low-rank query gradients) scale the
+measured working memory by how much they shrink the tensors that dominate it, from module shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SCORE_STAGES = ("pairwise_scores", "self_scores")
+PARTITIONS = (2, 4, 8, 16)
+"""Module partitions tried, smallest first."""
+LOW_RANKS = (256, 128, 64, 32, 16)
+"""`query_gradient_low_rank` values tried, least lossy first."""
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """One tracked module as kronfluence's factors see it: input width (bias included), output width,
+    and positions per example (1 for a Linear on vectors; tokens or spatial positions otherwise)."""
+
+    name: str
+    inputs: int
+    outputs: int
+    positions: float = 1.0
+
+    @property
+    def weights(self) -> int:
+        return self.inputs * self.outputs
+
+
+def module_shapes(artifacts: dict[str, Any], examples: int) -> list[ModuleShape]:
+    """From the covariance factors (or Λ, for strategies without covariances)."""
+    covariance = artifacts.get("covariance") or {}
+    shapes = []
+    for module, activation in (covariance.get("activation_covariance") or {}).items():
+        gradient = covariance["gradient_covariance"][module]
+        count = float(covariance["num_activation_covariance_processed"][module].sum())
+        shapes.append(ModuleShape(module, int(activation.shape[0]), int(gradient.shape[0]), count / max(examples, 1)))
+    if shapes:
+        return shapes
+    lambdas = artifacts.get("lambda") or {}
+    for module, matrix in (lambdas.get("lambda_matrix") or {}).items():
+        shapes.append(ModuleShape(module, int(matrix.shape[1]), int(matrix.shape[0])))
+    return shapes
+
+
+def itemsize(dtype: torch.dtype | None) -> int:
+    return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Settings:
+    """What decides a stage's memory: kronfluence's arguments and the batch sizes."""
+
+    factor_args: Any
+    score_args: Any
+    batch_size: int
+    query_batch_size: int
+
+    def copy(self) -> Settings:
+        return Settings(
+            copy.deepcopy(self.factor_args), copy.deepcopy(self.score_args), self.batch_size, self.query_batch_size
+        )
+
+
+def working_bytes(stage: str, shapes: list[ModuleShape], settings: Settings) -> float:
+    """The tensors that dominate a stage's per-batch memory, in bytes (a model, not a measurement:
+    only its ratios between settings are used, to scale what was measured)."""
+    if not shapes:
+        return 0.0
+    fa, sa, batch = settings.factor_args, settings.score_args, settings.batch_size
+    if stage == "covariance":
+        item = max(itemsize(fa.activation_covariance_dtype), itemsize(fa.gradient_covariance_dtype))
+        total = sum(
+            batch * s.positions * (s.inputs + s.outputs) * 4 + (s.inputs**2 + s.outputs**2) * item for s in shapes
+        )
+        return total / fa.covariance_module_partitions
+    if stage == "eigendecomposition":
+        return max((s.inputs**2 + s.outputs**2) * 8 * 3 for s in shapes)
+    if stage == "lambda":
+        psg = itemsize(fa.per_sample_gradient_dtype)
+        copies = 2 if fa.use_iterative_lambda_aggregation else 3  # per-sample gradient, rotated, rotated again
+        largest = max(s.weights for s in shapes)
+        modules = sum(
+            batch * s.positions * s.inputs * psg
+            + s.weights * itemsize(fa.lambda_dtype)
+            + (s.inputs**2 + s.outputs**2) * 4
+            for s in shapes
+        )
+        return copies * batch * largest * psg + modules / fa.lambda_module_partitions
+    psg = itemsize(sa.per_sample_gradient_dtype)
+    largest = max(s.weights for s in shapes)
+    per_sample = 4 * batch * largest * psg
+    modules = sum(batch * s.positions * s.inputs * psg for s in shapes) / sa.module_partitions
+    if stage == "pairwise_scores":
+        rank = sa.query_gradient_low_rank
+        query = sum(s.weights if rank is None else rank * (s.inputs + s.outputs) for s in shapes)
+        modules += settings.query_batch_size * query * itemsize(sa.precondition_dtype) / sa.module_partitions
+    return per_sample + modules
+
+
+def score_bytes(stage: str, queries: int, examples: int, settings: Settings, modules: int) -> float:
+    """The score matrix kronfluence keeps whole: one entry per (query, example) pair, or per example."""
+    if stage not in SCORE_STAGES:
+        return 0.0
+    sa = settings.score_args
+    entries = (queries * examples if stage == "pairwise_scores" else examples) / sa.data_partitions
+    return entries * itemsize(sa.score_dtype) * (modules if sa.compute_per_module_scores else 1)
+
+
+def project_stage(
+    stage: str,
+    measured: dict[str, Any],
+    shapes: list[ModuleShape],
+    settings: Settings,
+    new_settings: Settings,
+    sizes: tuple[int, int, int, int],
+) -> float:
+    """Peak bytes of `stage` at full size under `new_settings`, from its peak measured under `settings`.
+
+    `sizes` = (queries, examples) of the rehearsal, then of the full run.
+    """
+    queries, examples, queries_full, examples_full = sizes
+    start, peak = measured["start_bytes"], measured["peak_bytes"]
+    modules = len(shapes)
+    fixed = score_bytes(stage, queries, examples, settings, modules)
+    working = max(peak - start - fixed, 0)
+    model = working_bytes(stage, shapes, settings)
+    scaled = working * working_bytes(stage, shapes, new_settings) / model if model > 0 else working
+    return start + scaled + score_bytes(stage, queries_full, examples_full, new_settings, modules)
+
+
+def candidates(
+    stage: str, settings: Settings, shapes: list[ModuleShape], device: str
+) -> Iterator[tuple[str, Settings]]:
+    """kronfluence's documented order of settings to try when a stage runs out of memory, each a little
+    stronger than the last (cumulative within a stage)."""
+    current = settings.copy()
+    if stage == "covariance":
+        batch = current.batch_size
+        while batch > 1:
+            batch //= 2
+            trial = current.copy()
+            trial.batch_size = batch
+            yield f"per_device_batch_size={batch}", trial
+        for parts in PARTITIONS:
+            if parts > len(shapes):
+                break
+            trial = current.copy()
+            trial.factor_args.covariance_module_partitions = parts
+            yield f"covariance_module_partitions={parts}", trial
+    elif stage == "lambda":
+        if not current.factor_args.use_iterative_lambda_aggregation:
+            current.factor_args.use_iterative_lambda_aggregation = True
+            yield "use_iterative_lambda_aggregation=True", current.copy()
+        if device.startswith("cuda") and not current.factor_args.offload_activations_to_cpu:
+            current.factor_args.offload_activations_to_cpu = True
+            yield "offload_activations_to_cpu=True", current.copy()
+        for parts in PARTITIONS:
+            if parts > len(shapes):
+                break
+            trial = current.copy()
+            trial.factor_args.lambda_module_partitions = parts
+            yield f"lambda_module_partitions={parts}", trial
+    elif stage in SCORE_STAGES:
+        # A rank helps where it is below a module's smaller side: the widest module decides.
+        widest = max(min(s.inputs, s.outputs) for s in shapes) if shapes else 0
+        if stage == "pairwise_scores" and current.score_args.query_gradient_low_rank is None:
+            for rank in LOW_RANKS:
+                if rank < widest:
+                    trial = current.copy()
+                    trial.score_args.query_gradient_low_rank = rank
+                    yield f"query_gradient_low_rank={rank}", trial
+        for parts in PARTITIONS:
+            if parts > len(shapes):
+                break
+            trial = current.copy()
+            trial.score_args.module_partitions = parts
+            yield f"module_partitions={parts}", trial
+        for parts in PARTITIONS:
+            trial = current.copy()
+            trial.score_args.data_partitions = parts
+            yield f"data_partitions={parts}", trial
+
+
+def advise(
+    stage: str,
+    measured: dict[str, Any],
+    shapes: list[ModuleShape],
+    settings: Settings,
+    sizes: tuple[int, int, int, int],
+    budget: float,
+    device: str,
+) -> dict[str, Any] | None:
+    """The first setting, in kronfluence's documented order, that brings the stage under `budget`."""
+    for change, trial in candidates(stage, settings, shapes, device):
+        projected = project_stage(stage, measured, shapes, settings, trial, sizes)
+        if projected <= budget:
+            return {"stage": stage, "setting": change, "projected_peak_bytes": projected, "fits": True}
+    return {"stage": stage, "setting": None, "projected_peak_bytes": math.nan, "fits": False}

@@ -1,0 +1,117 @@
+"""The projection of the full run: memory per stage from what was measured, advice in kronfluence's
+documented order that really fits when applied, and time fitted per batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kronfluence.arguments import FactorArguments, ScoreArguments
+
+from influence_doctor.projection.memory import (
+    ModuleShape,
+    Settings,
+    candidates,
+    project_stage,
+    score_bytes,
+    working_bytes,
+)
+from influence_doctor.projection.time import TimeModel, batches, fit
+
+SHAPES = [ModuleShape("fc1", 769, 768), ModuleShape("fc2", 769, 1)]
+
+
+def settings(**factor):
+    return Settings(FactorArguments(**factor), ScoreArguments(), batch_size=64, query_batch_size=4)
+
+
+def test_iterative_lambda_aggregation_drops_one_of_three_per_sample_gradient_copies():
+    plain, iterative = settings(), settings(use_iterative_lambda_aggregation=True)
+    psg = 64 * 769 * 768 * 4
+    assert working_bytes("lambda", SHAPES, plain) - working_bytes("lambda", SHAPES, iterative) == psg
+
+
+def test_partitions_and_smaller_batches_shrink_their_stage():
+    base = working_bytes("covariance", SHAPES, settings())
+    assert working_bytes("covariance", SHAPES, settings(covariance_module_partitions=2)) == pytest.approx(base / 2)
+    half = settings()
+    half.batch_size = 32
+    assert working_bytes("covariance", SHAPES, half) < base
+    low_rank = settings()
+    low_rank.score_args.query_gradient_low_rank = 32
+    assert working_bytes("pairwise_scores", SHAPES, low_rank) < working_bytes("pairwise_scores", SHAPES, settings())
+
+
+def test_the_score_matrix_is_what_grows_with_the_examples():
+    measured = {
+        "start_bytes": 1000,
+        "peak_bytes": 1000 + 10_000 + score_bytes("pairwise_scores", 4, 256, settings(), 2),
+    }
+    projected = project_stage("pairwise_scores", measured, SHAPES, settings(), settings(), (4, 256, 16, 8192))
+    assert projected == pytest.approx(1000 + 10_000 + 16 * 8192 * 4)
+    lam = {"start_bytes": 1000, "peak_bytes": 50_000}
+    assert project_stage("lambda", lam, SHAPES, settings(), settings(), (4, 256, 16, 8192)) == 50_000
+
+
+def test_advice_follows_kronfluences_documented_order_per_stage():
+    order = [change for change, _ in candidates("lambda", settings(), SHAPES, "cuda")]
+    assert order[:3] == [
+        "use_iterative_lambda_aggregation=True",
+        "offload_activations_to_cpu=True",
+        "lambda_module_partitions=2",
+    ]
+    cpu = [change for change, _ in candidates("lambda", settings(), SHAPES, "cpu")]
+    assert "offload_activations_to_cpu=True" not in cpu  # offloading to the CPU saves nothing on the CPU
+    covariance = [change for change, _ in candidates("covariance", settings(), SHAPES, "cpu")]
+    assert covariance[0] == "per_device_batch_size=32" and covariance[-1] == "covariance_module_partitions=2"
+    scores = [change for change, _ in candidates("pairwise_scores", settings(), SHAPES, "cpu")]
+    assert scores[0] == "query_gradient_low_rank=256" and "module_partitions=2" in scores
+
+
+def test_time_is_fitted_per_batch():
+    assert batches("covariance", 1000, 16, 64, 8) == 16
+    assert batches("pairwise_scores", 1000, 16, 64, 8) == 32
+    assert batches("pairwise_scores", 1000, 16, 64, 16) == 16  # all queries in one batch: no extra cost
+    assert batches("eigendecomposition", 10**6, 16, 64, 8) == 1
+    model = fit([(1, 0.3), (16, 1.8)])
+    assert model.fixed == pytest.approx(0.2) and model.per_batch == pytest.approx(0.1)
+    assert fit([(4, 2.0)]) == TimeModel(0.0, 0.5)
+    assert fit([(1, 1.0), (16, 0.5)]).per_batch == 0.0  # noise, not a negative cost
+    assert fit([]) is None
+
+
+@pytest.mark.slow
+def test_memory_advice_when_applied_runs_within_the_budget(cli, tmp_path):
+    """A budget below the projected Λ peak: the advice, applied, runs Λ within the budget (each run in
+    its own process, so nothing another run held is counted)."""
+
+    def lambda_memory(target, *flags):
+        done = cli(
+            "diagnose",
+            target,
+            "--no-fix",
+            "--probe-examples",
+            "0",
+            "--format",
+            "json",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+            *flags,
+        )
+        assert done.returncode in (0, 1), done.stderr
+        document = json.loads(done.stdout)
+        stage = next(s for s in document["stages"] if s["name"] == "lambda")
+        return document, stage["metrics"]["memory"]
+
+    document, measured = lambda_memory("tests.pipelines:wide_lambda", "--examples", "256")
+    projected = document["projection"]["stages"]["lambda"]["peak_bytes"]
+    working = projected - measured["start_bytes"]
+    assert working > 300 * 2**20  # per-sample gradients dominate: ~3 copies of 150 MB
+    budget = int(measured["start_bytes"] + 0.85 * working)
+    document, _ = lambda_memory("tests.pipelines:wide_lambda", "--examples", "256", "--memory-budget", str(budget))
+    (advice,) = [a for a in document["projection"]["advice"] if a["stage"] == "lambda"]
+    assert advice["setting"] == "use_iterative_lambda_aggregation=True" and advice["fits"]
+    assert advice["projected_peak_bytes"] <= budget
+    _, applied = lambda_memory("tests.pipelines:wide_lambda_iterative", "--full")
+    assert applied["peak_bytes"] <= budget, (applied, budget)
