@@ -115,3 +115,24 @@ def test_memory_advice_when_applied_runs_within_the_budget(cli, tmp_path):
     assert advice["projected_peak_bytes"] <= budget
     _, applied = lambda_memory("tests.pipelines:wide_lambda_iterative", "--full")
     assert applied["peak_bytes"] <= budget, (applied, budget)
+
+
+def test_the_rehearsal_is_the_largest_prefix_within_a_tenth_of_the_projected_full_run():
+    from influence_doctor.projection.rehearsal import plan_rehearsal
+
+    models = {"covariance": TimeModel(0.5, 0.1), "eigendecomposition": TimeModel(1.0, 0.0)}
+    plan = plan_rehearsal(models, total=64_000, queries=(16, 16), batch_size=64, query_batch_size=16)
+    assert plan.full_seconds == pytest.approx(0.5 + 100.0 + 1.0)
+    assert plan.rehearsal_seconds <= 0.1 * plan.full_seconds < plan.rehearsal_seconds + 0.1 + 1e-9
+    assert plan.examples == pytest.approx(64 * 86, abs=64)  # (10.15 − 1.5) / 0.1 batches
+    assert plan.reason == "10% of the projected full run"
+
+
+def test_the_rehearsal_never_goes_below_the_minimum_nor_above_the_data():
+    from influence_doctor.projection.rehearsal import MIN_REHEARSAL, plan_rehearsal
+
+    models = {"covariance": TimeModel(2.0, 0.01)}  # fixed costs dominate a short run
+    small = plan_rehearsal(models, total=10_000, queries=(16, 16), batch_size=64, query_batch_size=16)
+    assert small.examples == MIN_REHEARSAL and "minimum" in small.reason
+    tiny = plan_rehearsal(models, total=100, queries=(16, 16), batch_size=64, query_batch_size=16)
+    assert tiny.examples == 100

@@ -106,10 +106,11 @@ def _figures(document: dict[str, Any], run: Any) -> list[str]:
     except ImportError:  # plots are a convenience: the tables carry every number
         return []
     figures = []
-    for title, draw in (
-        ("Training loss", lambda ax: _loss_curve(ax, document)),
-        ("Eigenvalue spectra", lambda ax: _spectra(ax, run)),
-        ("Score histograms", lambda ax: _histograms(ax, run)),
+    for title, draw, figure_id in (
+        ("Training loss", lambda ax: _loss_curve(ax, document), None),
+        ("Eigenvalue spectra", lambda ax: _spectra(ax, run), None),
+        ("Score histograms", lambda ax: _histograms(ax, run), None),
+        ("Headroom: largest |entry| as a share of its dtype's max", lambda ax: _headroom(ax, document), "headroom"),
     ):
         fig, ax = plt.subplots(figsize=(9, 3.6))
         try:
@@ -122,7 +123,8 @@ def _figures(document: dict[str, Any], run: Any) -> list[str]:
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=90)
             encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-            figures.append(f"<img alt='{title}' src='data:image/png;base64,{encoded}'>")
+            image = f"<img alt='{title}' src='data:image/png;base64,{encoded}'>"
+            figures.append(f"<figure id='{figure_id}'>{image}</figure>" if figure_id else image)
         plt.close(fig)
     return figures
 
@@ -163,6 +165,37 @@ def _spectra(ax: Any, run: Any) -> bool:
     ax.set_xlabel("index (largest first)")
     ax.set_ylabel("eigenvalue / largest")
     ax.legend(fontsize=6, ncol=2)
+    return True
+
+
+MAX_HEADROOM_BARS = 12
+"""Accumulated quantities drawn, closest to their dtype's max first."""
+HEADROOM_FLOOR = 1e-6
+"""Quantities projected below this share of their dtype's max (float32 sums, mostly) are not drawn."""
+
+
+def _headroom(ax: Any, document: dict[str, Any]) -> bool:
+    """Each accumulated quantity at the rehearsal and projected to the full run, as a share of its
+    dtype's max (1 = overflow), closest to overflowing first."""
+    rows = [
+        h
+        for h in (document.get("projection") or {}).get("headroom", [])
+        if h.get("dtype_max") and h["max_projected"] / h["dtype_max"] >= HEADROOM_FLOOR
+    ]
+    rows = sorted(rows, key=lambda h: h["max_projected"] / h["dtype_max"], reverse=True)[:MAX_HEADROOM_BARS]
+    if not rows:
+        return False
+    labels = [f"{h['subject']} ({h['dtype']})" for h in rows][::-1]
+    rehearsal = [max(h["max_rehearsal"] / h["dtype_max"], HEADROOM_FLOOR) for h in rows][::-1]
+    projected = [h["max_projected"] / h["dtype_max"] for h in rows][::-1]
+    positions = range(len(rows))
+    ax.barh([p + 0.2 for p in positions], projected, height=0.4, label="projected, full run")
+    ax.barh([p - 0.2 for p in positions], rehearsal, height=0.4, label="measured, rehearsal")
+    ax.axvline(1.0, color="red", lw=1, label="dtype max (overflow)")
+    ax.set_xscale("log")
+    ax.set_yticks(list(positions), labels, fontsize=6)
+    ax.set_xlabel("largest |entry| / dtype max")
+    ax.legend(fontsize=6)
     return True
 
 

@@ -1,0 +1,80 @@
+"""How many examples the rehearsal gets: what fits in a share of the full run's projected time.
+
+Two small pilots (the probe subsample and one about twice its size, from the same seeded permutation)
+are timed stage by stage; per-batch time models fitted on them project the full run, and the rehearsal
+takes the largest prefix of the permutation whose own projected time stays within `REHEARSAL_SHARE` of
+it — never fewer than `MIN_REHEARSAL` examples, which the headroom growth and the statistics of the
+checks need, and never more than there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from influence_doctor.projection.time import TimeModel, batches
+
+REHEARSAL_SHARE = 0.1
+"""The rehearsal's time budget: a tenth of the projected full run."""
+MIN_REHEARSAL = 256
+"""Fewest examples rehearsed: four times the 64-example probe, so the growth of accumulated sums is
+measured over a factor of four, and several batches for every statistic the checks take."""
+
+
+@dataclass(frozen=True)
+class RehearsalPlan:
+    examples: int
+    full_seconds: float  # the full run's kronfluence stages, projected from the pilots
+    rehearsal_seconds: float  # the chosen rehearsal's, projected the same way
+    budget_seconds: float
+    reason: str
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "examples": self.examples,
+            "projected_full_seconds": self.full_seconds,
+            "projected_rehearsal_seconds": self.rehearsal_seconds,
+            "budget_seconds": self.budget_seconds,
+            "chosen_by": self.reason,
+        }
+
+
+def stage_seconds(
+    models: dict[str, TimeModel], examples: int, queries: int, batch_size: int, query_batch_size: int
+) -> float:
+    return sum(
+        model.seconds(batches(stage, examples, queries, batch_size, query_batch_size))
+        for stage, model in models.items()
+    )
+
+
+def plan_rehearsal(
+    models: dict[str, TimeModel],
+    total: int,
+    queries: tuple[int, int],
+    batch_size: int,
+    query_batch_size: int,
+    share: float = REHEARSAL_SHARE,
+    minimum: int = MIN_REHEARSAL,
+) -> RehearsalPlan:
+    """The largest rehearsal within `share` of the projected full run, clamped to [minimum, total].
+
+    `queries` = (the rehearsal's, the full run's): the pairwise stage's cost grows with both."""
+    rehearsed_queries, all_queries = queries
+    full = stage_seconds(models, total, all_queries, batch_size, query_batch_size)
+    budget = share * full
+    low, high = 1, total
+    while low < high:  # the projected time grows with the examples: bisect for the largest that fits
+        middle = (low + high + 1) // 2
+        if stage_seconds(models, middle, rehearsed_queries, batch_size, query_batch_size) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    examples = min(max(low, minimum), total)
+    if examples == total:
+        reason = "the whole training set fits the time budget" if low >= total else "the minimum covers every example"
+    elif examples == minimum and low < minimum:
+        reason = f"the minimum of {minimum} examples (the time budget alone would allow {low})"
+    else:
+        reason = f"{share:.0%} of the projected full run"
+    rehearsal = stage_seconds(models, examples, rehearsed_queries, batch_size, query_batch_size)
+    return RehearsalPlan(examples, full, rehearsal, budget, reason)
