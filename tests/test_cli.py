@@ -32,7 +32,11 @@ def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
     assert all(isinstance(stage["seconds"], float) for stage in on_disk["stages"])
     assert on_disk["environment"]["device"] == "cpu"
     assert on_disk["environment"]["kronfluence"] == "1.0.1"
-    assert on_disk["scores"]["pairwise"]["shape"] == [16, 1000]
+    # The rehearsal is sized by time: a tenth of this fast run would be tiny, so the 256-example minimum.
+    assert on_disk["scores"]["pairwise"]["shape"] == [16, 256]
+    plan = on_disk["pipeline"]["rehearsal"]["plan"]
+    assert plan["examples"] == 256 and "minimum" in plan["chosen_by"]
+    assert on_disk["projection"]["examples_full"] == 1000 and set(on_disk["projection"]["stages"]) == set(STAGES[1:])
     # The healthy verdict rests on a measurement: float64 at the same damping agrees, per query.
     assert on_disk["fidelity"]["float64"]["pairwise"]["median_spearman"] > 0.999
     json.loads(report_path.read_text(), parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))

@@ -134,22 +134,19 @@ def test_bf16_everywhere_is_caught_by_per_query_rankings_against_float64(tmp_pat
 def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsal_and_the_full_run_confirms(
     tmp_path,
 ):
-    """8,192 examples; the default rehearsal (1,024) keeps the float16 sum at a quarter of 65504."""
+    """8,192 examples; the default rehearsal (256, a fast run's minimum) keeps the float16 sum far below 65504."""
     pipeline, _ = load_fixture("fp16_covariance_overflow_at_scale")
     rehearsal = diagnose(pipeline, fix=False, out_dir=tmp_path, progress=False)
-    assert rehearsal.document["pipeline"]["rehearsal"] == {
-        "examples": 1024,
-        "examples_total": 8192,
-        "queries": 8,
-        "full": False,
-    }
+    sized = rehearsal.document["pipeline"]["rehearsal"]
+    assert (sized["examples"], sized["examples_total"], sized["full"]) == (256, 8192, False)
+    assert sized["plan"]["examples"] == 256
     assert not [f for f in rehearsal.findings if f.check == "covariance.finite"]  # nothing overflowed yet
     (projection,) = [
         f for f in rehearsal.findings if f.check == "covariance.projected_headroom" and f.severity == "fail"
     ]
     assert projection.value > projection.limit == 65504.0
     headroom = rehearsal.run.headroom[projection.subject]
-    assert 0.9 < headroom.growth <= 1.0 and headroom.max_rehearsal < 65504.0 < headroom.max_projected
+    assert 0.8 < headroom.growth <= 1.0 and headroom.max_rehearsal < 65504.0 < headroom.max_projected
     first = rehearsal.problems[0]
     assert (first.cause, first.stage, first.basis) == ("fp16-overflow", "covariance", "experiment")
     assert "covariance.projected_headroom" in {f.check for f in first.evidence}

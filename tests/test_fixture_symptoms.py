@@ -117,8 +117,8 @@ def run_case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
             pipeline = load_fixture(name)[0] if name in FIXTURES else EXTRA_CASES[name]()
             out_dir = tmp_path_factory.mktemp(f"{name}-{variant}".replace(" ", "-"))
             gc.freeze()
-            _REPORTS[key] = diagnose(
-                VARIANTS[variant](pipeline), fix=False, out_dir=out_dir, progress=False, probe_examples=0
+            _REPORTS[key] = diagnose(  # every example: the pathology as the full run meets it
+                VARIANTS[variant](pipeline), fix=False, out_dir=out_dir, progress=False, probe_examples=0, examples=None
             )
         return _REPORTS[key]
 

@@ -41,6 +41,10 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
+def _examples(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -81,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--full", action="store_true", help="analyse every training example (no rehearsal)")
     diagnose.add_argument(
         "--examples",
-        type=_positive_int,
-        default=1024,
-        metavar="N",
-        help="rehearsal size: training examples analysed, a seeded subsample (default: 1024)",
+        type=_examples,
+        default="auto",
+        metavar="N|auto",
+        help="rehearsal size: training examples analysed, a seeded subsample; auto sizes it to a tenth of the "
+        "projected full run, at least 256 examples (default: auto)",
     )
     diagnose.add_argument(
         "--queries", type=_positive_int, default=16, metavar="N", help="query examples analysed (default: 16)"

@@ -12,7 +12,7 @@ from typing import Any
 
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
-from influence_doctor.diagnosis.differential import Labs, differential_diagnosis
+from influence_doctor.diagnosis.differential import PROBE_QUERIES, Labs, differential_diagnosis
 from influence_doctor.exact import exact_fidelity
 from influence_doctor.examine import examine_stage
 from influence_doctor.fidelity import fidelity_against_least_regularized
@@ -22,6 +22,7 @@ from influence_doctor.prescription import prescribe
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.projection import project
+from influence_doctor.projection.rehearsal import choose_rehearsal
 from influence_doctor.remedies.heal import HealResult, Remedy, heal
 from influence_doctor.report.atomic import write_tensors_atomic, write_text_atomic
 from influence_doctor.report.document import build_report
@@ -30,6 +31,9 @@ from influence_doctor.report.strict_json import dumps, strict
 from influence_doctor.report.text import render
 from influence_doctor.runner import Run, RunOptions, create_run, run_influence_stages, run_train_stage
 from influence_doctor.runner.stages import settle_status
+
+DEFAULT_PROBE_EXAMPLES = 64
+"""Size of the pilot that times the stages when the probes themselves are off."""
 
 MIN_FIX_SPEARMAN = 0.9
 """A healed run whose rankings agree with the least-regularized finite run below this is flagged:
@@ -80,7 +84,7 @@ def diagnose(
     fix: bool = True,
     out_dir: str | Path = "reports",
     *,
-    examples: int | None = 1024,
+    examples: int | str | None = "auto",
     queries: int | None = 16,
     device: str = "auto",
     seed: int | None = None,
@@ -95,7 +99,8 @@ def diagnose(
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
-    `examples=None` analyses the full training set; otherwise a seeded subsample (the rehearsal).
+    `examples=None` analyses the full training set; an int, a seeded subsample of that size (the
+    rehearsal); "auto", a subsample sized to a tenth of the projected full run (at least 256 examples).
     With `fix`, each treatable problem climbs its ladder one rung at a time until healed.
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
     `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml);
@@ -127,8 +132,15 @@ def diagnose(
             examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
+            probe = _size_rehearsal(run, reporter) if options.examples == "auto" else None
             run_influence_stages(run, reporter, on_stage_done=examine)
-            labs = treatment.labs = Labs(run, options.probe_examples, thresholds, note=reporter.note)
+            labs = treatment.labs = Labs(
+                run,
+                options.probe_examples,
+                thresholds,
+                note=reporter.note,
+                probe=probe if options.probe_examples else None,
+            )
             if labs.enabled:
                 reporter.note(f"probing precision and damping on {labs.probe.examples} examples")
                 run.probes = run_probes(run, labs, thresholds)
@@ -183,6 +195,18 @@ def _cheap_garbage_collection() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def _size_rehearsal(run: Run, reporter: StageProgress) -> Any:
+    """Size the rehearsal by a share of the projected full run (timed on two pilots); returns the probe
+    pilot's Lab so its trials serve the probes too."""
+    if run.analyzer is None or run.train_subset is None:
+        return None
+    reporter.note("timing two small pilots to size the rehearsal")
+    plan, probe = choose_rehearsal(run, run.options.probe_examples or DEFAULT_PROBE_EXAMPLES, PROBE_QUERIES)
+    run.rehearsal_plan = plan.to_dict()
+    reporter.note(f"rehearsing on {plan.examples} of {run.train_examples_total} examples: {plan.reason}")
+    return probe
 
 
 def _final_float64_agreement(probes: dict[str, Any]) -> dict[str, Any]:

@@ -62,12 +62,16 @@ class Labs:
         probe_examples: int,
         thresholds: Thresholds | None = None,
         note: Callable[[str], None] | None = None,
+        probe: Lab | None = None,
     ) -> None:
         self.run = run
         self.thresholds = thresholds or Thresholds()
         self.note = note or (lambda text: None)  # progress lines, one per experiment
         ready = run.analyzer is not None and run.train_subset is not None
-        self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
+        if probe is not None:  # the pilot that sized the rehearsal: same examples, trials already run
+            self.probe = probe
+        else:
+            self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
         self.rehearsal = Lab(run, None, None, name="rehearsal") if ready else None
         self.refresh()
 

@@ -10,6 +10,7 @@ checks need, and never more than there are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from influence_doctor.projection.time import TimeModel, batches
 
@@ -78,3 +79,31 @@ def plan_rehearsal(
         reason = f"{share:.0%} of the projected full run"
     rehearsal = stage_seconds(models, examples, rehearsed_queries, batch_size, query_batch_size)
     return RehearsalPlan(examples, full, rehearsal, budget, reason)
+
+
+def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple[RehearsalPlan, Any]:
+    """Time two pilots on prefixes of the run's permuted training data, fit per-batch models, and shrink
+    the rehearsal to the plan's size. Returns the plan and the smaller pilot's Lab, which is the probe
+    subsample itself (its trials are reused, not repeated)."""
+    from influence_doctor.lab import Lab
+    from influence_doctor.projection.time import fit
+    from influence_doctor.runner.stages import resize_rehearsal
+
+    total, batch = len(run.train_subset), run.train_batch_size
+    queries = (len(run.query_subset), run.query_examples_total)
+    if total <= MIN_REHEARSAL:
+        resize_rehearsal(run, total)
+        return RehearsalPlan(total, 0.0, 0.0, 0.0, f"{total} examples: no more than the minimum"), None
+    small = Lab(run, max(probe_examples, 1), probe_queries, name="probe")
+    large = Lab(run, max(2 * small.examples, 2 * batch), probe_queries, name="pilot")
+    points: dict[str, list[tuple[float, float]]] = {}
+    for lab in (small, large):
+        trial = lab.configured()
+        for stage, seconds in trial.stage_seconds.items():
+            work = batches(stage, lab.examples, lab.queries, batch, run.pipeline.query_batch_size)
+            points.setdefault(stage, []).append((work, seconds))
+    models = {stage: model for stage, pairs in points.items() if (model := fit(pairs)) is not None}
+    plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size)
+    resize_rehearsal(run, plan.examples)
+    # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
+    return plan, (small if plan.examples < total else None)

@@ -64,6 +64,7 @@ def build_report(
                 "examples_total": run.train_examples_total,
                 "queries": len(run.query_indices),
                 "full": run.options.examples is None,
+                "plan": run.rehearsal_plan or None,
             },
             "partial": run.interrupted_in is not None,
             "interrupted_in": run.interrupted_in,

@@ -17,8 +17,9 @@ need it; not-run: a stage it depends on did not complete; interrupted: the run w
 @dataclass
 class RunOptions:
     out_dir: Path = field(default=Path("reports"), metadata={"help": "Where reports/<pipeline>/<run-id>/ go."})
-    examples: int | None = field(
-        default=1024, metadata={"help": "Rehearsal size: training examples analysed; None analyses all."}
+    examples: int | str | None = field(
+        default="auto",
+        metadata={"help": "Rehearsal size: training examples analysed; auto: by time budget; None: all."},
     )
     queries: int | None = field(default=16, metadata={"help": "Query examples analysed; None uses all."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda."})
@@ -81,6 +82,7 @@ class Run:
     interrupted_in: str | None = None
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
     headroom: dict[str, Any] = field(default_factory=dict)  # subject → checks.headroom.Headroom, projected
+    rehearsal_plan: dict[str, Any] = field(default_factory=dict)  # how the time budget sized the rehearsal
 
     @property
     def train_batch_size(self) -> int:

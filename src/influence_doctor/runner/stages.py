@@ -103,14 +103,29 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     run.stages["train"].metrics["queries_analysed"] = len(run.query_indices)
 
 
-def _subsample(total: int, examples: int | None, seed: int) -> list[int]:
-    """A seeded, sorted subsample: the rehearsal sees a fixed, representative slice of the data."""
+def _subsample(total: int, examples: int | str | None, seed: int) -> list[int]:
+    """A seeded subsample: the rehearsal sees a fixed, representative slice of the data.
+
+    A given size is sorted; "auto" keeps the whole seeded permutation, so that whatever size the time
+    budget later chooses (`resize_rehearsal`) is a prefix of it, and the pilots' examples stay in it.
+    """
     import torch
 
-    if examples is None or examples >= total:
+    if examples is None or (isinstance(examples, int) and examples >= total):
         return list(range(total))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(total, generator=generator)[:examples].tolist())
+    permutation = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return permutation if examples == "auto" else sorted(permutation[:examples])
+
+
+def resize_rehearsal(run: Run, examples: int) -> None:
+    """Keep the first `examples` of the run's (permuted) training subsample: the rehearsal's final size.
+    All of it is the training set in its own order, as a full run sees it."""
+    from torch.utils.data import Subset
+
+    dataset = run.train_subset.dataset
+    run.train_indices = list(range(len(dataset))) if examples >= len(dataset) else run.train_indices[:examples]
+    run.train_subset = Subset(dataset, run.train_indices)
+    run.stages["train"].metrics["examples_analysed"] = len(run.train_indices)
 
 
 def run_influence_stages(
