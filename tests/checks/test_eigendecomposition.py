@@ -191,3 +191,28 @@ def test_all_findings_are_valid():
     assert {"eigendecomposition.stored_dtype", "eigendecomposition.psd"} <= set(checks_of(outcome))
     assert_valid(outcome.findings)
     assert all(f.stage == "eigendecomposition" and f.subject == SUBJECT for f in outcome.findings)
+
+
+def test_a_large_float64_eigendecomposition_is_orthonormal_to_its_own_rounding():
+    """eigh's orthogonality error grows like √d·eps: a 513-wide float64 basis (≈9 eps) is not a failure."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(513, 64, generator=generator, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(a @ a.T)
+    outcome = check_eigenpairs(
+        values,
+        vectors,
+        "m/activation_eigenvectors",
+        T,
+        compute_dtype=torch.float64,
+        precondition_dtype=torch.float64,
+    )
+    assert "eigendecomposition.orthogonality" not in checks_of(outcome)
+    assert outcome.metrics["orthogonality_error"] > 2 * eps(torch.float64)  # beyond storage rounding alone
+
+
+def test_the_orthogonality_limit_adds_the_solvers_error_to_the_storage_rounding():
+    q = orthonormal(16, seed=3).float()
+    broken = q.clone()
+    broken[:, 0] *= 1.01
+    (finding,) = [f for f in check_eigenpairs(torch.ones(16), broken, "m", T).findings if "orthogonality" in f.check]
+    assert finding.limit == pytest.approx(T.orthogonality_eps * (eps(torch.float32) + 4 * eps(torch.float64)))

@@ -60,8 +60,8 @@ class Thresholds:
     orthogonality_eps: float = field(
         default=8.0,
         metadata={
-            "help": "‖QᵀQ−I‖_F/√d allowed, in epsilons of the precondition dtype; stored eigenvectors "
-            "sit about 0.3 eps of their own dtype from orthonormal, so storage is fine below this."
+            "help": "‖QᵀQ−I‖_F/√d allowed, in units of eps(precondition dtype) + √d·eps(eigendecomposition "
+            "dtype): stored eigenvectors sit ~0.3 eps of their dtype from orthonormal, eigh's own error ~√d·eps."
         },
     )
     reconstruction_eps: float = field(

@@ -114,7 +114,19 @@ def _fp16_overflow(symptom: Symptom, context: Context) -> list[Hypothesis]:
 
 
 def _low_precision(symptom: Symptom, context: Context) -> list[Hypothesis]:
-    return _raise(symptom, context, "low-precision-loss", lambda d: True, torch.float64)
+    """One stage's dtypes raised to float64 at a time, then, when the loss is spread over several
+    stages, all of them together (the float64 run itself, which the symptom was measured against)."""
+    single = _raise(symptom, context, "low-precision-loss", lambda d: True, torch.float64)
+    if len(single) > 1:
+        stage = min((h.stage for h in single), key=_stage_order)
+        single.append(Hypothesis("low-precision-loss", stage, "all", ((Counterfactual("float64"), "clears"),)))
+    return single
+
+
+def _stage_order(stage: str) -> int:
+    from influence_doctor.pipeline import STAGES
+
+    return STAGES.index(stage)
 
 
 def _eigendecomposition_failed(symptom: Symptom, context: Context) -> list[Hypothesis]:

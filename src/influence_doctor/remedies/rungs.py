@@ -59,6 +59,8 @@ def _dtype(rung, argument, problem, settings, fa, sa):
     """Raise the problem's dtype group (or, for a problem without one, every group feeding its stage)."""
     target = getattr(torch, argument)
     stage = "pairwise_scores" if problem.stage == "scores" else problem.stage
+    if problem.setting == "all":  # the loss is spread over stages: every dtype on the way to the scores
+        stage = settings.score_stage
     groups = [problem.setting] if problem.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
     changes: dict[str, tuple[Any, Any]] = {}
     for group in groups:
