@@ -448,6 +448,8 @@ def _message(hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experim
         text += f" ({cause}: {EXPLANATIONS.get(cause, cause)})"
     if cause in UNTREATABLE:
         return f"{text}. Influence of a broken model is meaningless: {TRAINING_ADVICE}"
+    if cause == "low-precision-loss":
+        text += " (a higher precision keeps your damping; a larger damping, your modeling choice, would also do)"
     confirming = [e for e in experiments if e.verdict.startswith("confirms")]
     if confirming:
         last = confirming[-1]
