@@ -170,7 +170,10 @@ class Lab:
             if run.artifacts.get(stage):
                 trial.artifacts[stage] = run.artifacts[stage]
         trial.shift = run.shift
-        self._trials[settings_key(run.factor_args, run.score_args, shift=run.shift, damping=None)] = trial
+        key = settings_key(
+            run.factor_args, run.score_args, shift=run.shift, damping=None, kinds=tuple(run.pipeline.scores)
+        )
+        self._trials[key] = trial
 
     def configured(self) -> Trial:
         """The run's current settings on this subsample (a covariance shift a remedy applied included)."""
@@ -189,6 +192,7 @@ class Lab:
         label: str,
         shift: tuple[str, float] | None = None,
         damping: Mapping[str, float] | None = None,
+        kinds: tuple[str, ...] | None = None,
     ) -> Trial:
         """Factors and the pipeline's scores under these settings; cached, so asking twice is free.
 
@@ -197,7 +201,8 @@ class Lab:
         one damping for all modules, so modules sharing a value are scored together, the rest apart.
         """
         damping = dict(damping) if damping else None
-        key = settings_key(factor_args, score_args, shift=shift, damping=damping)
+        kinds = tuple(kinds) if kinds is not None else tuple(self.run.pipeline.scores)
+        key = settings_key(factor_args, score_args, shift=shift, damping=damping, kinds=kinds)
         if key not in self._trials:
             started = time.perf_counter()
             trial = Trial(label, copy.deepcopy(factor_args), copy.deepcopy(score_args), self.examples, self.queries)
@@ -206,7 +211,7 @@ class Lab:
             trial.errors.update(errors)
             trial.stage_seconds.update(seconds)
             if not errors:
-                self._score(trial, factors_name, damping)
+                self._score(trial, factors_name, damping, kinds)
             trial.damping, trial.shift = damping, shift
             trial.seconds = time.perf_counter() - started
             self.seconds += trial.seconds
@@ -282,8 +287,8 @@ class Lab:
         self._factors[key] = (name, artifacts, errors, seconds)
         return self._factors[key]
 
-    def _score(self, trial: Trial, factors_name: str, damping: dict[str, float] | None) -> None:
-        for kind in self.run.pipeline.scores:
+    def _score(self, trial: Trial, factors_name: str, damping: dict[str, float] | None, kinds: tuple[str, ...]) -> None:
+        for kind in kinds:
             stage = SCORE_STAGE_OF[kind]
             seed_everything(self.run.seed + STAGES.index(stage))
             started = time.perf_counter()

@@ -105,8 +105,10 @@ class Labs:
         return None
 
 
-def counterfactual_trial(lab: Lab, base: Trial, counterfactual: Counterfactual) -> Trial:
-    """`base`'s settings with the one change applied, run in `lab`."""
+def counterfactual_trial(
+    lab: Lab, base: Trial, counterfactual: Counterfactual, kinds: tuple[str, ...] | None = None
+) -> Trial:
+    """`base`'s settings with the one change applied, run in `lab` (for the score `kinds`, default all)."""
     fa, sa = base.factor_args, base.score_args
     damping, shift = base.damping, base.shift
     if counterfactual.kind == "dtype":
@@ -128,7 +130,12 @@ def counterfactual_trial(lab: Lab, base: Trial, counterfactual: Counterfactual) 
     elif counterfactual.kind == "shift":
         shift = counterfactual.shift
     return lab.trial(
-        fa, sa, label=counterfactual.describe(base.factor_args, base.score_args) or "", shift=shift, damping=damping
+        fa,
+        sa,
+        label=counterfactual.describe(base.factor_args, base.score_args) or "",
+        shift=shift,
+        damping=damping,
+        kinds=kinds,
     )
 
 

@@ -16,6 +16,9 @@ from influence_doctor.projection.time import TimeModel, batches
 
 REHEARSAL_SHARE = 0.1
 """The rehearsal's time budget: a tenth of the projected full run."""
+PILOT_OVERHEAD = 2.0
+"""The doctor's own work besides the rehearsal's stages, in units of the pilots' time: the pilots
+themselves, then the probes, which repeat about as much work (float64 factors, a damping ×10 pass)."""
 MIN_REHEARSAL = 256
 """Fewest examples rehearsed: four times the 64-example probe, so the growth of accumulated sums is
 measured over a factor of four, and several batches for every statistic the checks take."""
@@ -56,13 +59,16 @@ def plan_rehearsal(
     query_batch_size: int,
     share: float = REHEARSAL_SHARE,
     minimum: int = MIN_REHEARSAL,
+    overhead_seconds: float = 0.0,
 ) -> RehearsalPlan:
     """The largest rehearsal within `share` of the projected full run, clamped to [minimum, total].
 
-    `queries` = (the rehearsal's, the full run's): the pairwise stage's cost grows with both."""
+    `queries` = (the rehearsal's, the full run's): the pairwise stage's cost grows with both.
+    `overhead_seconds` is what the doctor spends besides the rehearsal's stages (pilots, probes): the
+    share is of the whole, so it comes off the stages' budget."""
     rehearsed_queries, all_queries = queries
     full = stage_seconds(models, total, all_queries, batch_size, query_batch_size)
-    budget = share * full
+    budget = max(share * full - overhead_seconds, 0.0)
     low, high = 1, total
     while low < high:  # the projected time grows with the examples: bisect for the largest that fits
         middle = (low + high + 1) // 2
@@ -103,7 +109,9 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
             work = batches(stage, lab.examples, lab.queries, batch, run.pipeline.query_batch_size)
             points.setdefault(stage, []).append((work, seconds))
     models = {stage: model for stage, pairs in points.items() if (model := fit(pairs)) is not None}
-    plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size)
+    # The probes to come (float64, damping ×10) cost about what the pilots did: count both twice.
+    overhead = PILOT_OVERHEAD * (small.seconds + large.seconds)
+    plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
     resize_rehearsal(run, plan.examples)
     # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
     return plan, (small if plan.examples < total else None)
