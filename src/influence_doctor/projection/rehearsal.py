@@ -102,6 +102,10 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
         return RehearsalPlan(total, 0.0, 0.0, 0.0, f"{total} examples: no more than the minimum"), None
     small = Lab(run, max(probe_examples, 1), probe_queries, name="probe")
     large = Lab(run, max(2 * small.examples, 2 * batch), probe_queries, name="pilot")
+    # The first call of every kronfluence stage pays one-off costs (threads, kernels, allocations) that
+    # would pass for per-batch time: one throwaway batch through every stage first.
+    warmup = Lab(run, min(batch, small.examples), probe_queries, name="warmup")
+    warmup.configured()
     points: dict[str, list[tuple[float, float]]] = {}
     for lab in (small, large):
         trial = lab.configured()
@@ -110,7 +114,7 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
             points.setdefault(stage, []).append((work, seconds))
     models = {stage: model for stage, pairs in points.items() if (model := fit(pairs)) is not None}
     # The probes to come (float64, damping ×10) cost about what the pilots did: count both twice.
-    overhead = PILOT_OVERHEAD * (small.seconds + large.seconds)
+    overhead = PILOT_OVERHEAD * (warmup.seconds + small.seconds + large.seconds)
     plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
     resize_rehearsal(run, plan.examples)
     # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
