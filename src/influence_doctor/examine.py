@@ -14,6 +14,7 @@ import torch
 
 from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.covariance import check_covariance_sum, check_examples_processed, overflow_prone
+from influence_doctor.checks.coverage import check_coverage
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.measures import spectrum_extremes
@@ -194,6 +195,8 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
     if record.name == "train":
         found = StageExam()
         found.add("loss", check_loss_curve(run.monitor.loss, run.monitor.validation_loss, thresholds))
+        if coverage := record.metrics.get("coverage"):
+            found.add("coverage", check_coverage(coverage, thresholds))
         if run.model is not None:
             found.add("parameters", check_parameters(dict(run.model.named_parameters())))
     else:

@@ -155,6 +155,15 @@ class Thresholds:
             "by rounding, not a wrong result."
         },
     )
+    # coverage
+    min_tracked_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Warn when kronfluence's tracked modules hold less than this share of the trainable "
+            "parameters: the scores then describe a minority of the model (embeddings and norms alone rarely "
+            "reach half)."
+        },
+    )
     # training: heuristics on the loss curve, calibrated on 1200 generated healthy runs (benchmarks/calibration.py)
     loss_window_fraction: float = field(
         default=0.1,

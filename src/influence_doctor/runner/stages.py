@@ -87,6 +87,7 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     run.query_indices = list(range(len(query_dataset)))[: run.options.queries]
     run.train_subset = Subset(train_dataset, run.train_indices)
     run.query_subset = Subset(query_dataset, run.query_indices)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}  # prepare_model turns them all off
     run.model = prepare_model(model=model, task=run.pipeline.task)
     with quiet_kronfluence():
         run.analyzer = Analyzer(
@@ -99,8 +100,41 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
             output_dir=str(run.analysis_dir),
         )
     run.stages["train"].metrics["tracked_modules"] = _tracked_module_names(run.model)
+    run.stages["train"].metrics["coverage"] = _coverage(run, trainable).to_dict()
     run.stages["train"].metrics["examples_analysed"] = len(run.train_indices)
     run.stages["train"].metrics["queries_analysed"] = len(run.query_indices)
+
+
+def _coverage(run: Run, trainable: set[int]) -> Any:
+    """What kronfluence will track, and which tracked modules one forward pass of two training examples
+    reaches (the pass runs without gradients and leaves the model as it was; if it fails, the reason is
+    kept instead of the never-called list)."""
+    import torch
+    from accelerate.utils import send_to_device
+    from kronfluence.module.tracked_module import TrackedModule
+    from torch.utils.data import DataLoader, Subset
+
+    from influence_doctor.checks.coverage import coverage_facts
+
+    called: set[str] = set()
+    hooks = [
+        module.register_forward_hook(lambda *_args, name=name: called.add(name))
+        for name, module in run.model.named_modules()
+        if isinstance(module, TrackedModule)
+    ]
+    error = None
+    try:
+        batch = next(iter(DataLoader(Subset(run.train_subset, range(min(2, len(run.train_subset)))), batch_size=2)))
+        with torch.no_grad():
+            run.pipeline.task.compute_train_loss(
+                send_to_device(batch, torch.device(run.device)), run.model, sample=False
+            )
+    except Exception as exc:  # coverage is a report, never a reason to stop the run
+        error = f"{type(exc).__name__}: {_first_line(exc)}"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return coverage_facts(run.model, None if error else called, error, trainable)
 
 
 def _subsample(total: int, examples: int | str | None, seed: int) -> list[int]:
