@@ -153,12 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="hold a report to the configured gates and to a baseline report",
         description="Evaluate the gates of [tool.influence-doctor.gates] on CURRENT against BASELINE "
-        "(report.json files or the folders holding them); exit 0 when every gate passes, 1 otherwise.",
+        "(report.json files or the folders holding them) and list what differs between the two, timings "
+        "aside; exit 0 when every gate passes, 1 otherwise.",
     )
     compare.add_argument("baseline", metavar="BASELINE", help="baseline report.json or its folder")
     compare.add_argument("current", metavar="CURRENT", help="current report.json or its folder")
     compare.add_argument("--format", choices=("text", "json"), default="text", help="what goes to stdout")
     compare.set_defaults(handler=_compare)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of report.json",
+        description="Print the JSON Schema (draft 2020-12) that every report.json follows.",
+    )
+    schema.set_defaults(handler=_schema)
     return parser
 
 
@@ -202,21 +210,50 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    """Exit 1 when any gate fails: the current run may not replace the baseline."""
+    """Exit 1 when any gate fails: the current run may not replace the baseline. Differences alone
+    (a new warning, another remedy) are printed for a person to judge; the gates decide the exit code."""
     from influence_doctor.config import load_config
-    from influence_doctor.gates import evaluate, load_report, render_gates
+    from influence_doctor.gates import evaluate, load_report, render_gates, score_rank_agreement
+    from influence_doctor.report.diff import differences, render_differences
 
     gates = load_config().gates
     baseline, baseline_dir = load_report(args.baseline)
     current, current_dir = load_report(args.current)
     results = evaluate(current, gates, baseline, current_dir, baseline_dir)
+    found = differences(baseline, current)
+    if any(entry["section"] == "scores" and entry["path"].endswith(".digest") for entry in found):
+        for kind, value in score_rank_agreement(current_dir, baseline_dir).items():
+            found.append(
+                {
+                    "section": "scores",
+                    "change": "rank agreement",
+                    "path": f"scores.{kind}",
+                    "baseline": None,
+                    "current": value,
+                    "text": f"scores.{kind}: Spearman {value:.4f} between the two runs' scores",
+                }
+            )
+    passed = all(r.passed for r in results)
     if args.format == "json":
-        sys.stdout.write(dumps({"gates": [r.to_dict() for r in results]}))
+        document = {
+            "passed": passed,
+            "identical_apart_from_timings": not found,
+            "differences": found,
+            "gates": [r.to_dict() for r in results],
+        }
+        sys.stdout.write(dumps(document))
     else:
-        sys.stdout.write(render_gates(results) + "\n")
-        passed = all(r.passed for r in results)
+        sys.stdout.write(render_gates(results) + "\n\n")
+        sys.stdout.write(render_differences(found) + "\n")
         sys.stdout.write(f"\n{'PASS' if passed else 'FAIL'}: {args.current} against {args.baseline}\n")
-    return EXIT_OK if all(r.passed for r in results) else EXIT_SICK
+    return EXIT_OK if passed else EXIT_SICK
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from influence_doctor.report.schema import schema_text
+
+    sys.stdout.write(schema_text())
+    return EXIT_OK
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,14 @@ class GateResult:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As report.json's `gates` holds it (SPEC section 6): name, value, limit, verdict, detail."""
+        return {
+            "name": self.gate,
+            "value": self.value,
+            "limit": self.limit,
+            "verdict": "pass" if self.passed else "fail",
+            "detail": self.detail,
+        }
 
 
 def load_report(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -135,8 +142,6 @@ def _fix_fidelity(document: dict[str, Any], gates: Gates) -> GateResult:
 
 
 def _spearman(current, baseline, gates: Gates, current_dir, baseline_dir) -> GateResult:
-    from influence_doctor.checks.precision import rank_agreement
-
     if (
         current["scores"]
         and baseline["scores"]
@@ -147,9 +152,7 @@ def _spearman(current, baseline, gates: Gates, current_dir, baseline_dir) -> Gat
         )
     ):
         return GateResult("min_score_spearman", 1.0, gates.min_score_spearman, True, "bit-identical scores")
-    a, b = _scores(current_dir), _scores(baseline_dir)
-    values = [rank_agreement(a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k].shape == b[k].shape]
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in score_rank_agreement(current_dir, baseline_dir).values() if not math.isnan(v)]
     if not values:
         return GateResult(
             "min_score_spearman",
@@ -166,6 +169,14 @@ def _spearman(current, baseline, gates: Gates, current_dir, baseline_dir) -> Gat
         worst >= gates.min_score_spearman,
         "Spearman of current vs baseline scores, worst kind",
     )
+
+
+def score_rank_agreement(current_dir: Path | None, baseline_dir: Path | None) -> dict[str, float]:
+    """Per score kind, the Spearman rank agreement of the two runs' scores (kinds of equal shape only)."""
+    from influence_doctor.checks.precision import rank_agreement
+
+    a, b = _scores(current_dir), _scores(baseline_dir)
+    return {k: float(rank_agreement(a[k], b[k])) for k in sorted(set(a) & set(b)) if a[k].shape == b[k].shape}
 
 
 def _scores(directory: Path | None) -> dict[str, Any]:
