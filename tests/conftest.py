@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,36 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every report.json the suite wrote (API, CLI subprocesses, pytester runs, partial reports) must
+    follow the shipped JSON Schema: a schema no test holds reports to is a promise nobody checks."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or hasattr(session.config, "workerinput"):  # under xdist the controller checks all
+        return
+    try:
+        basetemp = factory.getbasetemp()
+    except (OSError, ValueError):
+        return
+    from influence_doctor.report.schema import schema_errors
+
+    broken: list[str] = []
+    checked = 0
+    for path in sorted(Path(basetemp).rglob("report.json")):
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # hand-made bad input of a test, not a report the doctor wrote
+        if not isinstance(document, dict) or document.get("tool", {}).get("name") != "influence-doctor":
+            continue
+        checked += 1
+        broken += [f"{path}: {error}" for error in schema_errors(document)[:5]]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and checked:
+        reporter.write_line(f"report schema: {checked} report.json file(s) checked, {len(broken)} error(s)")
+    if broken:
+        if reporter is not None:
+            for line in broken[:50]:
+                reporter.write_line(f"  {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

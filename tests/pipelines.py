@@ -57,6 +57,11 @@ def small() -> Pipeline:
     return small_pipeline()
 
 
+def small_twin() -> Pipeline:
+    """A second small pipeline under its own name: two pipelines for the pytest-xdist tests."""
+    return small_pipeline(name="small-twin", train_dataset=regression_data(48, seed=2))
+
+
 SMALL = small_pipeline()
 
 

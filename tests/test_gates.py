@@ -111,8 +111,11 @@ def test_compare_cli_passes_fails_and_rejects_bad_input(cli, two_runs, tmp_path)
     (tmp_path / "sick" / "report.json").write_text(json.dumps(sick))
     failed = cli("compare", str(first.run_dir), str(tmp_path / "sick"), "--format", "json")
     assert failed.returncode == 1
-    verdicts = {g["gate"]: g["passed"] for g in json.loads(failed.stdout)["gates"]}
-    assert verdicts["status"] is False
+    document = json.loads(failed.stdout)
+    assert set(document) == {"passed", "identical_apart_from_timings", "differences", "gates"}
+    verdicts = {g["name"]: g["verdict"] for g in document["gates"]}
+    assert verdicts["status"] == "fail" and document["passed"] is False
+    assert [d["text"] for d in document["differences"] if d["section"] == "status"] == ["status: healthy → sick"]
     missing = cli("compare", str(tmp_path / "nope"), str(second.run_dir))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
 
@@ -127,3 +130,40 @@ def test_write_baseline_copies_report_and_scores(two_runs, tmp_path):
     target = write_baseline(two_runs[0].run_dir, tmp_path / "baselines", "small")
     assert (target / "report.json").read_bytes() == two_runs[0].json_path.read_bytes()
     assert (target / "scores.safetensors").is_file()
+
+
+def test_compare_says_two_runs_of_one_seed_are_identical_apart_from_timings(cli, two_runs):
+    first, second = two_runs
+    result = cli("compare", str(first.run_dir), str(second.run_dir), "--format", "json")
+    document = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert document["identical_apart_from_timings"] is True, document["differences"]
+    assert document["differences"] == [] and document["passed"] is True
+    text = cli("compare", str(first.run_dir), str(second.run_dir))
+    assert "identical apart from timings" in text.stdout
+
+
+def test_compare_lists_what_a_different_seed_changed(cli, two_runs, tmp_path):
+    other = diagnose(small_pipeline(), out_dir=tmp_path, progress=False, probe_examples=0, seed=1)
+    result = cli("compare", str(two_runs[0].run_dir), str(other.run_dir), "--format", "json")
+    document = json.loads(result.stdout)
+    assert document["identical_apart_from_timings"] is False
+    sections = {d["section"] for d in document["differences"]}
+    assert "scores" in sections, sections
+    digests = [d for d in document["differences"] if d["path"] == "scores.pairwise.digest"]
+    assert digests and digests[0]["baseline"] == two_runs[0].document["scores"]["pairwise"]["digest"]
+    agreement = [d for d in document["differences"] if d["change"] == "rank agreement"]
+    assert {d["path"] for d in agreement} == {"scores.pairwise", "scores.self"}
+    assert all(-1.0 <= d["current"] < 1.0 for d in agreement)
+    seed = [d for d in document["differences"] if d["path"].endswith("config.seed")]
+    assert seed and (seed[0]["baseline"], seed[0]["current"]) == (two_runs[0].document["config"]["seed"], 1)
+    text = cli("compare", str(two_runs[0].run_dir), str(other.run_dir))
+    assert "difference(s) apart from timings" in text.stdout and "scores.pairwise" in text.stdout
+
+
+def test_report_paths_are_relative_to_the_reports_directory(two_runs):
+    pipeline = two_runs[0].document["pipeline"]
+    assert pipeline["run_dir"] == f"small/{two_runs[0].run_dir.name}"
+    assert pipeline["analysis_dir"] == f"small/{two_runs[0].run_dir.name}/kronfluence"
+    text = two_runs[0].json_path.read_text()
+    assert str(two_runs[0].run_dir.parent.parent) not in text

@@ -3,6 +3,7 @@ plus gates with it, baselines, the terminal summary, GitHub step summary and JUn
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_each_pipeline_becomes_stage_items_and_a_gate(project, monkeypatch):
     assert list((project.path / "reports" / "small").glob("*/report.json"))
 
 
-def test_a_sick_pipeline_fails_its_stage_and_gate(project):
+def test_a_sick_pipeline_fails_its_stage_and_gate(project, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
     project.makepyprojecttoml("[tool.influence-doctor]\n")
     result = project.runpytest_subprocess(
         "--influence-check",
@@ -100,6 +102,32 @@ def test_a_sick_pipeline_fails_its_stage_and_gate(project):
     out = result.stdout.str()
     assert "train.parameters_finite" in out or "train.loss_finite" in out
     assert "gates failed" in out and "status" in out, out
+    annotations = [line for line in out.splitlines() if line.startswith(("::error ", "::warning "))]
+    assert any(
+        line.startswith("::error title=influence-doctor diverging-training%3A train") for line in annotations
+    ), annotations
+    assert all("::" in line.split(" ", 1)[1] for line in annotations)  # title=…::message
+
+
+def test_under_xdist_each_pipeline_is_diagnosed_once_and_summarised_once(project, monkeypatch):
+    summary = project.path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    _configure(project, ["tests.pipelines:small", "tests.pipelines:small_twin"])
+    result = project.runpytest_subprocess("--influence-check", "-n", "2", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=14)
+    out = result.stdout.str()
+    workers: dict[str, set[str]] = {}
+    for worker, pipeline in re.findall(r"\[(gw\d+)\].*?PASSED (small(?:-twin)?)::", out):
+        workers.setdefault(pipeline, set()).add(worker)
+    assert set(workers) == {"small", "small-twin"} and all(len(w) == 1 for w in workers.values()), workers
+    for pipeline in ("small", "small-twin"):
+        reports = list((project.path / "reports" / pipeline).glob("*/report.json"))
+        assert len(reports) == 1, reports  # diagnosed exactly once
+        gates = json.loads(reports[0].read_text())["gates"]
+        assert {g["name"] for g in gates} >= {"status", "fail_on"} and all(g["verdict"] == "pass" for g in gates)
+        assert summary.read_text().count(f"### influence-doctor: {pipeline}\n") == 1
+    assert len(re.findall(r"=+ influence-doctor =+", out)) == 1
 
 
 def test_remedies_fail_the_gate_when_not_allowed(project):

@@ -69,7 +69,7 @@ class InfluenceSession:
         if target in self.runs:
             return self.runs[target]
         from influence_doctor import diagnose
-        from influence_doctor.gates import evaluate, load_report, write_baseline
+        from influence_doctor.gates import evaluate, load_report, record_gates, write_baseline
         from influence_doctor.targets import load_target
 
         result = self.runs[target] = PipelineRun(target)
@@ -87,16 +87,30 @@ class InfluenceSession:
             result.report = report
             baseline_folder = self.baseline_dir / report.run_dir.parent.name
             baseline = dir_ = None
-            if self.config.getoption("influence_update_baseline"):
-                write_baseline(report.run_dir, self.baseline_dir, report.run_dir.parent.name)
-            elif (baseline_folder / "report.json").is_file():
+            updating = self.config.getoption("influence_update_baseline")
+            if not updating and (baseline_folder / "report.json").is_file():
                 baseline, dir_ = load_report(baseline_folder)
             result.gates = evaluate(report.document, self.settings.gates, baseline, report.run_dir, dir_)
+            record_gates(report, result.gates)
+            if updating:  # the new baseline carries the gates it passed on its own
+                write_baseline(report.run_dir, self.baseline_dir, report.run_dir.parent.name)
         except Exception as exc:  # reported on every item of the pipeline, never a crash of the session
             result.error = f"{type(exc).__name__}: {exc}"
         return result
 
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """Under `pytest -n N` a pipeline's items must share one worker, or each worker would diagnose
+        the pipeline again: plain load balancing becomes load balancing by pipeline."""
+        if config.getvalue("dist") not in ("load", "worksteal"):
+            return None  # loadscope, loadfile and loadgroup keep a pipeline's items together already
+        from influence_doctor_pytest.xdist import PipelineScheduling
+
+        return PipelineScheduling(config, log)
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if hasattr(self.config, "workerinput"):
+            return  # under xdist the controller summarises what every worker reported, once
         rows = summary_rows(terminalreporter.stats)
         if not rows:
             return
@@ -106,6 +120,9 @@ class InfluenceSession:
         for pipeline, table in rows.items():
             terminalreporter.write_line(f"{pipeline}:")
             terminalreporter.write_line(tabulate(table, headers=["stage", "verdict", "remedies", "gate"]))
+        if os.environ.get("GITHUB_ACTIONS"):
+            for line in workflow_commands(terminalreporter.stats):
+                terminalreporter.write_line(line)
         summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary_file:
             with open(summary_file, "a", encoding="utf-8") as stream:
@@ -113,6 +130,32 @@ class InfluenceSession:
                     stream.write(f"### influence-doctor: {pipeline}\n\n")
                     stream.write(tabulate(table, headers=["stage", "verdict", "remedies", "gate"], tablefmt="github"))
                     stream.write("\n\n")
+
+
+def workflow_commands(stats: dict[str, list[Any]]) -> list[str]:
+    """GitHub Actions annotations for the findings that failed an item: `::error` for a `fail`,
+    `::warning` for a `warn` that fails under `fail_on = "warn"`, each naming pipeline, stage, subject."""
+    lines = []
+    for reports in stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            props = dict(getattr(report, "user_properties", []))
+            for severity, stage, subject, check, message in props.get(f"{PROPERTY}_failing", ()):
+                command = "error" if severity == "fail" else "warning"
+                pipeline = props.get(f"{PROPERTY}_pipeline", "")
+                where = f"{stage} {subject}".strip()
+                title = _escape_property(f"influence-doctor {pipeline}: {where}")
+                lines.append(f"::{command} title={title}::{_escape_data(f'{check} ({where}): {message}')}")
+    return lines
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def summary_rows(stats: dict[str, list[Any]]) -> dict[str, list[list[str]]]:
@@ -189,6 +232,12 @@ class StageItem(pytest.Item):
         self.user_properties += [(f"{PROPERTY}_verdict", stage["status"]), (f"{PROPERTY}_seconds", stage["seconds"])]
         limit = SEVERITY_RANK[collector.influence.settings.gates.fail_on]
         bad = [f for f in stage["findings"] if SEVERITY_RANK.get(f["severity"], 0) >= limit]
+        self.user_properties.append(
+            (
+                f"{PROPERTY}_failing",
+                [(f["severity"], self.stage, f["subject"], f["check"], f["message"]) for f in bad],
+            )
+        )
         if stage["status"] in ("error", "interrupted") or bad:
             lines = [f"{f['severity']} {f['check']} {f['subject']}: {f['message']}" for f in bad]
             if stage.get("error"):

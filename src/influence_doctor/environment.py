@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ def describe_environment(device: str, seed: int) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "executable": sys.executable,
         "torch": torch.__version__,
         "kronfluence": getattr(kronfluence, "__version__", None),
         "device": device,
@@ -75,4 +73,13 @@ def describe_environment(device: str, seed: int) -> dict[str, Any]:
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
         "git": git_commit(Path.cwd()),
+        **_world(),
     }
+
+
+def _world() -> dict[str, Any]:
+    """Under torchrun: how many ranks ran, which one wrote the report, over which backend."""
+    from influence_doctor.distributed import WRITER, current
+
+    world = current()
+    return {"world_size": world.size, "rank": WRITER if world.distributed else world.rank, "backend": world.backend}

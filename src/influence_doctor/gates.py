@@ -238,3 +238,12 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "—" if value is None else str(value)
+
+
+def record_gates(report: Any, results: list[GateResult]) -> None:
+    """Write the evaluated gates into the run's own report.json (the doctor wrote it; no user file)."""
+    from influence_doctor.report.atomic import write_text_atomic
+    from influence_doctor.report.strict_json import dumps, strict
+
+    report.document["gates"] = strict([result.to_dict() for result in results])
+    write_text_atomic(Path(report.json_path), dumps(report.document))

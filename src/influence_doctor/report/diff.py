@@ -106,9 +106,11 @@ def _diagnosis(baseline: dict[str, Any], current: dict[str, Any]) -> list[dict[s
     new = {_problem_key(p): p for p in current.get("pipeline", {}).get("diagnosis", [])}
     found = []
     for key in sorted(old.keys() - new.keys(), key=str):
-        found.append(_entry("diagnosis", "removed", "pipeline.diagnosis", key[0], None, f"cause gone: {key[0]} at {key[1]}"))
+        text = f"cause gone: {key[0]} at {key[1]}"
+        found.append(_entry("diagnosis", "removed", "pipeline.diagnosis", key[0], None, text))
     for key in sorted(new.keys() - old.keys(), key=str):
-        found.append(_entry("diagnosis", "added", "pipeline.diagnosis", None, key[0], f"new cause: {key[0]} at {key[1]}"))
+        text = f"new cause: {key[0]} at {key[1]}"
+        found.append(_entry("diagnosis", "added", "pipeline.diagnosis", None, key[0], text))
     for key in sorted(old.keys() & new.keys(), key=str):
         for path, a, b in _walk(old[key], new[key], f"pipeline.diagnosis[{key[0]}@{key[1]}]"):
             found.append(_entry("diagnosis", "changed", path, a, b))
@@ -170,7 +172,7 @@ def _remedies(baseline: dict[str, Any], current: dict[str, Any]) -> list[dict[st
             )
         )
     else:
-        for index, (a, b) in enumerate(zip(baseline.get("remedies", []), current.get("remedies", []))):
+        for index, (a, b) in enumerate(zip(baseline.get("remedies", []), current.get("remedies", []), strict=False)):
             found += [_entry("remedies", "changed", path, x, y) for path, x, y in _walk(a, b, f"remedies[{index}]")]
     return found
 
@@ -196,7 +198,7 @@ def _walk(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
             else:
                 yield from _walk(old[key], new[key], child)
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for index, (a, b) in enumerate(zip(old, new)):
+        for index, (a, b) in enumerate(zip(old, new, strict=True)):
             yield from _walk(a, b, f"{path}[{index}]")
     elif old != new:
         yield path, old, new

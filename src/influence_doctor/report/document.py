@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from influence_doctor import __version__
@@ -57,8 +59,8 @@ def build_report(
             "name": run.pipeline.name,
             "target": target,
             "run_id": run.run_dir.name,
-            "run_dir": str(run.run_dir),
-            "analysis_dir": str(run.analysis_dir),
+            "run_dir": _relative(run.run_dir, run.options.out_dir),
+            "analysis_dir": _relative(run.analysis_dir, run.options.out_dir),
             "rehearsal": {
                 "examples": len(run.train_indices),
                 "examples_total": run.train_examples_total,
@@ -93,10 +95,15 @@ def build_report(
         "scores": _scores_block(run),
         "fidelity": fidelity if fidelity is not None else {"probes": run.probes},
         "projection": projection or {},
-        "gates": {},
+        "gates": [],
     }
     assert tuple(document) == TOP_LEVEL_KEYS
     return document
+
+
+def _relative(path: Path, reports_dir: Path) -> str:
+    """A path as seen from the reports directory, so a committed report names no machine's folders."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(reports_dir).resolve())).as_posix()
 
 
 def _stage_entry(run: Run, name: str, problems: list[Problem]) -> dict[str, Any]:

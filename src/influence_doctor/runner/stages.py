@@ -426,13 +426,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _new_run_dir(out_dir: Path, pipeline_name: str, run_id: str | None) -> Path:
-    """reports/<pipeline>/<run-id>/, never reusing an existing folder."""
+    """reports/<pipeline>/<run-id>/, never reusing an existing folder, even when processes race for
+    one name (pytest-xdist workers, ranks): the folder is claimed by an exclusive mkdir."""
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", pipeline_name)
     base = run_id or time.strftime("%Y%m%d-%H%M%S")
-    candidate = out_dir / safe_name / base
+    (out_dir / safe_name).mkdir(parents=True, exist_ok=True)
     suffix = 1
-    while candidate.exists():
-        suffix += 1
-        candidate = out_dir / safe_name / f"{base}-{suffix}"
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        candidate = out_dir / safe_name / (base if suffix == 1 else f"{base}-{suffix}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        return candidate

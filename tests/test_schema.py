@@ -1,0 +1,82 @@
+"""The report's JSON Schema: shipped, printed by the CLI, in step with the code's vocabularies, and
+strict enough to reject what a report must never hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from influence_doctor import diagnose
+from influence_doctor.findings import CAUSES, SEVERITY_RANK
+from influence_doctor.pipeline import STAGES
+from influence_doctor.report.document import TOP_LEVEL_KEYS
+from influence_doctor.report.schema import load_schema, schema_errors
+from influence_doctor.runner.run import STAGE_STATUSES
+from tests.conftest import ROOT
+from tests.pipelines import small_pipeline
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return diagnose(small_pipeline(), out_dir=tmp_path_factory.mktemp("reports"), progress=False, probe_examples=0)
+
+
+def test_schema_command_prints_the_shipped_schema(cli):
+    result = cli("schema")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == load_schema()
+    assert load_schema()["$schema"].endswith("2020-12/schema")
+
+
+def test_schema_vocabularies_are_the_codes(tmp_path):
+    schema = load_schema()
+    definitions = schema["$defs"]
+    assert tuple(schema["required"]) == TOP_LEVEL_KEYS
+    assert definitions["stage_name"]["enum"] == list(STAGES)
+    assert [c for c in definitions["cause"]["enum"] if c is not None] == list(CAUSES)
+    assert definitions["finding"]["properties"]["severity"]["enum"] == list(SEVERITY_RANK)
+    assert definitions["stage"]["properties"]["status"]["enum"] == list(STAGE_STATUSES)
+
+
+def test_a_real_report_and_the_committed_baselines_validate(report):
+    assert schema_errors(report.document) == []
+    assert schema_errors(json.loads(report.json_path.read_text())) == []
+    baselines = sorted((ROOT / "reports" / "baselines").glob("*/report.json"))
+    assert baselines
+    for path in baselines:
+        assert schema_errors(json.loads(path.read_text())) == [], path
+
+
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        (lambda d: d.update(status="fine"), "status"),
+        (lambda d: d["stages"][1]["findings"].append({**_finding(), "cause": "bad-luck"}), "cause"),
+        (lambda d: d["stages"][1]["findings"].append({**_finding(), "severity": "error"}), "severity"),
+        (lambda d: d["pipeline"].update(run_dir="/home/someone/reports/small/1"), "run_dir"),
+        (lambda d: d["scores"]["pairwise"].update(finite_fraction="NaN"), "finite_fraction"),
+        (lambda d: d.update(gates=[{"name": "status", "value": 1, "limit": 0, "verdict": "maybe"}]), "gates"),
+        (lambda d: d.pop("projection"), "projection"),
+        (lambda d: d.update(extra=1), "extra"),
+    ],
+)
+def test_the_schema_rejects_what_a_report_must_never_hold(report, edit, complaint):
+    document = copy.deepcopy(report.document)
+    edit(document)
+    errors = schema_errors(document)
+    assert errors and any(complaint in error for error in errors), errors
+
+
+def _finding() -> dict:
+    return {
+        "check": "covariance.finite",
+        "stage": "covariance",
+        "subject": "",
+        "severity": "warn",
+        "value": 1.0,
+        "limit": 0.0,
+        "cause": None,
+        "message": "x",
+    }
