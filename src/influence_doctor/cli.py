@@ -182,9 +182,11 @@ def _diagnose(args: argparse.Namespace) -> int:
     pipeline = load_target(args.target) if args.target else load_demo(args.demo or DEFAULT_DEMO)
     target = args.target or f"demo:{args.demo or DEFAULT_DEMO}"
 
+    from influence_doctor import distributed
     from influence_doctor.doctor import diagnose
     from influence_doctor.report.text import render
 
+    world = distributed.init_from_environment(args.device)  # under torchrun: join the ranks
     report = diagnose(
         pipeline,
         fix=not args.no_fix,
@@ -201,12 +203,17 @@ def _diagnose(args: argparse.Namespace) -> int:
         min_fix_spearman=config.gates.min_fix_spearman,
         memory_budget=args.memory_budget,
     )
-    if args.format == "json":
-        sys.stdout.write(dumps(report.document))
-    else:
-        sys.stdout.write(render(report.document, markdown=args.format == "md"))
-        sys.stdout.write(f"\nReport: {report.json_path}\n")
-    return EXIT_OK if report.status in ("healthy", "healed") else EXIT_SICK
+    if world.is_writer:  # under torchrun one report on stdout, rank 0's
+        if args.format == "json":
+            sys.stdout.write(dumps(report.document))
+        else:
+            sys.stdout.write(render(report.document, markdown=args.format == "md"))
+            sys.stdout.write(f"\nReport: {report.json_path}\n")
+    code = EXIT_OK if report.status in ("healthy", "healed") else EXIT_SICK
+    if world.distributed:
+        code = distributed.agree_exit_code(code)  # every rank leaves with the same code
+        distributed.finish()
+    return code
 
 
 def _compare(args: argparse.Namespace) -> int:

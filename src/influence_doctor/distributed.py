@@ -116,3 +116,126 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+STATUS_ORDER = ("not-run", "ok", "warn", "fail", "error", "interrupted")
+"""A stage's merged status is the worst any rank reported."""
+
+
+def merge_stage(record: Any) -> None:
+    """Gather one stage's findings, error and measured numbers from every rank and merge them the same
+    way on all ranks: rank 0's findings, plus what another rank alone found (its subject marked with
+    the rank), the worst status, and a `<stage>.ranks_agree` warning when the ranks measured different
+    numbers for what should be one computation. A no-op in a single process."""
+    world = current()
+    if not world.distributed:
+        return
+    from dataclasses import replace
+
+    from influence_doctor.findings import Finding
+
+    views = gather(
+        {
+            "status": record.status,
+            "error": record.error,
+            "findings": list(record.findings),
+            "checks": _numbers(record.metrics.get("checks", {})),
+        }
+    )
+    writer = views[WRITER]
+    seen = {(f.check, f.subject, f.severity) for f in writer["findings"]}
+    findings: list[Finding] = list(writer["findings"])
+    differing: dict[int, float] = {}
+    for rank, view in enumerate(views):
+        if rank == WRITER:
+            continue
+        for finding in view["findings"]:
+            if (finding.check, finding.subject, finding.severity) not in seen:
+                findings.append(replace(finding, subject=f"rank {rank}: {finding.subject}".rstrip(": ")))
+        gap = _largest_difference(writer["checks"], view["checks"])
+        if gap > 0:
+            differing[rank] = gap
+    status = max((view["status"] for view in views), key=lambda s: STATUS_ORDER.index(s) if s in STATUS_ORDER else 0)
+    record.status = status
+    record.error = writer["error"] or next((view["error"] for view in views if view["error"]), None)
+    record.metrics["ranks"] = {
+        "world_size": world.size,
+        "agree": not differing,
+        "largest_relative_difference": max(differing.values(), default=0.0),
+        "differing_ranks": sorted(differing),
+    }
+    if differing:
+        findings.append(
+            Finding(
+                check=f"{record.name}.ranks_agree",
+                stage=record.name,
+                subject="",
+                severity="warn",
+                value=max(differing.values()),
+                limit=0.0,
+                cause=None,
+                message=f"Rank(s) {', '.join(map(str, sorted(differing)))} measured different numbers in this "
+                f"stage than rank 0 (largest relative difference {max(differing.values()):.3g}); the report "
+                "is rank 0's.",
+            )
+        )
+    record.findings = findings
+
+
+def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a metrics tree, by path."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_numbers(value, f"{prefix}/{key}"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix] = float(tree)
+    return out
+
+
+def _largest_difference(a: dict[str, float], b: dict[str, float]) -> float:
+    """Largest relative difference between two ranks' numbers; inf when they measured different things."""
+    import math
+
+    if a.keys() != b.keys():
+        return math.inf
+    worst = 0.0
+    for key, x in a.items():
+        y = b[key]
+        if x == y or (math.isnan(x) and math.isnan(y)):
+            continue
+        scale = max(abs(x), abs(y))
+        worst = max(worst, abs(x - y) / scale if math.isfinite(scale) and scale > 0 else math.inf)
+    return worst
+
+
+def synchronise_parameters(model: Any) -> float:
+    """Give every rank rank 0's trained parameters (as DDP would) and return how far the ranks' own
+    training had drifted apart: the largest absolute parameter difference over all ranks (0 when the
+    ranks trained the same model)."""
+    world = current()
+    if not world.distributed:
+        return 0.0
+    import torch
+    import torch.distributed as dist
+
+    drift = 0.0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            own = tensor.detach().clone()
+            dist.broadcast(tensor.data, src=WRITER)
+            if own.is_floating_point() or own.is_complex():
+                difference = (own.double() - tensor.detach().double()).abs().max().item() if own.numel() else 0.0
+            else:
+                difference = float(not torch.equal(own, tensor.detach()))
+            drift = max(drift, difference)
+    return max(gather(drift))
+
+
+def finish() -> None:
+    """Leave the process group cleanly once every rank is done (torchrun warns about leaked groups)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import gc
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from influence_doctor import distributed
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.differential import PROBE_QUERIES, Labs, differential_diagnosis
@@ -107,6 +109,8 @@ def diagnose(
     `min_fix_spearman` is the fidelity below which a fix is flagged as worse than the problem;
     `memory_budget` (bytes) is what a stage may use at full size (default: the device's memory).
     """
+    world = distributed.current()
+    progress = progress and world.is_writer  # under torchrun one progress display, rank 0's
     options = RunOptions(
         out_dir=Path(out_dir),
         examples=examples,
@@ -166,10 +170,14 @@ def diagnose(
         except BaseException:  # Ctrl-C, or a failure outside any stage: still leave a partial report
             if run.interrupted_in is None:  # stopped between stages: in the probes or the remedies
                 run.interrupted_in = f"remedy {len(treatment.remedies) + 1}" if treatment.initial_problems else "checks"
-            _write(run, target, treatment)
+            _write(run, target, treatment, synchronise=False)  # other ranks may not be here: no collectives
             reporter.note(f"stopped: partial report written to {run.run_dir / 'report.json'}")
             raise
-        return _write(run, target, treatment)
+        else:
+            return _write(run, target, treatment)
+        finally:
+            if run.private_analysis_dir is not None:
+                shutil.rmtree(run.private_analysis_dir, ignore_errors=True)
 
 
 def write_final_scores(run: Run) -> None:
@@ -244,7 +252,20 @@ def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
     settle_status(run.stages[stage])
 
 
-def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
+def _distributed_summary(run: Run) -> dict[str, Any]:
+    """How the ranks shared the work, and whether they measured the same numbers in every stage."""
+    disagreeing = sorted(
+        name for name, record in run.stages.items() if not (record.metrics.get("ranks") or {}).get("agree", True)
+    )
+    return {
+        "kronfluence_distributes": distributed.kronfluence_distributes(),
+        "ranks_agree": not disagreeing,
+        "stages_where_ranks_disagree": disagreeing,
+    }
+
+
+def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: bool = True) -> Report:
+    """Build the report; rank 0 alone writes it (every rank returns it, with rank 0's verdict)."""
     problems = treatment.problems if treatment.problems is not None else []
     broken = any(record.status in ("error", "fail", "interrupted") for record in run.stages.values())
     if problems or broken:
@@ -253,6 +274,8 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
         status = "healed"
     else:
         status = "healthy"
+    if synchronise:
+        status = distributed.decide(status)
     prescription: dict[str, Any] = {}
     fidelity: dict[str, Any] = {"probes": run.probes}
     if float64 := _final_float64_agreement(run.probes):
@@ -285,10 +308,13 @@ def _write(run: Run, target: str | None, treatment: _Treatment) -> Report:
             projection=project(run, treatment.labs, run.options.memory_budget) if rehearsal else {},
         )
     )
-    write_text_atomic(run.run_dir / "report.json", dumps(document))
-    write_final_scores(run)
-    write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
-    write_text_atomic(run.run_dir / "report.html", render_html(document, run))
+    if (world := distributed.current()).distributed:
+        document["environment"]["distributed"] = _distributed_summary(run)
+    if world.is_writer:
+        write_text_atomic(run.run_dir / "report.json", dumps(document))
+        write_final_scores(run)
+        write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
+        write_text_atomic(run.run_dir / "report.html", render_html(document, run))
     findings = [finding for record in run.stages.values() for finding in record.findings]
     return Report(
         status=status,

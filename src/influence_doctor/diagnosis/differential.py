@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from influence_doctor import distributed
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.causes import Context, Counterfactual, Hypothesis, rules_for
@@ -307,7 +308,7 @@ def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds |
             same.experiments.extend(found.experiments)
     for problem in problems:
         problem.subjects = sorted({f.subject for f in problem.evidence if f.subject})
-    return problems
+    return distributed.decide(problems)  # under torchrun: rank 0's diagnosis on every rank
 
 
 COMPARISONS = frozenset({"undefined", "disagreement"})

@@ -91,6 +91,7 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
     """Time two pilots on prefixes of the run's permuted training data, fit per-batch models, and shrink
     the rehearsal to the plan's size. Returns the plan and the smaller pilot's Lab, which is the probe
     subsample itself (its trials are reused, not repeated)."""
+    from influence_doctor.distributed import decide
     from influence_doctor.lab import Lab
     from influence_doctor.projection.time import fit
     from influence_doctor.runner.stages import resize_rehearsal
@@ -116,6 +117,7 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
     # The probes to come (float64, damping ×10) cost about what the pilots did: count both twice.
     overhead = PILOT_OVERHEAD * (warmup.seconds + small.seconds + large.seconds)
     plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
+    plan = decide(plan)  # under torchrun the clocks differ: rank 0's plan for every rank
     resize_rehearsal(run, plan.examples)
     # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
     return plan, (small if plan.examples < total else None)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from influence_doctor import distributed
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
@@ -109,8 +110,8 @@ def heal(
         if not treatable:
             break
         problem = treatable[0]
-        change, rehearsal, skipped = _next_change(
-            problem, run, labs, tried.setdefault(problem.cause, set()), ladders, thresholds, progress
+        change, rehearsal, skipped = distributed.decide(  # under torchrun: rank 0 picks the rung
+            _next_change(problem, run, labs, tried.setdefault(problem.cause, set()), ladders, thresholds, progress)
         )
         if change is None:
             exhausted.append(problem.cause or "unexplained")
@@ -135,6 +136,7 @@ def heal(
         except Exception as exc:  # writing doctored files can fail (disk full): record, stop climbing
             outcome, error = "error", f"{type(exc).__name__}: {exc}"
             progress.note(f"remedy failed: {error}")
+        outcome, error = distributed.decide((outcome, error))
         rerun = [name for name in STAGES if id(run.stages[name]) != before[name]]
         labs.refresh()
         run_probes(run, labs, thresholds, damping=False)

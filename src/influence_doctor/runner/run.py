@@ -83,6 +83,7 @@ class Run:
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
     headroom: dict[str, Any] = field(default_factory=dict)  # subject → checks.headroom.Headroom, projected
     rehearsal_plan: dict[str, Any] = field(default_factory=dict)  # how the time budget sized the rehearsal
+    private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
 
     @property
     def train_batch_size(self) -> int:
@@ -93,5 +94,6 @@ class Run:
 
     @property
     def analysis_dir(self) -> Path:
-        """Where kronfluence writes; always inside the run's own folder."""
-        return self.run_dir / "kronfluence"
+        """Where kronfluence writes: inside the run's own folder (under torchrun on the CPU, where each
+        rank runs kronfluence whole, ranks other than 0 write to a temporary folder of their own)."""
+        return self.private_analysis_dir or self.run_dir / "kronfluence"

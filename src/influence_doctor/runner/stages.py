@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from influence_doctor.distributed import merge_stage
 from influence_doctor.environment import resolve_device, seed_everything
 from influence_doctor.findings import Finding, worst_severity
 from influence_doctor.pipeline import STAGES, Pipeline, resolve
@@ -34,14 +35,28 @@ def create_run(pipeline: Pipeline, options: RunOptions, progress: StageProgress 
     run = Run(
         pipeline=pipeline,
         options=options,
-        run_dir=_new_run_dir(Path(options.out_dir), pipeline.name, options.run_id),
+        run_dir=_shared_run_dir(Path(options.out_dir), pipeline.name, options.run_id),
         device=device,
         seed=seed,
         factor_args=pipeline.factor_args,
         score_args=pipeline.score_args,
     )
+    run.private_analysis_dir = _private_analysis_dir()
     progress.note(f"pipeline {pipeline.name!r} on {device}, seed {seed}, writing to {run.run_dir}")
     return run
+
+
+def _private_analysis_dir() -> Path | None:
+    """Under torchrun where kronfluence does not shard (the CPU), every rank runs it whole: ranks other
+    than 0 keep their kronfluence files in a temporary folder, removed when the diagnosis ends."""
+    import tempfile
+
+    from influence_doctor.distributed import current, kronfluence_distributes
+
+    world = current()
+    if not world.distributed or world.is_writer or kronfluence_distributes():
+        return None
+    return Path(tempfile.mkdtemp(prefix=f"influence-doctor-rank{world.rank}-"))
 
 
 def run_train_stage(
@@ -66,6 +81,7 @@ def run_train_stage(
         else:
             record.metrics["trained"] = False
             record.reason = "the pipeline gives no train function: the model is analysed as built"
+        _synchronise_ranks(record, model)
         record.metrics["steps"] = len(run.monitor.loss)
         record.metrics["parameters"] = sum(p.numel() for p in model.parameters())
         record.metrics["parameter_dtypes"] = sorted({_dtype_name(p.dtype) for p in model.parameters()})
@@ -73,6 +89,30 @@ def run_train_stage(
         if on_stage_done is not None:
             on_stage_done(record)
     return run
+
+
+def _synchronise_ranks(record: StageRecord, model: Any) -> None:
+    """Under torchrun every rank analyses rank 0's trained model; ranks that trained apart are a warning."""
+    from influence_doctor.distributed import current, synchronise_parameters
+
+    if not current().distributed:
+        return
+    drift = synchronise_parameters(model)
+    record.metrics["rank_parameter_drift"] = drift
+    if drift > 0:
+        record.findings.append(
+            Finding(
+                check="train.ranks_agree",
+                stage="train",
+                subject="",
+                severity="warn",
+                value=drift,
+                limit=0.0,
+                cause=None,
+                message=f"The ranks trained different models (largest parameter difference {drift:.3g}): seed "
+                "every rank alike; every rank now analyses rank 0's model.",
+            )
+        )
 
 
 def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: Any, show_bars: bool) -> None:
@@ -92,7 +132,7 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     with quiet_kronfluence():
         run.analyzer = Analyzer(
             analysis_name=run.pipeline.name,
-            model=run.model,
+            model=_wrapped_for_kronfluence(run),
             task=run.pipeline.task,
             cpu=run.device == "cpu",
             disable_tqdm=not show_bars,
@@ -103,6 +143,21 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
     run.stages["train"].metrics["coverage"] = _coverage(run, trainable).to_dict()
     run.stages["train"].metrics["examples_analysed"] = len(run.train_indices)
     run.stages["train"].metrics["queries_analysed"] = len(run.query_indices)
+
+
+def _wrapped_for_kronfluence(run: Run) -> Any:
+    """The model as kronfluence's Analyzer should get it. Where kronfluence distributes (torchrun on
+    CUDA), its documented order: `prepare_model` first, then DistributedDataParallel, then the Analyzer.
+    `run.model` stays the prepared module itself, whose names the checks and reports use."""
+    from influence_doctor.distributed import current, kronfluence_distributes
+
+    world = current()
+    if not (world.distributed and kronfluence_distributes()):
+        return run.model
+    from torch.nn.parallel import DistributedDataParallel
+
+    run.model.to(run.device)
+    return DistributedDataParallel(run.model, device_ids=[world.local_rank], output_device=world.local_rank)
 
 
 def _coverage(run: Run, trainable: set[int]) -> Any:
@@ -271,10 +326,13 @@ def _stage(run: Run, record: StageRecord, progress: StageProgress) -> Iterator[N
                 message=f"The {record.name} stage raised {type(exc).__name__}: {_first_line(exc)}",
             )
         )
+        merge_stage(record)
         progress.end(record.name, record.status, record.seconds, f"{type(exc).__name__}: {_first_line(exc)}")
         return
     if record.status == "not-run":
         record.status = "ok"
+    merge_stage(record)  # under torchrun: every rank's findings, the same on every rank
+    if record.status == "ok":
         settle_status(record)
     if record.seconds is None:
         record.seconds = time.perf_counter() - started
@@ -423,6 +481,16 @@ def _qualified_name(kind: type) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+def _shared_run_dir(out_dir: Path, pipeline_name: str, run_id: str | None) -> Path:
+    """The run's folder; under torchrun rank 0 creates it and every rank learns its name."""
+    from influence_doctor.distributed import current, decide
+
+    world = current()
+    if not world.distributed:
+        return _new_run_dir(out_dir, pipeline_name, run_id)
+    return decide(_new_run_dir(out_dir, pipeline_name, run_id) if world.is_writer else None)
 
 
 def _new_run_dir(out_dir: Path, pipeline_name: str, run_id: str | None) -> Path:
