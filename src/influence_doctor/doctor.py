@@ -252,6 +252,17 @@ def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
     settle_status(run.stages[stage])
 
 
+def _probe_scores(labs: Labs | None) -> dict[str, tuple[Any, Any]] | None:
+    """(configured, float64) scores on the probe, already computed by the precision probe: the
+    fidelity figure of a run no remedy touched."""
+    if labs is None or not labs.enabled or labs.probe is None:
+        return None
+    configured, reference = labs.probe.measured()
+    if configured is None or reference is None:
+        return None
+    return {kind: (configured.scores(kind), reference.scores(kind)) for kind in ("pairwise", "self")}
+
+
 def _distributed_summary(run: Run) -> dict[str, Any]:
     """How the ranks shared the work, and whether they measured the same numbers in every stage."""
     disagreeing = sorted(
@@ -314,7 +325,9 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
         write_text_atomic(run.run_dir / "report.json", dumps(document))
         write_final_scores(run)
         write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
-        write_text_atomic(run.run_dir / "report.html", render_html(document, run))
+        snapshots = treatment.result.snapshots if treatment.result is not None else None
+        page = render_html(document, run, snapshots, _probe_scores(treatment.labs))
+        write_text_atomic(run.run_dir / "report.html", page)
     findings = [finding for record in run.stages.values() for finding in record.findings]
     return Report(
         status=status,

@@ -286,6 +286,7 @@ def exact_fidelity(run: Any, train_columns: int = 256, samples: int = DEFAULT_SA
         return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     approx = approx[:, :columns]
     spearman, linear = rank_agreement(approx, exact), pearson(approx, exact)
+    run.exact_pairwise = (approx, exact.detach().double().cpu())
     return {
         "parameters": count,
         "damping": dampings,

@@ -184,6 +184,17 @@ class Lab:
         factor_args, scores = float64_settings(self.run.factor_args, score_args or self.run.score_args)
         return self.trial(factor_args, scores, label="float64 end to end, same damping")
 
+    def measured(self) -> tuple[Trial | None, Trial | None]:
+        """The (configured, float64) trials if the probes already ran them; never runs anything."""
+        factor_args, score_args = self.run.factor_args, self.run.score_args
+        kinds = tuple(self.run.pipeline.scores)
+        float64_factors, float64_scores = float64_settings(factor_args, score_args)
+        key = settings_key(factor_args, score_args, shift=self.run.shift, damping=None, kinds=kinds)
+        configured = self._trials.get(key)
+        float64_key = settings_key(float64_factors, float64_scores, shift=None, damping=None, kinds=kinds)
+        reference = self._trials.get(float64_key)
+        return configured, reference
+
     def trial(
         self,
         factor_args: Any,

@@ -39,6 +39,7 @@ class Snapshot:
     scores: dict[str, Any]
     trusted: bool  # every score finite, and no measurement (e.g. the float64 re-run) showed them wrong
     regularization: dict[str, Any]
+    spectra: dict[str, Any] = field(default_factory=dict)  # module → report.charts.Spectrum, for the plots
 
 
 @dataclass
@@ -296,6 +297,7 @@ def _apply(
 def snapshot(run: Run, label: str) -> Snapshot:
     import torch
 
+    from influence_doctor.report.charts import spectra_of
     from influence_doctor.report.scores import total_scores
 
     scores = {
@@ -312,7 +314,7 @@ def snapshot(run: Run, label: str) -> Snapshot:
         "covariance_shift": run.covariance_shift,
         "strategy": run.factor_args.strategy,
     }
-    return Snapshot(label, scores, finite and not measured_wrong, regularization)
+    return Snapshot(label, scores, finite and not measured_wrong, regularization, spectra_of(run))
 
 
 def _plain(value: Any) -> Any:

@@ -8,9 +8,14 @@ from tabulate import tabulate
 
 STATUS_WORDS = {
     "healthy": "HEALTHY — every stage ran and passed its checks.",
-    "healed": "HEALED — problems were found and fixed; use the prescription above.",
-    "sick": "SICK — the pipeline is broken as configured; see the diagnosis and findings above.",
+    "healed": "HEALED — problems were found and fixed; use the prescription {where}.",
+    "sick": "SICK — the pipeline is broken as configured; see the diagnosis and findings {where}.",
 }
+"""The verdict line; `{where}` says where the prescription or the diagnosis is on the page that prints it."""
+
+
+def status_words(status: str, where: str) -> str:
+    return STATUS_WORDS.get(status, status).format(where=where)
 
 
 def stage_rows(document: dict[str, Any]) -> list[list[str]]:
@@ -286,5 +291,5 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         parts += ["", *projection_lines(projection)]
     if pipeline["partial"]:
         parts += ["", f"PARTIAL report: the run was interrupted during {pipeline['interrupted_in']}."]
-    parts += ["", f"Status: {STATUS_WORDS.get(document['status'], document['status'])}"]
+    parts += ["", f"Status: {status_words(document['status'], 'above')}"]
     return "\n".join(parts) + "\n"
