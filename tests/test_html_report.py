@@ -31,9 +31,9 @@ def test_a_healed_report_has_every_figure_with_content(healed):
     _, page = healed
     figures = _figures(page)
     for figure_id in ("loss", "spectra", "fidelity", "remedy-timeline", "scores"):
-        assert "<img" in figures[figure_id] and "not drawn" not in figures[figure_id], figure_id
+        assert "<svg" in figures[figure_id] and "not drawn" not in figures[figure_id], figure_id
     assert "fp16-overflow" in figures["evidence"] and "confirms fp16-overflow" in figures["evidence"]
-    assert "<table" in figures["headroom"] or "<img" in figures["headroom"]
+    assert "<table" in figures["headroom"] or "<svg" in figures["headroom"]
     assert "dtype:float32" in page  # the rung, in the remedy table and the timeline
 
 
@@ -47,7 +47,7 @@ def test_before_and_after_are_both_drawn_for_a_healed_pipeline(healed):
     assert final.spectra, "the healed run has per-module spectra to draw"
     assert all(0 < len(s.eigenvalues) <= s.count for s in final.spectra.values())
     scores = _figures(page)["scores"]
-    assert "as configured" not in scores or "<img" in scores  # both histograms are in the one image
+    assert "as configured" in scores and "after dtype:float32" in scores  # before and after, one chart
 
 
 def test_the_verdict_points_to_the_prescription_on_the_page(healed):
@@ -67,7 +67,7 @@ def test_a_healthy_report_compares_with_float64_and_says_why_other_figures_are_e
     report = diagnose(small_pipeline(), out_dir=tmp_path, progress=False)
     assert report.status == "healthy"
     figures = _figures((report.run_dir / "report.html").read_text())
-    assert "<img" in figures["fidelity"] and "float64" in figures["fidelity"]
+    assert "<svg" in figures["fidelity"] and "float64" in figures["fidelity"]
     assert "No rung was tried" in figures["remedy-timeline"]
     assert "No cause was diagnosed" in figures["evidence"]
     assert "HEALTHY" in (report.run_dir / "report.html").read_text()

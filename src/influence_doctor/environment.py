@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import random
 import subprocess
@@ -52,19 +53,14 @@ def git_commit(directory: Path) -> dict[str, Any]:
 
 
 def describe_environment(device: str, seed: int) -> dict[str, Any]:
-    import kronfluence
+    """The environment block of a report: facts about this process gathered once (versions, the CPU,
+    the git commit: a CI suite diagnosing twenty pipelines asks git once), plus this run's own."""
     import torch
 
-    cuda = torch.cuda.is_available()
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "kronfluence": getattr(kronfluence, "__version__", None),
+        **_process_facts(str(Path.cwd())),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "cuda_available": cuda,
-        "cuda_version": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
         "seed": seed,
         "deterministic": {
@@ -72,8 +68,23 @@ def describe_environment(device: str, seed: int) -> dict[str, Any]:
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
-        "git": git_commit(Path.cwd()),
         **_world(),
+    }
+
+
+@functools.cache
+def _process_facts(cwd: str) -> dict[str, Any]:
+    import kronfluence
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "kronfluence": getattr(kronfluence, "__version__", None),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "git": git_commit(Path(cwd)),
     }
 
 

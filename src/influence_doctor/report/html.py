@@ -3,20 +3,19 @@
 Seven figures with stable ids (FIGURES): the loss curve; spectra per module before and after every
 remedy, damping and the dtype's resolution floor marked; headroom of accumulated quantities; the
 evidence behind each cause; fidelity scatters (healed vs reference, final vs exact, or as configured
-vs float64 on the probe); the remedy timeline; score histograms before and after. matplotlib is
-imported only when a figure is drawn.
+vs float64 on the probe); the remedy timeline; score histograms before and after. Charts are inline
+SVG written by `report.svg`: milliseconds to draw, nothing to import, nothing outside the page.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from typing import Any
 
 from tabulate import tabulate
 
+from influence_doctor.report.svg import Chart, Rule, Series, bar_chart, histogram
 from influence_doctor.report.text import (
     finding_rows,
     influence_lines,
@@ -30,7 +29,7 @@ from influence_doctor.report.text import (
 MAX_SPECTRA = 6
 """Modules drawn in the spectra figure, worst conditioned first (every number is in report.json)."""
 
-MAX_SCATTER_POINTS = 4000
+MAX_SCATTER_POINTS = 2000
 """Score pairs drawn in a fidelity scatter: an evenly spaced sample, so large score matrices stay light."""
 
 STYLE = """
@@ -38,6 +37,8 @@ body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:70rem;color:#22
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.2rem .5rem;font-size:.9rem}
 th{background:#f3f3f3}.healthy{color:#176b2c}.healed{color:#1f5fa8}.sick{color:#b3261e}
 pre{background:#f6f6f6;padding:.7rem}img{max-width:100%}
+.charts{display:flex;flex-wrap:wrap;gap:.5rem}.note{color:#555;font-style:italic}
+figure{margin:1rem 0;border-top:1px solid #ddd}figcaption{font-weight:600;margin:.4rem 0}
 """
 
 
@@ -124,28 +125,6 @@ def _note(text: str) -> str:
     return f"<p class='note'>{html.escape(text)}</p>"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt
-
-
-def _png(fig: Any, alt: str) -> str:
-    """The figure as an embedded PNG (self-contained: no external resource)."""
-    plt = _pyplot()
-    try:
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
-    finally:
-        plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded}'>"
-
-
 def _evidence(pipeline: dict[str, Any]) -> str:
     """Each Problem with the experiments behind its verdict: what changed, what moved, by how much."""
     diagnosis = pipeline.get("diagnosis") or []
@@ -175,65 +154,45 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return tabulate([[html.escape(str(c)) for c in row] for row in rows], headers=headers, tablefmt="unsafehtml")
 
 
-def _loss_curve(ax: Any, document: dict[str, Any]) -> bool:
-    curve = document["stages"][0]["metrics"].get("curve") or {}
-    loss = [v if isinstance(v, float) else math.nan for v in curve.get("loss", [])]
-    if not loss:
-        return False
-    ax.plot(curve["steps"], loss, lw=0.8, label="train")
-    validation = [
-        (s, v) for s, v in zip(curve["steps"], curve.get("validation_loss", []), strict=False) if isinstance(v, float)
-    ]
-    if validation:
-        ax.plot(*zip(*validation, strict=True), "o-", ms=3, label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    return True
-
-
 MAX_HEADROOM_BARS = 12
 """Accumulated quantities drawn, closest to their dtype's max first."""
 HEADROOM_FLOOR = 1e-6
 """Quantities projected below this share of their dtype's max (float32 sums, mostly) are not drawn."""
 
+OUTCOME_COLOURS = {
+    "healed": "#176b2c",
+    "resolved": "#4c9a5b",
+    "not-resolved": "#b37400",
+    "error": "#b3261e",
+    "exhausted": "#888888",
+}
 
-def _headroom(ax: Any, document: dict[str, Any]) -> bool:
-    """Each accumulated quantity at the rehearsal and projected to the full run, as a share of its
-    dtype's max (1 = overflow), closest to overflowing first."""
-    rows = [
-        h
-        for h in (document.get("projection") or {}).get("headroom", [])
-        if h.get("dtype_max") and h["max_projected"] / h["dtype_max"] >= HEADROOM_FLOOR
-    ]
-    rows = sorted(rows, key=lambda h: h["max_projected"] / h["dtype_max"], reverse=True)[:MAX_HEADROOM_BARS]
-    if not rows:
-        return False
-    labels = [f"{h['subject']} ({h['dtype']})" for h in rows][::-1]
-    rehearsal = [max(h["max_rehearsal"] / h["dtype_max"], HEADROOM_FLOOR) for h in rows][::-1]
-    projected = [h["max_projected"] / h["dtype_max"] for h in rows][::-1]
-    positions = range(len(rows))
-    ax.barh([p + 0.2 for p in positions], projected, height=0.4, label="projected, full run")
-    ax.barh([p - 0.2 for p in positions], rehearsal, height=0.4, label="measured, rehearsal")
-    ax.axvline(1.0, color="red", lw=1, label="dtype max (overflow)")
-    ax.set_xscale("log")
-    ax.set_yticks(list(positions), labels, fontsize=6)
-    ax.set_xlabel("largest |entry| / dtype max")
-    ax.legend(fontsize=6)
-    return True
+
+def _grid(charts: list[str]) -> str:
+    return f"<div class='charts'>{''.join(charts)}</div>"
 
 
 def _loss_figure(document: dict[str, Any]) -> str:
     curve = document["stages"][0]["metrics"].get("curve") or {}
-    if not curve.get("loss"):
+    loss = [v if isinstance(v, float) else math.nan for v in curve.get("loss", [])]
+    if not loss:
         return _note(
-            "No training loss was logged: the model was analysed as built, or its train function "
-            "does not call monitor.log()."
+            "No training loss was logged: the model was analysed as built, or its train function does not call "
+            "monitor.log()."
         )
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    _loss_curve(ax, document)
-    return _png(fig, "training loss")
+    steps = curve.get("steps") or list(range(len(loss)))
+    chart = Chart(title="training loss", x_label="step", y_label="loss", width=660, height=230)
+    chart.series.append(Series("train", steps, loss))
+    validation = [(s, v) for s, v in zip(steps, curve.get("validation_loss", []), strict=False) if isinstance(v, float)]
+    if validation:
+        chart.series.append(Series("validation", *zip(*validation, strict=True), style="line"))
+    chart.y_log = all(v > 0 for v in loss if math.isfinite(v)) and _spans_decades(loss)
+    return chart.render()
+
+
+def _spans_decades(values: list[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return bool(finite) and max(finite) / min(finite) > 100
 
 
 def _spectra_figure(snapshots: list[Any]) -> str:
@@ -243,53 +202,71 @@ def _spectra_figure(snapshots: list[Any]) -> str:
     if not final:
         return _note("No spectrum: the eigendecomposition or lambda stage did not complete.")
     order = sorted(final, key=lambda module: final[module].condition, reverse=True)[:MAX_SPECTRA]
-    plt = _pyplot()
-    columns = min(3, len(order))
-    rows = (len(order) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.6 * rows), squeeze=False)
-    for ax in axes.flat[len(order) :]:
-        ax.axis("off")
-    for ax, module in zip(axes.flat, order, strict=False):
+    charts = []
+    for module in order:
+        spectrum = final[module]
         positive = [
             v for snap in snapshots if module in snap.spectra for v in snap.spectra[module].eigenvalues if v > 0
         ]
-        bottom = min(positive) / 10 if positive else 1e-30
+        bottom = min([*positive, spectrum.floor if spectrum.floor > 0 else math.inf]) / 10 if positive else 1e-30
+        chart = Chart(
+            title=f"{module} ({spectrum.count} eigenvalues)", x_label="rank", y_label="eigenvalue", y_log=True
+        )
         for snap in snapshots:
-            spectrum = snap.spectra.get(module)
-            if spectrum is None:
+            own = snap.spectra.get(module)
+            if own is None:
                 continue
-            values = [v if math.isfinite(v) and v > bottom else bottom for v in spectrum.eigenvalues]
-            ranks = [i * (spectrum.count - 1) / max(len(values) - 1, 1) for i in range(len(values))]
-            ax.semilogy(ranks, values, lw=1, label=snap.label)
-        spectrum = final[module]
+            values = [v if math.isfinite(v) and v > bottom else bottom for v in own.eigenvalues]
+            ranks = [i * (own.count - 1) / max(len(values) - 1, 1) for i in range(len(values))]
+            chart.series.append(Series(snap.label, ranks, values))
         if math.isfinite(spectrum.damping) and spectrum.damping > 0:
-            ax.axhline(spectrum.damping, color="k", ls="--", lw=0.8, label=f"damping {spectrum.damping:.2g}")
+            chart.rules.append(Rule(spectrum.damping, f"damping {spectrum.damping:.2g}"))
         if math.isfinite(spectrum.floor) and spectrum.floor > 0:
-            ax.axhline(spectrum.floor, color="r", ls=":", lw=0.8, label=f"{spectrum.dtype} floor")
-        ax.set_title(f"{module} ({spectrum.count})", fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5)
-    return _png(fig, "eigenvalue spectra")
+            chart.rules.append(Rule(spectrum.floor, f"{spectrum.dtype} floor", colour="#d62728", dash="2,2"))
+        charts.append(chart.render())
+    more = len(final) - len(order)
+    note = _note(f"{more} better-conditioned module(s) not drawn; every number is in report.json.") if more else ""
+    return _grid(charts) + note
 
 
 def _headroom_figure(document: dict[str, Any]) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    if _headroom(ax, document):
-        return _png(fig, "headroom")
-    plt.close(fig)
+    """Each accumulated quantity at the rehearsal and projected to the full run, as a share of its dtype's
+    max (1 = overflow), closest to overflowing first; without a projection, what this run measured."""
     rows = [
+        h
+        for h in (document.get("projection") or {}).get("headroom", [])
+        if h.get("dtype_max") and h["max_projected"] / h["dtype_max"] >= HEADROOM_FLOOR
+    ]
+    rows = sorted(rows, key=lambda h: h["max_projected"] / h["dtype_max"], reverse=True)[:MAX_HEADROOM_BARS]
+    if rows:
+        bars = []
+        for h in rows:
+            name = f"{h['subject']} ({h['dtype']})"
+            rehearsal, projected = h["max_rehearsal"] / h["dtype_max"], h["max_projected"] / h["dtype_max"]
+            bars.append((f"{name} rehearsal", max(rehearsal, HEADROOM_FLOOR), "#1f77b4", f"{rehearsal:.2g}"))
+            colour = "#d62728" if projected >= 1 else "#ff7f0e"
+            bars.append((f"{name} full run", max(projected, HEADROOM_FLOOR), colour, f"{projected:.2g}"))
+        return bar_chart(
+            bars, x_label="largest |entry| / dtype max", x_log=True, rules=[Rule(1.0, "overflow", colour="#d62728")]
+        )
+    measured = [
         [stage["name"], subject, metrics.get("dtype", ""), show_number(metrics["headroom_used"])]
         for stage in document["stages"]
         for subject, metrics in (stage.get("metrics", {}).get("checks") or {}).items()
         if isinstance(metrics, dict) and isinstance(metrics.get("headroom_used"), float)
     ]
-    rows = sorted(rows, key=lambda row: -float(row[3]) if row[3] not in ("", "—") else 0.0)[:MAX_HEADROOM_BARS]
+    measured = sorted(measured, key=lambda row: -_float(row[3]))[:MAX_HEADROOM_BARS]
     note = _note(
-        "Measured on this run (nothing to project: it saw every training example, or nothing came "
-        "near its dtype's max)."
+        "Measured on this run (no projection: it saw every training example, or nothing came near its dtype's max)."
     )
-    return note + (_table(rows, ["stage", "quantity", "dtype", "largest |entry| / dtype max"]) if rows else "")
+    return note + (_table(measured, ["stage", "quantity", "dtype", "largest |entry| / dtype max"]) if measured else "")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], probe_scores: Any) -> list[tuple]:
@@ -304,21 +281,19 @@ def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], pro
             if kind in reference.scores and kind in snapshots[-1].scores:
                 x, y = reference.scores[kind], snapshots[-1].scores[kind]
                 if x.shape == y.shape:
-                    pairs.append(
-                        (f"{kind}: healed vs {reference.label}", reference.label, x, "healed", y, rank_agreement(y, x))
-                    )
+                    title = f"{kind}: healed vs {reference.label}"
+                    pairs.append((title, reference.label, x, "healed", y, rank_agreement(y, x)))
     exact = getattr(run, "exact_pairwise", None) if run is not None else None
     if exact is not None:
         approx, truth = exact
-        pairs.append(
-            ("pairwise: final vs exact influence", "exact", truth, "final", approx, rank_agreement(approx, truth))
-        )
+        pairs.append(("pairwise: final vs exact", "exact", truth, "final", approx, rank_agreement(approx, truth)))
     if not pairs and probe_scores:
         for kind, (configured, reference64) in probe_scores.items():
             if configured is not None and reference64 is not None and configured.shape == reference64.shape:
+                title = f"{kind} (probe): as configured vs float64"
                 pairs.append(
                     (
-                        f"{kind} on the probe: as configured vs float64",
+                        title,
                         "float64",
                         reference64,
                         "as configured",
@@ -335,63 +310,46 @@ def _fidelity_figure(document: dict[str, Any], run: Any, snapshots: list[Any], p
     pairs = _scatter_pairs(document, run, snapshots, probe_scores)
     if not pairs:
         return _note("Nothing to compare: no remedy changed the scores and the probes were off.")
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)
-    for ax, (title, x_label, x, y_label, y, spearman) in zip(axes.flat, pairs, strict=True):
+    charts = []
+    for title, x_label, x, y_label, y, spearman in pairs:
         x, y = x.double().flatten().cpu(), y.double().flatten().cpu()
         keep = torch.isfinite(x) & torch.isfinite(y)
         x, y = x[keep], y[keep]
         if x.numel() > MAX_SCATTER_POINTS:
             index = torch.linspace(0, x.numel() - 1, MAX_SCATTER_POINTS).long()
             x, y = x[index], y[index]
-        ax.scatter(x.numpy(), y.numpy(), s=3, alpha=0.5)
-        ax.set_title(f"{title}\nSpearman {spearman:.4f}", fontsize=7)
-        ax.set_xlabel(x_label, fontsize=7)
-        ax.set_ylabel(y_label, fontsize=7)
-        ax.tick_params(labelsize=6)
+        chart = Chart(title=f"{title} (Spearman {spearman:.4f})", x_label=x_label, y_label=y_label, legend=False)
+        chart.series.append(Series("", x.tolist(), y.tolist(), style="points"))
+        charts.append(chart.render())
     rows = [[title, f"{spearman:.4f}"] for title, *_, spearman in pairs]
-    return _png(fig, "fidelity scatter") + _table(rows, ["comparison", "Spearman"])
-
-
-OUTCOME_COLOURS = {
-    "healed": "#176b2c",
-    "resolved": "#4c9a5b",
-    "not-resolved": "#b37400",
-    "error": "#b3261e",
-    "exhausted": "#888888",
-}
+    return _grid(charts) + _table(rows, ["comparison", "Spearman"])
 
 
 def _timeline_figure(document: dict[str, Any]) -> str:
     remedies = document.get("remedies") or []
     if not remedies:
-        return _note(
-            "No rung was tried: nothing treatable was diagnosed"
-            + ("." if document["status"] != "sick" else ", or --no-fix was given.")
+        tail = ", or --no-fix was given." if document["status"] == "sick" else "."
+        return _note("No rung was tried: nothing treatable was diagnosed" + tail)
+    bars = [
+        (
+            f"#{i + 1} {r.get('cause') or ''}",
+            r.get("seconds") or 0.0,
+            OUTCOME_COLOURS.get(r["outcome"], "#1f5fa8"),
+            f"{r['rung']} → {r['outcome']} ({(r.get('seconds') or 0.0):.2g} s)",
         )
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(remedies)))
-    start = 0.0
-    for row, remedy in enumerate(remedies):
-        seconds = remedy.get("seconds") or 0.0
-        ax.barh(row, max(seconds, 1e-3), left=start, color=OUTCOME_COLOURS.get(remedy["outcome"], "#1f5fa8"))
-        ax.text(
-            start + seconds, row, f"  {remedy['rung']} → {remedy['outcome']} ({seconds:.1f} s)", va="center", fontsize=7
-        )
-        start += seconds
-    ax.set_yticks(
-        range(len(remedies)), [f"#{i + 1} {r.get('cause') or ''}" for i, r in enumerate(remedies)], fontsize=7
-    )
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since the first rung")
-    ax.set_xlim(0, max(start * 1.6, 1.0))
+        for i, r in enumerate(remedies)
+    ]
     skipped = [
         [f"#{i + 1}", entry.get("rung", ""), entry.get("reason", "")]
         for i, remedy in enumerate(remedies)
         for entry in remedy.get("skipped") or []
     ]
     table = _table(skipped, ["before rung", "rung skipped or rejected", "why"]) if skipped else ""
-    return _png(fig, "remedy timeline") + table
+    return bar_chart(bars, x_label="seconds") + table
+
+
+SCORE_BINS = 50
+"""Histogram bins per score kind; both configurations share the bins."""
 
 
 def _scores_figure(snapshots: list[Any]) -> str:
@@ -401,22 +359,25 @@ def _scores_figure(snapshots: list[Any]) -> str:
     if not kinds:
         return _note("No scores: the score stages did not complete.")
     shown = [snapshots[0], snapshots[-1]] if len(snapshots) > 1 else snapshots
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.0), squeeze=False)
-    for ax, kind in zip(axes.flat, kinds, strict=True):
+    charts = []
+    for kind in kinds:
+        data = {}
         for snap in shown:
             values = snap.scores.get(kind)
-            if values is None:
-                continue
-            values = values.double().flatten().cpu()
-            finite = values[torch.isfinite(values)]
-            share = finite.numel() / max(values.numel(), 1)
-            if finite.numel():
-                ax.hist(finite.numpy(), bins=60, alpha=0.55, label=f"{snap.label} ({share:.0%} finite)")
-            else:
-                ax.plot([], [], label=f"{snap.label}: no finite score")
-        ax.set_yscale("log")
-        ax.set_title(kind, fontsize=8)
-        ax.set_xlabel("score", fontsize=7)
-        ax.legend(fontsize=6)
-    return _png(fig, "score histograms")
+            if values is not None:
+                values = values.double().flatten().cpu()
+                data[snap.label] = (values[torch.isfinite(values)], values.numel())
+        chart = Chart(title=f"{kind} scores", x_label="score", y_label="count", y_log=True, width=420)
+        finite = [values for values, _ in data.values() if values.numel()]
+        if finite:
+            low = min(float(values.min()) for values in finite)
+            high = max(float(values.max()) for values in finite)
+            if high <= low:
+                low, high = low - 0.5, high + 0.5
+            edges = [low + (high - low) * i / SCORE_BINS for i in range(SCORE_BINS + 1)]
+            for label, (values, total) in data.items():
+                counts = torch.histc(values, bins=SCORE_BINS, min=low, max=high).tolist()
+                share = values.numel() / max(total, 1)
+                chart.series.append(histogram(f"{label} ({share:.0%} finite)", counts, edges))
+        charts.append(chart.render())
+    return _grid(charts)

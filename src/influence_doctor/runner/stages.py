@@ -76,7 +76,9 @@ def run_train_stage(
         model.to(run.device)
         if pipeline.train is not None:
             record.calls.append("train")
+            started = time.perf_counter()
             pipeline.train(model, train_dataset, run.monitor)
+            record.metrics["training_seconds"] = time.perf_counter() - started  # the user's own loop
             record.metrics["trained"] = True
         else:
             record.metrics["trained"] = False
