@@ -48,7 +48,7 @@ def test_diagnose_uci_mlp_end_to_end(cli, tmp_path):
     assert (report_path.parent / "report.md").read_text().startswith("# influence-doctor: uci-mlp")
     page = (report_path.parent / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "HEALTHY" in page
-    assert page.count("<img alt=") == 3  # loss curve, eigenvalue spectra, score histograms, embedded
+    assert page.count("<figure id=") == 7 and "<svg" in page  # every figure, drawn inline
     assert oct(report_path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # ordinary permissions
 
 

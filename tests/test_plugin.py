@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import kronfluence.analyzer  # noqa: F401
-import matplotlib.pyplot  # noqa: F401
 import pytest
 import scipy.stats  # noqa: F401
 

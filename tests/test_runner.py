@@ -10,6 +10,7 @@ import torch
 from kronfluence.arguments import FactorArguments
 
 from influence_doctor import STAGES, diagnose
+from influence_doctor.report.diff import differences
 from tests.pipelines import regression_data, small_pipeline
 
 
@@ -146,7 +147,7 @@ def test_model_given_as_module_and_nonfinite_scores_fail(tmp_path):
     assert report.remedies == []
 
 
-VOLATILE = {"seconds", "run_id", "run_dir", "analysis_dir", "memory"}
+VOLATILE = {"seconds", "training_seconds", "run_id", "run_dir", "analysis_dir", "memory"}
 """Timings, places and the measured memory peaks of the machine: the rest must be identical."""
 
 
@@ -163,6 +164,7 @@ def test_same_pipeline_and_seed_give_identical_reports_apart_from_timings(tmp_pa
     second = diagnose(small_pipeline(), out_dir=tmp_path, progress=False)
     assert first.run_dir != second.run_dir
     assert _without_timings(first.document) == _without_timings(second.document)
+    assert differences(first.document, second.document) == []  # and `compare` says so
     other_seed = diagnose(small_pipeline(), out_dir=tmp_path, progress=False, seed=1)
     assert other_seed.document["scores"]["self"]["digest"] != first.document["scores"]["self"]["digest"]
 
