@@ -94,6 +94,7 @@ class InfluenceSession:
             record_gates(report, result.gates)
             if updating:  # the new baseline carries the gates it passed on its own
                 write_baseline(report.run_dir, self.baseline_dir, report.run_dir.parent.name)
+            report.run = None  # the items read the document: the next pipeline need not share memory with this one
         except Exception as exc:  # reported on every item of the pipeline, never a crash of the session
             result.error = f"{type(exc).__name__}: {exc}"
         return result
