@@ -103,7 +103,10 @@ def build_report(
 
 def _relative(path: Path, reports_dir: Path) -> str:
     """A path as seen from the reports directory, so a committed report names no machine's folders."""
-    return Path(os.path.relpath(Path(path).resolve(), Path(reports_dir).resolve())).as_posix()
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), Path(reports_dir).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): the part below the pipeline's folder is still right
+        return Path(*Path(path).parts[-2:]).as_posix()
 
 
 def _stage_entry(run: Run, name: str, problems: list[Problem]) -> dict[str, Any]:

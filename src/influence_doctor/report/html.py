@@ -97,7 +97,10 @@ def render_figures(
     if not snapshots and run is not None:
         from influence_doctor.remedies.heal import snapshot
 
-        snapshots = [snapshot(run, "as configured")]
+        try:
+            snapshots = [snapshot(run, "as configured")]
+        except Exception:  # a run stopped early has nothing to compare; the figures say so
+            snapshots = []
     makers = {
         "loss": ("Training loss", lambda: _loss_figure(document)),
         "spectra": ("Eigenvalue spectra per module, before and after every remedy", lambda: _spectra_figure(snapshots)),
