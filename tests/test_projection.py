@@ -136,3 +136,14 @@ def test_the_rehearsal_never_goes_below_the_minimum_nor_above_the_data():
     assert small.examples == MIN_REHEARSAL and "minimum" in small.reason
     tiny = plan_rehearsal(models, total=100, queries=(16, 16), batch_size=64, query_batch_size=16)
     assert tiny.examples == 100
+
+
+def test_process_age_counts_what_the_process_spent_before_the_work(tmp_path):
+    """The command line hands the rehearsal's budget the time its imports took: a full run pays it too."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(0.6); from influence_doctor.environment import process_age; print(process_age())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    age = float(done.stdout)
+    assert 0.6 <= age < 60

@@ -184,6 +184,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     from influence_doctor import distributed
     from influence_doctor.doctor import diagnose
+    from influence_doctor.environment import process_age
     from influence_doctor.report.text import render
 
     world = distributed.init_from_environment(args.device)  # under torchrun: join the ranks
@@ -202,6 +203,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         ladders=config.ladders,
         min_fix_spearman=config.gates.min_fix_spearman,
         memory_budget=args.memory_budget,
+        prior_seconds=process_age(),
     )
     if world.is_writer:  # under torchrun one report on stdout, rank 0's
         if args.format == "json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def diagnose(
     ladders: Mapping[str, list[str]] | None = None,
     min_fix_spearman: float = MIN_FIX_SPEARMAN,
     memory_budget: float | None = None,
+    prior_seconds: float = 0.0,
 ) -> Report:
     """Run `pipeline` under the doctor and write reports/<pipeline>/<run-id>/report.{json,md}.
 
@@ -107,8 +109,11 @@ def diagnose(
     A Ctrl-C still writes a partial report (marked so) before the KeyboardInterrupt propagates.
     `thresholds` and `ladders` override the defaults (the CLI reads both from pyproject.toml);
     `min_fix_spearman` is the fidelity below which a fix is flagged as worse than the problem;
-    `memory_budget` (bytes) is what a stage may use at full size (default: the device's memory).
+    `memory_budget` (bytes) is what a stage may use at full size (default: the device's memory);
+    `prior_seconds`, time this process spent before the call that a full run spends too (the command
+    line's imports), which the rehearsal's time budget must cover as well.
     """
+    started = time.perf_counter()
     world = distributed.current()
     progress = progress and world.is_writer  # under torchrun one progress display, rank 0's
     options = RunOptions(
@@ -122,6 +127,7 @@ def diagnose(
         fix=fix,
         probe_examples=probe_examples,
         memory_budget=memory_budget,
+        prior_seconds=prior_seconds,
     )
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
@@ -136,7 +142,8 @@ def diagnose(
             examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
-            probe = _size_rehearsal(run, reporter) if options.examples == "auto" else None
+            spent = options.prior_seconds + time.perf_counter() - started
+            probe = _size_rehearsal(run, reporter, spent) if options.examples == "auto" else None
             run_influence_stages(run, reporter, on_stage_done=examine)
             labs = treatment.labs = Labs(
                 run,
@@ -205,13 +212,15 @@ def _cheap_garbage_collection() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _size_rehearsal(run: Run, reporter: StageProgress) -> Any:
+def _size_rehearsal(run: Run, reporter: StageProgress, spent_seconds: float) -> Any:
     """Size the rehearsal by a share of the projected full run (timed on two pilots); returns the probe
-    pilot's Lab so its trials serve the probes too."""
+    pilot's Lab so its trials serve the probes too. `spent_seconds` (imports, building and training the
+    model) is paid by the rehearsal and the full run alike."""
     if run.analyzer is None or run.train_subset is None:
         return None
     reporter.note("timing two small pilots to size the rehearsal")
-    plan, probe = choose_rehearsal(run, run.options.probe_examples or DEFAULT_PROBE_EXAMPLES, PROBE_QUERIES)
+    probe_examples = run.options.probe_examples or DEFAULT_PROBE_EXAMPLES
+    plan, probe = choose_rehearsal(run, probe_examples, PROBE_QUERIES, spent_seconds=spent_seconds)
     run.rehearsal_plan = plan.to_dict()
     reporter.note(f"rehearsing on {plan.examples} of {run.train_examples_total} examples: {plan.reason}")
     return probe

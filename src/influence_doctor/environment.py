@@ -94,3 +94,18 @@ def _world() -> dict[str, Any]:
 
     world = current()
     return {"world_size": world.size, "rank": WRITER if world.distributed else world.rank, "backend": world.backend}
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 where unknown): what a command line spent on
+    its imports before any work, which a full run of it spends too."""
+    import os
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stream:
+            fields = stream.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as stream:
+            uptime = float(stream.read().split()[0])
+        return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0

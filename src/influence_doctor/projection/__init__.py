@@ -47,7 +47,10 @@ def project(run: Any, labs: Any = None, budget: float | None = None) -> dict[str
                 if peak > budget:
                     advice.append(advise(stage, measured, shapes, settings, sizes, budget, run.device))
         points = [(_work(stage, run, examples, queries), record.seconds)]
-        if probe is not None and stage in probe.stage_seconds:
+        pilots = (getattr(run, "rehearsal_plan", None) or {}).get("pilot_stage_seconds", {}).get(stage)
+        if pilots:  # both pilots (the probe is the smaller): three sizes fit the fixed and per-batch parts
+            points += [(work, seconds) for work, seconds in pilots]
+        elif probe is not None and stage in probe.stage_seconds:
             points.append((_work(stage, run, labs.probe.examples, labs.probe.queries), probe.stage_seconds[stage]))
         model = fit(points)
         if model is not None:

@@ -9,16 +9,15 @@ checks need, and never more than there are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor.projection.time import TimeModel, batches
 
 REHEARSAL_SHARE = 0.1
 """The rehearsal's time budget: a tenth of the projected full run."""
-PILOT_OVERHEAD = 2.0
-"""The doctor's own work besides the rehearsal's stages, in units of the pilots' time: the pilots
-themselves, then the probes, which repeat about as much work (float64 factors, a damping ×10 pass)."""
+SCORE_STAGES = ("pairwise_scores", "self_scores")
 MIN_REHEARSAL = 256
 """Fewest examples rehearsed: four times the 64-example probe, so the growth of accumulated sums is
 measured over a factor of four, and several batches for every statistic the checks take."""
@@ -31,14 +30,16 @@ class RehearsalPlan:
     rehearsal_seconds: float  # the chosen rehearsal's, projected the same way
     budget_seconds: float
     reason: str
+    pilot_points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # stage → (batches, s)
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "examples": self.examples,
             "projected_full_seconds": self.full_seconds,
             "projected_rehearsal_seconds": self.rehearsal_seconds,
             "budget_seconds": self.budget_seconds,
             "chosen_by": self.reason,
+            "pilot_stage_seconds": {stage: [list(point) for point in pts] for stage, pts in self.pilot_points.items()},
         }
 
 
@@ -87,10 +88,16 @@ def plan_rehearsal(
     return RehearsalPlan(examples, full, rehearsal, budget, reason)
 
 
-def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple[RehearsalPlan, Any]:
+def choose_rehearsal(
+    run: Any, probe_examples: int, probe_queries: int, spent_seconds: float = 0.0
+) -> tuple[RehearsalPlan, Any]:
     """Time two pilots on prefixes of the run's permuted training data, fit per-batch models, and shrink
     the rehearsal to the plan's size. Returns the plan and the smaller pilot's Lab, which is the probe
-    subsample itself (its trials are reused, not repeated)."""
+    subsample itself (its trials are reused, not repeated).
+
+    `spent_seconds` is what both runs pay before any kronfluence stage (imports, building and training
+    the model): for the rehearsal's whole wall time to stay within the share of the full run's, the
+    rehearsal's own work gets share·F − (1 − share)·spent."""
     from influence_doctor.distributed import decide
     from influence_doctor.lab import Lab
     from influence_doctor.projection.time import fit
@@ -114,10 +121,29 @@ def choose_rehearsal(run: Any, probe_examples: int, probe_queries: int) -> tuple
             work = batches(stage, lab.examples, lab.queries, batch, run.pipeline.query_batch_size)
             points.setdefault(stage, []).append((work, seconds))
     models = {stage: model for stage, pairs in points.items() if (model := fit(pairs)) is not None}
-    # The probes to come (float64, damping ×10) cost about what the pilots did: count both twice.
-    overhead = PILOT_OVERHEAD * (warmup.seconds + small.seconds + large.seconds)
+    overhead = warmup.seconds + small.seconds + large.seconds + (1 - REHEARSAL_SHARE) * spent_seconds
     plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
+    if plan.examples < total:  # the pilot will be the probe: its probes' cost comes off the budget too
+        overhead += _probe_seconds(run, small)
+        plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
+    plan = dataclasses.replace(plan, pilot_points=points)  # the time projection fits them with the rehearsal
     plan = decide(plan)  # under torchrun the clocks differ: rank 0's plan for every rank
     resize_rehearsal(run, plan.examples)
     # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
     return plan, (small if plan.examples < total else None)
+
+
+def _probe_seconds(run: Any, probe: Any) -> float:
+    """What the probes will cost, measured rather than guessed: the float64 re-run of the probe is run
+    now (the precision probe reuses it, cached) and timed; the damping ×10 probe scores the probe once
+    more per distinct module damping, about one pass of its score stages."""
+    if not run.options.probe_examples:
+        return 0.0
+    before = probe.seconds
+    try:
+        probe.reference()
+    except Exception:  # the probe reports its own failure later; sizing goes on without it
+        return probe.seconds - before
+    configured = probe.configured()
+    scoring = sum(configured.stage_seconds.get(stage, 0.0) for stage in SCORE_STAGES)
+    return probe.seconds - before + scoring

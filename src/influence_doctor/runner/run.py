@@ -33,6 +33,10 @@ class RunOptions:
     memory_budget: float | None = field(
         default=None, metadata={"help": "Bytes a stage may use at full size; None: the device's memory."}
     )
+    prior_seconds: float = field(
+        default=0.0,
+        metadata={"help": "Seconds spent before diagnose() that a full run spends too (the CLI's imports)."},
+    )
 
 
 @dataclass
