@@ -291,18 +291,12 @@ def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], pro
         approx, truth = exact
         pairs.append(("pairwise: final vs exact", "exact", truth, "final", approx, rank_agreement(approx, truth)))
     if not pairs and probe_scores:
+        final = "final" if document.get("remedies") else "as configured"
         for kind, (configured, reference64) in probe_scores.items():
             if configured is not None and reference64 is not None and configured.shape == reference64.shape:
-                title = f"{kind} (probe): as configured vs float64"
+                spearman = rank_agreement(configured, reference64)
                 pairs.append(
-                    (
-                        title,
-                        "float64",
-                        reference64,
-                        "as configured",
-                        configured,
-                        rank_agreement(configured, reference64),
-                    )
+                    (f"{kind} (probe): {final} vs float64", "float64", reference64, final, configured, spearman)
                 )
     return pairs
 
@@ -321,7 +315,7 @@ def _fidelity_figure(document: dict[str, Any], run: Any, snapshots: list[Any], p
         if x.numel() > MAX_SCATTER_POINTS:
             index = torch.linspace(0, x.numel() - 1, MAX_SCATTER_POINTS).long()
             x, y = x[index], y[index]
-        chart = Chart(title=f"{title} (Spearman {spearman:.4f})", x_label=x_label, y_label=y_label, legend=False)
+        chart = Chart(title=title, subtitle=f"Spearman {spearman:.4f}", x_label=x_label, y_label=y_label, legend=False)
         chart.series.append(Series("", x.tolist(), y.tolist(), style="points"))
         charts.append(chart.render())
     rows = [[title, f"{spearman:.4f}"] for title, *_, spearman in pairs]

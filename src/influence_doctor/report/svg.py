@@ -100,6 +100,7 @@ class Chart:
     """One plot: series, reference rules, axes; `render()` gives an <svg> element."""
 
     title: str = ""
+    subtitle: str = ""
     x_label: str = ""
     y_label: str = ""
     x_log: bool = False
@@ -120,6 +121,11 @@ class Chart:
             f"<text x='{self.width / 2}' y='14' text-anchor='middle' font-size='11' {FONT}>"
             f"{html.escape(self.title)}</text>",
         ]
+        if self.subtitle:
+            parts.append(
+                f"<text x='{self.width / 2}' y='26' text-anchor='middle' font-size='9' {FONT}>"
+                f"{html.escape(self.subtitle)}</text>"
+            )
         if x_range is None or y_range is None:
             parts.append(
                 f"<text x='{self.width / 2}' y='{self.height / 2}' text-anchor='middle' font-size='11' "
@@ -127,7 +133,7 @@ class Chart:
             )
             return "".join(parts)
         left, right = MARGIN_LEFT, self.width - MARGIN_RIGHT
-        top, bottom = MARGIN_TOP, self.height - MARGIN_BOTTOM
+        top, bottom = MARGIN_TOP + (10 if self.subtitle else 0), self.height - MARGIN_BOTTOM
         sx = _Scale(*x_range, self.x_log, (left, right))
         sy = _Scale(*y_range, self.y_log, (bottom, top))
         parts.append(
