@@ -159,14 +159,7 @@ class Chart:
         return "".join(parts)
 
     def _axes(self, sx: _Scale, sy: _Scale, left: float, right: float, top: float, bottom: float) -> list[str]:
-        parts = []
-        for tick in sx.ticks():
-            x = sx(tick)
-            parts.append(
-                f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{bottom}' y2='{bottom + 4}' stroke='#666'/>"
-                f"<text x='{x:.1f}' y='{bottom + 14}' text-anchor='middle' font-size='9' {FONT}>"
-                f"{_label(tick)}</text>"
-            )
+        parts = _x_ticks(sx, bottom)
         for tick in sy.ticks():
             y = sy(tick)
             parts.append(
@@ -222,6 +215,15 @@ def _draw(series: Series, sx: _Scale, sy: _Scale, colour: str, y_range: tuple[fl
     return f"<polyline points='{path}' fill='none' stroke='{colour}' stroke-width='1.3'/>"
 
 
+def _x_ticks(sx: _Scale, bottom: float) -> list[str]:
+    """Tick marks and labels along the bottom axis."""
+    return [
+        f"<line x1='{sx(tick):.1f}' x2='{sx(tick):.1f}' y1='{bottom}' y2='{bottom + 4}' stroke='#666'/>"
+        f"<text x='{sx(tick):.1f}' y='{bottom + 14}' text-anchor='middle' font-size='9' {FONT}>{_label(tick)}</text>"
+        for tick in sx.ticks()
+    ]
+
+
 def histogram(label: str, counts: Sequence[float], edges: Sequence[float]) -> Series:
     """A step outline of bin `counts` over the bins `edges` (one more edge than counts)."""
     if len(edges) != len(counts) + 1:
@@ -268,13 +270,7 @@ def bar_chart(
             f"stroke-dasharray='{rule.dash}'/><text x='{x + 3:.1f}' y='{MARGIN_TOP - 4}' font-size='9' "
             f"fill='{rule.colour}' {FONT}>{html.escape(rule.label)}</text>"
         )
-    for tick in sx.ticks():
-        x = sx(tick)
-        parts.append(
-            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{bottom}' y2='{bottom + 4}' stroke='#666'/>"
-            f"<text x='{x:.1f}' y='{bottom + 14}' text-anchor='middle' font-size='9' {FONT}>"
-            f"{_label(tick)}</text>"
-        )
+    parts += _x_ticks(sx, bottom)
     parts.append(
         f"<line x1='{left}' x2='{right}' y1='{bottom}' y2='{bottom}' stroke='#999'/>"
         f"<text x='{(left + right) / 2}' y='{height - 4}' text-anchor='middle' font-size='10' {FONT}>"
