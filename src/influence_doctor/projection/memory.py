@@ -155,12 +155,7 @@ def candidates(
             trial = current.copy()
             trial.batch_size = batch
             yield f"per_device_batch_size={batch}", trial
-        for parts in PARTITIONS:
-            if parts > len(shapes):
-                break
-            trial = current.copy()
-            trial.factor_args.covariance_module_partitions = parts
-            yield f"covariance_module_partitions={parts}", trial
+        yield from _module_partitions(current, len(shapes), "factor_args", "covariance_module_partitions")
     elif stage == "lambda":
         if not current.factor_args.use_iterative_lambda_aggregation:
             current.factor_args.use_iterative_lambda_aggregation = True
@@ -168,12 +163,7 @@ def candidates(
         if device.startswith("cuda") and not current.factor_args.offload_activations_to_cpu:
             current.factor_args.offload_activations_to_cpu = True
             yield "offload_activations_to_cpu=True", current.copy()
-        for parts in PARTITIONS:
-            if parts > len(shapes):
-                break
-            trial = current.copy()
-            trial.factor_args.lambda_module_partitions = parts
-            yield f"lambda_module_partitions={parts}", trial
+        yield from _module_partitions(current, len(shapes), "factor_args", "lambda_module_partitions")
     elif stage in SCORE_STAGES:
         # A rank helps where it is below a module's smaller side: the widest module decides.
         widest = max(min(s.inputs, s.outputs) for s in shapes) if shapes else 0
@@ -183,12 +173,7 @@ def candidates(
                     trial = current.copy()
                     trial.score_args.query_gradient_low_rank = rank
                     yield f"query_gradient_low_rank={rank}", trial
-        for parts in PARTITIONS:
-            if parts > len(shapes):
-                break
-            trial = current.copy()
-            trial.score_args.module_partitions = parts
-            yield f"module_partitions={parts}", trial
+        yield from _module_partitions(current, len(shapes), "score_args", "module_partitions")
         for parts in PARTITIONS:
             trial = current.copy()
             trial.score_args.data_partitions = parts
@@ -210,3 +195,13 @@ def advise(
         if projected <= budget:
             return {"stage": stage, "setting": change, "projected_peak_bytes": projected, "fits": True}
     return {"stage": stage, "setting": None, "projected_peak_bytes": math.nan, "fits": False}
+
+
+def _module_partitions(current: Any, modules: int, arguments: str, knob: str) -> Iterator[tuple[str, Any]]:
+    """`knob` of `current.<arguments>` set to each partition count up to the number of modules."""
+    for parts in PARTITIONS:
+        if parts > modules:
+            break
+        trial = current.copy()
+        setattr(getattr(trial, arguments), knob, parts)
+        yield f"{knob}={parts}", trial
