@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The project's own pipelines through its pytest plugin, held to the committed baselines.
 influence-check: $(STAMP)
-	$(BIN)/python -m pytest --influence-check -p no:cacheprovider -q $(PYTEST_ARGS) tests/test_influence_check.py
+	$(BIN)/python -m pytest --influence-check -n 2 -p no:cacheprovider -q $(PYTEST_ARGS) tests/test_influence_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
