@@ -162,8 +162,8 @@ def main() -> None:
     print(f"{'configuration':<40}{'cold s':>8}{'ratio':>7}{'warm s':>8}{'ratio':>7}{'peak MB':>9}{'ratio':>7}")
     for mode, result in results.items():
         print(
-            f"{MODES[mode]:<40}{result['cold']:>8.2f}{result['cold'] / base['cold']:>7.2f}"
-            f"{result['warm']:>8.2f}{result['warm'] / base['warm']:>7.2f}"
+            f"{MODES[mode]:<40}{result['cold']:>8.3f}{result['cold'] / base['cold']:>7.2f}"
+            f"{result['warm']:>8.3f}{result['warm'] / base['warm']:>7.2f}"
             f"{result['maxrss_mb']:>9.0f}{result['maxrss_mb'] / base['maxrss_mb']:>7.2f}"
         )
 

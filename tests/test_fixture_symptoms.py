@@ -412,15 +412,20 @@ def test_zero_damping_on_a_never_seen_feature_is_undefined_even_in_float64(run_c
     assert int((lambda_64 == 0).sum().item()) >= 16  # one per gradient eigenvector (16 hidden units)
     assert torch.isnan(pairwise_scores(truth)).all()
     assert torch.isnan(truth.run.artifacts["self_scores"]["all_modules"]).all()
-    # float32 carries rounding there instead of zeros: finite scores, made of noise divided by noise...
+    # float32: Λ along the null direction is exactly zero or rounding noise, depending on whether the
+    # platform's eigh puts the eigenvector exactly on the zero column (measured: 0, or 3e-35 to 3e-32)...
     lambda_32 = report.run.artifacts["lambda"]["lambda_matrix"]["0"].double()
-    assert lambda_32.flatten().sort().values[15].item() < 1e-20 * lambda_32.max().item()  # measured: 3e-35 to 3e-32
-    assert torch.isfinite(pairwise_scores(report)).all()
-    assert torch.isfinite(report.run.artifacts["self_scores"]["all_modules"]).all()
-    # ...that no defined influence agrees with: float64 with a tiny positive damping is finite, and far off.
+    assert lambda_32.flatten().sort().values[15].item() < 1e-20 * lambda_32.max().item()
     defined = run_case("zero_damping", "float64 damping 1e-12")
     assert torch.isfinite(pairwise_scores(defined)).all()
-    assert agreement(report, defined).relative_error > 0.05  # measured: 0.20
+    scores_32 = pairwise_scores(report)
+    if torch.isfinite(scores_32).all():
+        # ...finite scores made of noise divided by noise, which no defined influence agrees with.
+        assert torch.isfinite(report.run.artifacts["self_scores"]["all_modules"]).all()
+        assert agreement(report, defined).relative_error > 0.05  # measured: 0.20
+    else:
+        # ...or exact zeros, and 0/0 leaves the float32 scores as undefined as the float64 ones.
+        assert torch.isnan(scores_32).all()
     # With that damping float32 and float64 agree: the damping, not the precision, was missing.
     healed = agreement(run_case("zero_damping", "damping 1e-12"), defined)
     assert healed.worst >= AGREES and healed.relative_error < 1e-3

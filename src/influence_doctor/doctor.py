@@ -331,7 +331,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
     if (world := distributed.current()).distributed:
         document["environment"]["distributed"] = _distributed_summary(run)
     if world.is_writer:
-        write_text_atomic(run.run_dir / "report.json", dumps(document))
+        write_text_atomic(run.run_dir / "report.json", dumps(document, already_strict=True))
         write_final_scores(run)
         write_text_atomic(run.run_dir / "report.md", render(document, markdown=True))
         snapshots = treatment.result.snapshots if treatment.result is not None else None

@@ -85,6 +85,19 @@ def test_lowest_autocorrelation_exact():
     assert lowest_autocorrelation([5.0, 5.0, 5.0], max_lag=2) == (0.0, 0)
 
 
+def test_periodicity_reads_the_same_correlations_as_autocorrelation():
+    """periodicity computes every lag at once; each must be exactly what autocorrelation gives."""
+    from influence_doctor.checks.train import _autocorrelations
+
+    rng = random.Random(3)
+    for n in (2, 5, 40, 301):
+        residuals = [rng.gauss(0.0, 1.0) + math.sin(i / 3.0) for i in range(n)]
+        at_once = _autocorrelations(residuals, n + 3)
+        for lag in range(n + 4):
+            assert at_once[lag] == pytest.approx(autocorrelation(residuals, lag), abs=1e-12), (n, lag)
+    assert _autocorrelations([0.0] * 10, 4) == [0.0] * 5  # no energy: no correlation
+
+
 def test_autocorrelation_is_normalised_per_pair():
     alternating = [1.0, -1.0, 1.0, -1.0]
     assert autocorrelation(alternating, 1) == pytest.approx(-1.0)  # mean of three products −1 over mean square 1

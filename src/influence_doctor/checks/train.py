@@ -91,12 +91,31 @@ def periodicity(values: Sequence[float], min_cycles: float) -> tuple[float, int]
     reaches both signs at once.
     """
     residuals = detrend(values)
+    lags = range(1, int(len(residuals) / (2.0 * min_cycles)) + 1)
+    correlations = _autocorrelations(residuals, 2 * len(lags))
     best, best_lag = 0.0, 0
-    for lag in range(1, int(len(residuals) / (2.0 * min_cycles)) + 1):
-        strength = min(-autocorrelation(residuals, lag), autocorrelation(residuals, 2 * lag))
+    for lag in lags:
+        strength = min(-correlations[lag], correlations[2 * lag])
         if strength > best:
             best, best_lag = strength, lag
     return best, best_lag
+
+
+def _autocorrelations(residuals: Sequence[float], max_lag: int) -> list[float]:
+    """`autocorrelation(residuals, lag)` for lags 0..max_lag at once (vectorised: a loss curve has
+    thousands of steps, and the doctor checks it on every run)."""
+    import numpy as np
+
+    r = np.asarray(residuals, dtype=np.float64)
+    n = r.size
+    out = [0.0] * (max_lag + 1)
+    energy = float(r @ r) / n if n else 0.0
+    if energy == 0.0 or not math.isfinite(energy):
+        return out
+    for lag in range(1, min(max_lag, n - 1) + 1):
+        product = float(r[:-lag] @ r[lag:]) / (n - lag)
+        out[lag] = max(-1.0, min(1.0, product / energy))
+    return out
 
 
 def step_noise(values: Sequence[float]) -> float:

@@ -60,9 +60,10 @@ def _strict_list(values: Any, prefix: str, replaced: dict[str, str]) -> list[Any
     return out
 
 
-def dumps(document: Any) -> str:
-    """The document as strict JSON text (indented, newline-terminated); raises if anything slipped through."""
-    return json.dumps(strict(document), indent=2, allow_nan=False) + "\n"
+def dumps(document: Any, already_strict: bool = False) -> str:
+    """The document as strict JSON text (indented, newline-terminated); raises if anything slipped through.
+    `already_strict`: the document came from `strict` (writing it does not walk it twice)."""
+    return json.dumps(document if already_strict else strict(document), indent=2, allow_nan=False) + "\n"
 
 
 def number(mapping: Mapping[str, Any], key: str) -> float | None:

@@ -1,9 +1,11 @@
 """Peak memory of a block of work: what a stage really held, measured, for the projection to start from.
 
 On a GPU, the CUDA caching allocator's own peak of allocated bytes (reset at the start of the block).
-On the CPU, the process's resident set size, sampled every few milliseconds by a background thread while
-the block runs (Linux /proc/self/statm; elsewhere only the lifetime maximum is available, and the block's
-peak is then unknown). Both are absolute: the stage's peak includes the model, data and whatever the
+On the CPU, the process's resident set size, sampled every few milliseconds while the block runs by one
+background thread that the process keeps (it sleeps between blocks: starting a thread per stage cost a
+millisecond, which a small pipeline's stage notices) (Linux /proc/self/statm; elsewhere the block's peak
+is unknown). The kernel's own high-water mark is not used: resetting it would change what the user's
+process reports as its peak. Both are absolute: the stage's peak includes the model, data and whatever the
 process already held, which is what has to fit in the device's memory.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -49,6 +52,43 @@ def device_memory_bytes(device: str) -> int | None:
     return None
 
 
+class _Sampler:
+    """One daemon thread that samples the resident set size for every active PeakMemory block."""
+
+    def __init__(self) -> None:
+        self._blocks: set[PeakMemory] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, block: PeakMemory) -> None:
+        with self._lock:
+            self._blocks.add(block)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="influence-doctor-memory", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def remove(self, block: PeakMemory) -> None:
+        with self._lock:
+            self._blocks.discard(block)
+            if not self._blocks:
+                self._wake.clear()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            current = resident_bytes()
+            with self._lock:
+                blocks = list(self._blocks)
+            for block in blocks:
+                block.observe(current)
+            time.sleep(SAMPLE_SECONDS)
+
+
+_SAMPLER = _Sampler()
+
+
 class PeakMemory:
     """`with PeakMemory(device) as peak: ...` then `peak.peak_bytes` (None when it cannot be measured)."""
 
@@ -57,8 +97,6 @@ class PeakMemory:
         self.kind = "cuda_allocated" if device.startswith("cuda") else "rss"
         self.start_bytes: int | None = None
         self.peak_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.kind == "cuda_allocated":
@@ -70,17 +108,10 @@ class PeakMemory:
             return self
         self.start_bytes = self.peak_bytes = resident_bytes()
         if self.start_bytes is not None:
-            self._thread = threading.Thread(target=self._sample, name="influence-doctor-memory", daemon=True)
-            self._thread.start()
+            _SAMPLER.add(self)
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._observe()
-            self._stop.wait(SAMPLE_SECONDS)
-
-    def _observe(self) -> None:
-        current = resident_bytes()
+    def observe(self, current: int | None) -> None:
         if current is not None and (self.peak_bytes is None or current > self.peak_bytes):
             self.peak_bytes = current
 
@@ -93,10 +124,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
             return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._observe()
+        _SAMPLER.remove(self)
+        self.observe(resident_bytes())
 
     def to_dict(self) -> dict[str, int | str | None]:
         return {"kind": self.kind, "start_bytes": self.start_bytes, "peak_bytes": self.peak_bytes}
