@@ -46,7 +46,12 @@ def strict(value: Any) -> Any:
     return value
 
 
+_SCALARS = (int, float, str, bool, type(None))
+
+
 def _strict_list(values: Any, prefix: str, replaced: dict[str, str]) -> list[Any]:
+    if all(type(inner) in _SCALARS for inner in values) and not any(_nonfinite(inner) for inner in values):
+        return list(values)  # a plain, finite list (a loss curve): nothing to replace, one quick pass
     out = []
     for index, inner in enumerate(values):
         path = f"{prefix}{index}"

@@ -43,10 +43,15 @@ class _Scale:
     log: bool
     pixels: tuple[float, float]  # where low and high land
 
-    def __call__(self, value: float) -> float:
+    def __post_init__(self) -> None:
+        # value → pixel is affine in t(value): computed once, since a chart maps thousands of points.
         a, b = self._t(self.low), self._t(self.high)
-        t = 0.5 if b == a else (self._t(value) - a) / (b - a)
-        return self.pixels[0] + t * (self.pixels[1] - self.pixels[0])
+        span = self.pixels[1] - self.pixels[0]
+        self._slope = 0.0 if b == a else span / (b - a)
+        self._offset = self.pixels[0] + (0.5 * span if b == a else -a * self._slope)
+
+    def __call__(self, value: float) -> float:
+        return self._offset + (math.log10(value) if self.log else value) * self._slope
 
     def _t(self, value: float) -> float:
         return math.log10(value) if self.log else value
@@ -197,22 +202,25 @@ def _draw(series: Series, sx: _Scale, sy: _Scale, colour: str, y_range: tuple[fl
         return math.isfinite(x) and math.isfinite(y) and (y > 0 or not y_log)
 
     if series.style == "points":
-        dots = "".join(
-            f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='1.6'/>"
-            for x, y in zip(series.x, series.y, strict=False)
-            if usable(x, y)
-        )
+        points = [(sx(x), sy(y)) for x, y in zip(series.x, series.y, strict=False) if usable(x, y)]
+        dots = _format_points("<circle cx='%.1f' cy='%.1f' r='1.6'/>", points)
         return f"<g fill='{colour}' fill-opacity='0.55'>{dots}</g>"
     if series.style == "steps":
         base = y_range[0]
         points = []
         for index, y in enumerate(series.y):
-            level = y if usable(1.0, y) else base
-            points += [(series.x[index], level), (series.x[index + 1], level)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+            level = sy(y if usable(1.0, y) else base)
+            points += [(sx(series.x[index]), level), (sx(series.x[index + 1]), level)]
+        path = _format_points("%.1f,%.1f ", points).rstrip()
         return f"<polyline points='{path}' fill='none' stroke='{colour}' stroke-width='1.2' stroke-opacity='0.85'/>"
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(series.x, series.y, strict=False) if usable(x, y))
+    points = [(sx(x), sy(y)) for x, y in zip(series.x, series.y, strict=False) if usable(x, y)]
+    path = _format_points("%.1f,%.1f ", points).rstrip()
     return f"<polyline points='{path}' fill='none' stroke='{colour}' stroke-width='1.3'/>"
+
+
+def _format_points(pattern: str, points: list[tuple[float, float]]) -> str:
+    """`pattern` (two %.1f fields) repeated for every point, in one formatting call: a chart has thousands."""
+    return (pattern * len(points)) % tuple(value for point in points for value in point)
 
 
 def _x_ticks(sx: _Scale, bottom: float) -> list[str]:
