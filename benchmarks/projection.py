@@ -133,7 +133,7 @@ def main() -> None:
     stages_full = sum(s["seconds"] or 0.0 for s in full["stages"][1:])
     print(
         f"\nwall time: rehearsal {rehearsal_wall:.1f} s (everything: pilots, probes, checks, reports), "
-        f"full run {full_wall:.1f} s → {rehearsal_wall / full_wall:.0%}"
+        f"full run {full_wall:.1f} s → {rehearsal_wall / full_wall:.1%}"
         f"\nkronfluence stages: projected {projection['seconds']:.1f} s, measured {stages_full:.1f} s → "
         f"{_ratio(projection['seconds'], stages_full)}; training took {train(full):.1f} s in each"
     )

@@ -4,10 +4,12 @@ documented order that really fits when applied, and time fitted per batch."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from kronfluence.arguments import FactorArguments, ScoreArguments
 
+from influence_doctor.pipeline import STAGES
 from influence_doctor.projection.memory import (
     ModuleShape,
     Settings,
@@ -16,7 +18,7 @@ from influence_doctor.projection.memory import (
     score_bytes,
     working_bytes,
 )
-from influence_doctor.projection.time import TimeModel, batches, fit
+from influence_doctor.projection.time import TimeModel, batches, fit, from_batch_stamps
 
 SHAPES = [ModuleShape("fc1", 769, 768), ModuleShape("fc2", 769, 1)]
 
@@ -78,6 +80,36 @@ def test_time_is_fitted_per_batch():
     assert fit([(4, 2.0)]) == TimeModel(0.0, 0.5)
     assert fit([(1, 1.0), (16, 0.5)]).per_batch == 0.0  # noise, not a negative cost
     assert fit([]) is None
+
+
+def test_per_batch_time_is_the_median_interval_between_batches():
+    # One slow first batch and noise around 0.1 s per batch; the total leaves a fixed 0.5 s.
+    stamps = [0.0, 0.9, 1.0, 1.1, 1.21, 1.3]
+    model = from_batch_stamps(stamps, work=6, seconds=2.5)
+    assert model.per_batch == pytest.approx(0.1) and model.fixed == pytest.approx(2.5 - 0.6)
+    # Two forwards per batch (a task that calls the model twice): one batch spans two of them.
+    twice = [t for start in (0.0, 0.2, 0.4, 0.6) for t in (start, start + 0.05)]
+    assert from_batch_stamps(twice, work=4, seconds=1.0).per_batch == pytest.approx(0.2)
+    # Too few batches, no forwards (the task never calls the model itself), or no measured total.
+    assert from_batch_stamps([0.0, 0.1], work=2, seconds=0.3) is None
+    assert from_batch_stamps([], work=16, seconds=1.0) is None
+    assert from_batch_stamps(stamps, work=6, seconds=None) is None
+    assert from_batch_stamps(stamps, work=6, seconds=0.1).fixed == 0.0  # never a negative fixed part
+
+
+def test_a_rehearsal_times_its_batches_and_projects_from_them(tmp_path):
+    from influence_doctor import diagnose
+    from influence_doctor.demos import load_demo
+
+    report = diagnose(load_demo("uci-mlp"), fix=False, out_dir=tmp_path, progress=False, probe_examples=0, examples=640)
+    batches_per_pass = math.ceil(640 / report.run.train_batch_size)  # five
+    for name in ("covariance", "lambda", "self_scores"):
+        assert report.document["stages"][STAGES.index(name)]["metrics"]["forward_calls"] == batches_per_pass
+    projected = report.document["projection"]["stages"]
+    for name in ("covariance", "lambda", "pairwise_scores", "self_scores"):
+        assert projected[name]["model"]["from"] == "batch intervals", name
+        assert projected[name]["model"]["seconds_per_batch"] > 0
+    assert projected["eigendecomposition"]["model"]["from"] == "sizes"  # one eigh per factor: no batches
 
 
 @pytest.mark.slow

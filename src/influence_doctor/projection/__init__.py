@@ -2,7 +2,8 @@
 
 - `factors`: the bytes of the stored factors, exact from shapes and dtypes;
 - `memory`: each stage's peak at full size, from its measured peak, and the smallest setting that fits;
-- `time`: each stage's seconds at full size, fitted per batch from two measured sizes;
+- `time`: each stage's seconds at full size, per batch from the rehearsal's own batches (else fitted
+  on the measured sizes);
 - headroom of accumulated quantities comes from `checks.headroom` (measured growth, via the probes).
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from influence_doctor.projection.factors import factor_bytes
 from influence_doctor.projection.memory import Settings, advise, module_shapes, project_stage
-from influence_doctor.projection.time import batches, fit
+from influence_doctor.projection.time import batches, fit, from_batch_stamps
 from influence_doctor.runner.memory import device_memory_bytes
 
 PROJECTED_STAGES = ("covariance", "eigendecomposition", "lambda", "pairwise_scores", "self_scores")
@@ -52,12 +53,15 @@ def project(run: Any, labs: Any = None, budget: float | None = None) -> dict[str
             points += [(work, seconds) for work, seconds in pilots]
         elif probe is not None and stage in probe.stage_seconds:
             points.append((_work(stage, run, labs.probe.examples, labs.probe.queries), probe.stage_seconds[stage]))
-        model = fit(points)
+        model = from_batch_stamps(record.forward_stamps, points[0][0], record.seconds)
+        timed_by = "batch intervals"
+        if model is None:
+            model, timed_by = fit(points), "sizes"
         if model is not None:
             entry.update(
                 seconds=model.seconds(_work(stage, run, examples_full, queries_full)),
                 rehearsal_seconds=record.seconds,
-                model={"fixed_seconds": model.fixed, "seconds_per_batch": model.per_batch},
+                model={"fixed_seconds": model.fixed, "seconds_per_batch": model.per_batch, "from": timed_by},
             )
         stages[stage] = entry
     memory = factor_bytes(run)

@@ -135,8 +135,11 @@ def choose_rehearsal(
 
 def _probe_seconds(run: Any, probe: Any) -> float:
     """What the probes will cost, measured rather than guessed: the float64 re-run of the probe is run
-    now (the precision probe reuses it, cached) and timed; the damping ×10 probe scores the probe once
-    more per distinct module damping, about one pass of its score stages."""
+    now (the precision probe reuses it, cached) and timed; the damping ×10 probe scores the kind a user
+    reads (pairwise, else self) once more per distinct module damping — one pass for an explicit
+    damping, one per module for kronfluence's heuristic, which differs from module to module."""
+    from influence_doctor.lab import module_damping
+
     if not run.options.probe_examples:
         return 0.0
     before = probe.seconds
@@ -145,5 +148,7 @@ def _probe_seconds(run: Any, probe: Any) -> float:
     except Exception:  # the probe reports its own failure later; sizing goes on without it
         return probe.seconds - before
     configured = probe.configured()
-    scoring = sum(configured.stage_seconds.get(stage, 0.0) for stage in SCORE_STAGES)
-    return probe.seconds - before + scoring
+    stage = "pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores"
+    damping = module_damping(configured.artifacts, run.factor_args.strategy, run.score_args.damping_factor)
+    passes = max(len(set(damping.values())), 1)
+    return probe.seconds - before + passes * configured.stage_seconds.get(stage, 0.0)

@@ -2,8 +2,13 @@
 
 Each stage costs a fixed part (loading factors, building loaders, saving) plus a part per batch it
 processes: covariance, Λ and self scores one pass over the training batches, pairwise scores one per
-query batch, the eigendecomposition one eigh per factor whatever the data size. Two measured sizes
-(the probe subsample and the rehearsal) fit the two parts; one size gives the per-batch part alone.
+query batch, the eigendecomposition one eigh per factor whatever the data size.
+
+The per-batch part is read, where it can be, from the intervals between the batches of the rehearsal
+itself (`from_batch_stamps`: the median time from one batch entering the model to the next), and the
+fixed part is the rest of the stage's measured time. Where a stage has too few batches for that (or
+does not call the model), two or more measured sizes (the pilots and the rehearsal) fit both parts by
+least squares (`fit`); at small sizes their difference is mostly noise, which is why it comes second.
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ class TimeModel:
 
     def seconds(self, work: float) -> float:
         return self.fixed + self.per_batch * work
+
+
+MIN_TIMED_BATCHES = 3
+"""Fewest batches whose intervals time a stage: two intervals or more, so one slow batch is not the median."""
+
+
+def from_batch_stamps(stamps: list[float], work: float, seconds: float | None) -> TimeModel | None:
+    """The stage's model from when each batch entered the model (`stamps`), its `work` in batches and
+    its measured `seconds`; None when there are too few batches to time.
+
+    A batch may call the model k times (k = forwards / batches, rounded); one batch's cost is then the
+    median span of k consecutive forwards. The fixed part is what the measured total leaves over."""
+    if seconds is None or not math.isfinite(seconds) or work < MIN_TIMED_BATCHES or len(stamps) < MIN_TIMED_BATCHES:
+        return None
+    per = max(1, round(len(stamps) / work))
+    spans = sorted(later - earlier for earlier, later in zip(stamps, stamps[per:], strict=False))
+    if len(spans) < MIN_TIMED_BATCHES - 1:
+        return None
+    middle = len(spans) // 2
+    per_batch = spans[middle] if len(spans) % 2 else 0.5 * (spans[middle - 1] + spans[middle])
+    return TimeModel(max(seconds - per_batch * work, 0.0), max(per_batch, 0.0))
 
 
 def fit(points: list[tuple[float, float]]) -> TimeModel | None:

@@ -50,6 +50,7 @@ class StageRecord:
     findings: list[Finding] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)  # the kronfluence calls made, in order
+    forward_stamps: list[float] = field(default_factory=list, repr=False)  # when each batch entered the model
 
     @property
     def completed(self) -> bool:

@@ -21,6 +21,7 @@ from influence_doctor.environment import resolve_device, seed_everything
 from influence_doctor.findings import Finding, worst_severity
 from influence_doctor.pipeline import STAGES, Pipeline, resolve
 from influence_doctor.progress import StageProgress
+from influence_doctor.runner.batch_clock import ForwardClock
 from influence_doctor.runner.memory import PeakMemory
 from influence_doctor.runner.run import Run, RunOptions, StageRecord
 
@@ -278,10 +279,12 @@ def run_influence_stages(
             seed_everything(run.seed + STAGES.index(name))
             record.calls.append(_CALL_NAMES[name])
             started = time.perf_counter()
-            with quiet_kronfluence(), PeakMemory(run.device) as peak:
+            with quiet_kronfluence(), PeakMemory(run.device) as peak, ForwardClock(run.model) as clock:
                 _CALLS[name](run, load_covariance_from)
             record.seconds = time.perf_counter() - started
             record.metrics["memory"] = peak.to_dict()
+            record.forward_stamps = clock.stamps
+            record.metrics["forward_calls"] = len(clock.stamps)
             run.artifacts[name] = _LOADERS[name](run)
             record.metrics.update(_artifact_metrics(name, run.artifacts[name]))
             if on_stage_done is not None:
