@@ -8,7 +8,8 @@ else the doctor does — checks, coverage, loading factors back, reports, plots 
 
 Each configuration runs in its own process and diagnoses the pipeline twice: the first ("cold") pays
 the one-off costs of a process (first calls into torch and kronfluence, the doctor's imports), the
-second ("warm") what every further pipeline of a CI suite pays. The best of --repeat is kept.
+second ("warm") what every further pipeline of a CI suite pays. The repeats are interleaved across
+the configurations, and the best of --repeat is kept.
 
     .venv/bin/python benchmarks/overhead.py --demo uci-mlp --repeat 3
     PROJECTION_EXAMPLES=4096 .venv/bin/python benchmarks/overhead.py --target benchmarks/projection.py:wide_mlp
@@ -153,10 +154,12 @@ def main() -> None:
         child(args.child, args.pipeline)
         return
     spec = args.target or args.demo
-    results = {}
-    for mode in args.modes.split(","):
-        runs = [measure(mode, spec) for _ in range(args.repeat)]
-        results[mode] = {key: min(r[key] for r in runs) for key in ("cold", "warm", "maxrss_mb")}
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for _ in range(args.repeat):  # interleaved, so that a machine slowing down over minutes hits every mode alike
+        for mode in modes:
+            runs[mode].append(measure(mode, spec))
+    results = {mode: {key: min(r[key] for r in runs[mode]) for key in ("cold", "warm", "maxrss_mb")} for mode in modes}
     base = results["bare"]
     print(f"{spec}: best of {args.repeat}, training excluded, CPU")
     print(f"{'configuration':<40}{'cold s':>8}{'ratio':>7}{'warm s':>8}{'ratio':>7}{'peak MB':>9}{'ratio':>7}")
