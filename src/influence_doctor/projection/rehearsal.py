@@ -17,7 +17,6 @@ from influence_doctor.projection.time import TimeModel, batches
 
 REHEARSAL_SHARE = 0.1
 """The rehearsal's time budget: a tenth of the projected full run."""
-SCORE_STAGES = ("pairwise_scores", "self_scores")
 MIN_REHEARSAL = 256
 """Fewest examples rehearsed: four times the 64-example probe, so the growth of accumulated sums is
 measured over a factor of four, and several batches for every statistic the checks take."""
