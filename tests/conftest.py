@@ -26,6 +26,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     )
 
 
+def fix_fidelity_errors(document: dict) -> list[str]:
+    """A healed report with no reference for its fix, or whose fix falls below its own bar, is a bug."""
+    if document.get("status") != "healed":
+        return []
+    fix = (document.get("fidelity") or {}).get("fix") or {}
+    if fix.get("reference") is None:
+        return [f"healed, but fidelity.fix has no reference ({fix.get('reason')})"]
+    median, limit = fix.get("median_spearman"), fix.get("limit")
+    if median is None or limit is None or median < limit:
+        return [f"healed, but fidelity.fix.median_spearman {median} is below min_fix_spearman {limit}"]
+    return []
+
+
 @pytest.fixture
 def cli():
     return run_cli
@@ -33,7 +46,8 @@ def cli():
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every report.json the suite wrote (API, CLI subprocesses, pytester runs, partial reports) must
-    follow the shipped JSON Schema: a schema no test holds reports to is a promise nobody checks."""
+    follow the shipped JSON Schema: a schema no test holds reports to is a promise nobody checks. And
+    every healed one must say what its fix cost against a reference, at or above its bar."""
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None or hasattr(session.config, "workerinput"):  # under xdist the controller checks all
         return
@@ -54,6 +68,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             continue
         checked += 1
         broken += [f"{path}: {error}" for error in schema_errors(document)[:5]]
+        broken += [f"{path}: {error}" for error in fix_fidelity_errors(document)]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and checked:
         reporter.write_line(f"report schema: {checked} report.json file(s) checked, {len(broken)} error(s)")

@@ -63,7 +63,9 @@ def test_fixture_heals_by_the_expected_rung(name, tmp_path):
     ]
     assert resolving and resolving[0]["rung"] == expected["rung"], report.remedies
     assert report.prescription["python"]
-    assert report.document["fidelity"]["fix"] is not None
+    fix = report.document["fidelity"]["fix"]
+    assert fix["reference"] is not None and fix["median_spearman"] >= fix["limit"], fix
+    assert fix["examples"] > 0
     if expected["cause"] != "tiny-damping":  # damping is the user's choice unless a tiny damping is proven
         assert "damping_factor" not in report.prescription["score_args"]
 

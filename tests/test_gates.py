@@ -70,23 +70,48 @@ def test_condition_written_as_strict_json_null_with_its_reason_still_fails():
     assert not result.passed and result.value == float("inf")
 
 
-def test_a_fix_worse_than_the_problem_fails_min_fix_spearman(tmp_path):
-    """eigenvectors_fp16 healed by falling back to the identity strategy: the drift is gone, but the
-    rankings moved far from the configuration as given (Spearman ~0.6): a warn, and the gate fails."""
+def test_a_fix_worse_than_the_problem_is_advice_not_a_cure(tmp_path):
+    """eigenvectors_fp16 with only the identity strategy on its ladder: identity clears the drift but its
+    rankings are far from float64 of the configuration as given, so the bar rejects it before it is
+    applied; the pipeline stays sick and the report lists the option with its measured cost."""
     from fixtures import load_fixture
 
     pipeline, _ = load_fixture("eigenvectors_fp16")
     report = diagnose(pipeline, out_dir=tmp_path, progress=False, ladders={"dtype-drift": ["strategy:identity"]})
+    assert report.status == "sick"
+    assert not [r for r in report.remedies if r["outcome"] != "exhausted"]  # nothing applied
+    (advice,) = report.prescription["advice"]  # the best of the strategy changes the bar rejected
+    assert advice["rung"].startswith("strategy:") and advice["method_changed"] is True
+    assert advice["factor_args"] == {"strategy": advice["rung"].partition(":")[2]}
+    assert advice["fidelity"]["median_spearman"] < 0.9 and advice["fidelity"]["reference"] == "float64 as configured"
+    reasons = {s["rung"]: s["reason"] for r in report.remedies for s in r["skipped"]}
+    assert f"{advice['fidelity']['median_spearman']:.3f}" in reasons[advice["rung"]]
+    assert "below min_fix_spearman 0.9" in reasons["strategy:identity"]
+    results = _by_gate(evaluate(report.document, Gates()))
+    assert not results["status"].passed
+
+
+def test_a_fix_below_the_gate_fails_min_fix_spearman(tmp_path):
+    """The same fix accepted under a lower bar of the user's choosing: healed, and the default gate fails it."""
+    from fixtures import load_fixture
+
+    pipeline, _ = load_fixture("eigenvectors_fp16")
+    report = diagnose(
+        pipeline,
+        out_dir=tmp_path,
+        progress=False,
+        ladders={"dtype-drift": ["strategy:identity"]},
+        min_fix_spearman=-1.0,
+    )
     assert report.status == "healed"
     fix = report.document["fidelity"]["fix"]
-    assert fix["below_limit"] is True and fix["min_spearman"] < 0.9
-    (warning,) = [f for f in report.findings if f.check == "scores.fix_fidelity"]
-    assert warning.severity == "warn" and warning.value == pytest.approx(fix["min_spearman"])
+    assert fix["reference"] is not None and fix["method_changed"] is True
+    assert fix["median_spearman"] < 0.9
     results = _by_gate(evaluate(report.document, Gates()))
-    assert results["status"].passed  # healed…
-    assert not results["min_fix_spearman"].passed  # …but by a fix worse than the problem
-    assert results["min_fix_spearman"].value == pytest.approx(fix["min_spearman"])
-    assert _by_gate(evaluate(report.document, Gates(min_fix_spearman=0.5)))["min_fix_spearman"].passed
+    assert results["status"].passed  # healed under the user's own bar…
+    assert not results["min_fix_spearman"].passed  # …but below the default one
+    assert results["min_fix_spearman"].value == pytest.approx(fix["median_spearman"])
+    assert _by_gate(evaluate(report.document, Gates(min_fix_spearman=-1.0)))["min_fix_spearman"].passed
     assert "min_score_spearman" not in results  # no baseline, no comparison gates
 
 

@@ -1,4 +1,4 @@
-"""The prescription (ready-to-paste Python) and the fidelity of a fix (agreement with less-regularized scores)."""
+"""The prescription (ready-to-paste Python) and the fidelity of a fix (per-query rankings against its reference)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from scipy import stats
 
-from influence_doctor.fidelity import compare_scores, fidelity_against_least_regularized, pearson
+from influence_doctor.fidelity import FLOAT64_REFERENCE, compare_scores, fix_fidelity, pearson
 from influence_doctor.prescription import FACTOR_DEFAULTS_NOTE, prescribe
 from influence_doctor.remedies.heal import Snapshot
 
@@ -131,22 +131,39 @@ def test_pearson_undefined_cases_are_nan():
     assert math.isnan(pearson(torch.tensor([1.0, 2.0, float("nan"), 4.0]), torch.tensor([1.0, float("inf"), 3.0, 4.0])))
 
 
-def test_compare_scores_only_kinds_in_both():
+def per_query_spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return [stats.spearmanr(x.numpy(), y.numpy()).statistic for x, y in zip(a, b, strict=True)]
+
+
+def test_compare_scores_only_kinds_in_both_and_per_query():
     g = torch.Generator().manual_seed(2)
-    final = {"pairwise": torch.randn(3, 5, generator=g), "self": torch.randn(5, generator=g)}
-    reference = {"pairwise": final["pairwise"] + 0.3 * torch.randn(3, 5, generator=g), "other": torch.randn(5)}
+    final = {"pairwise": torch.randn(3, 25, generator=g), "self": torch.randn(5, generator=g)}
+    reference = {"pairwise": final["pairwise"] + 0.8 * torch.randn(3, 25, generator=g), "other": torch.randn(5)}
     result = compare_scores(final, reference)
     assert set(result) == {"pairwise"}
+    rows = per_query_spearman(final["pairwise"].double(), reference["pairwise"].double())
+    assert result["pairwise"]["median_spearman"] == pytest.approx(sorted(rows)[1], rel=1e-12)
+    assert result["pairwise"]["worst_spearman"] == pytest.approx(min(rows), rel=1e-12)
     x, y = final["pairwise"].double().flatten().numpy(), reference["pairwise"].double().flatten().numpy()
-    assert result["pairwise"]["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic, rel=1e-12)
     assert result["pairwise"]["pearson"] == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-12)
 
 
-# --------------------------------------------------------------------------------- least-regularized fidelity
+# ------------------------------------------------------------------------------------------ fix fidelity
 
 
-def snap(label, scores, finite=True, damping=1e-8):
-    return Snapshot(label, scores, finite, {"damping_factor": damping, "covariance_shift": None, "strategy": "ekfac"})
+def snap(label, scores, finite=True, damping=1e-8, strategy="ekfac"):
+    regularization = {"damping_factor": damping, "covariance_shift": None, "strategy": strategy}
+    return Snapshot(label, scores, finite, regularization)
+
+
+class FakeTrial:
+    """A lab trial's interface as fix_fidelity reads it: scores per kind on a subsample."""
+
+    def __init__(self, label, scores, examples=25, queries=4):
+        self.label, self._scores, self.examples, self.queries = label, scores, examples, queries
+
+    def scores(self, kind):
+        return self._scores.get(kind)
 
 
 def scores_like(base, noise, seed):
@@ -154,45 +171,75 @@ def scores_like(base, noise, seed):
     return {"pairwise": base + noise * torch.randn(base.shape, generator=g, dtype=base.dtype)}
 
 
-BASE = torch.randn(4, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+BASE = torch.randn(4, 25, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
-def test_reference_is_the_earliest_finite_earlier_snapshot():
-    nonfinite = snap("as configured", {"pairwise": torch.full((4, 10), float("nan"))}, finite=False)
+def test_reference_is_the_earliest_trusted_earlier_snapshot():
+    nonfinite = snap("as configured", {"pairwise": torch.full((4, 25), float("nan"))}, finite=False)
     first_finite = snap("after damping:heuristic", scores_like(BASE, 0.5, 4), damping=None)
     second_finite = snap("after damping:heuristic-x10", scores_like(BASE, 0.01, 5), damping=0.3)
     final = snap("after strategy:kfac", {"pairwise": BASE.clone()}, damping=0.3)
-    result = fidelity_against_least_regularized([nonfinite, first_finite, second_finite, final], 0.5)
+    result = fix_fidelity([nonfinite, first_finite, second_finite, final], 0.5)
     assert result["reference"] == "after damping:heuristic"
+    assert result["reference_kind"] == "least-regularized finite run"
     assert result["reference_regularization"] == first_finite.regularization
     assert result["final_regularization"] == final.regularization
-    x, y = BASE.flatten().numpy(), first_finite.scores["pairwise"].flatten().numpy()
-    expected = stats.spearmanr(x, y).statistic
-    assert result["agreement"]["pairwise"]["spearman"] == pytest.approx(expected, rel=1e-12)
-    assert result["agreement"]["pairwise"]["pearson"] == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-12)
-    assert result["min_spearman"] == pytest.approx(expected, rel=1e-12)
+    rows = per_query_spearman(BASE, first_finite.scores["pairwise"])
+    assert result["median_spearman"] == pytest.approx(statistics_median(rows), rel=1e-12)
+    assert result["worst_spearman"] == pytest.approx(min(rows), rel=1e-12)
+    assert (result["examples"], result["queries"]) == (25, 4)
     # against the later (closer) snapshot the agreement would have been higher: it was not used
-    assert stats.spearmanr(x, second_finite.scores["pairwise"].flatten().numpy()).statistic > expected
+    closer = per_query_spearman(BASE, second_finite.scores["pairwise"])
+    assert min(closer) > result["worst_spearman"]
 
 
-def test_the_configuration_as_given_is_the_reference_when_it_was_finite():
+def test_the_configuration_as_given_is_the_reference_when_it_was_trusted():
     given = snap("as configured", scores_like(BASE, 0.2, 6))
     final = snap("after shift:1e-6", {"pairwise": BASE.clone()})
-    result = fidelity_against_least_regularized([given, final], 0.9)
-    assert result["reference"] == "as configured"
+    result = fix_fidelity([given, final], 0.9)
+    assert result["reference"] == "as configured" and result["method_changed"] is False
 
 
-def test_min_spearman_is_the_worst_kind():
+def test_float64_as_configured_is_the_reference_when_nothing_earlier_was_trusted():
+    """The reference always exists: with no trusted earlier run, the probe's float64 of the configuration
+    as given, read per query (median, worst, top overlap) on the examples and queries it was measured on."""
+    nonfinite = snap("as configured", {"pairwise": BASE * math.inf}, finite=False)
+    final = snap("after dtype:float32", {"pairwise": BASE.clone()})
+    reference = FakeTrial("float64 end to end, same damping", {"pairwise": BASE.clone()})
+    candidate = FakeTrial("candidate", scores_like(BASE, 0.9, 11))
+    result = fix_fidelity([nonfinite, final], 0.9, (candidate, reference), ("pairwise",))
+    assert result["reference"] == FLOAT64_REFERENCE and result["reference_kind"] == "float64"
+    rows = per_query_spearman(candidate.scores("pairwise"), BASE)
+    assert result["worst_spearman"] == pytest.approx(min(rows), rel=1e-12)
+    assert result["median_spearman"] == pytest.approx(statistics_median(rows), rel=1e-12)
+    assert 0.0 <= result["top_overlap"] <= 1.0
+    assert (result["examples"], result["queries"]) == (25, 4)
+    assert result["below_limit"] is (result["median_spearman"] < 0.9)
+
+
+def statistics_median(values):
+    import statistics
+
+    return statistics.median(values)
+
+
+def test_a_strategy_change_is_said_plainly():
+    nonfinite = snap("as configured", {"pairwise": BASE * math.nan}, finite=False)
+    final = snap("after strategy:diagonal", {"pairwise": BASE.clone()}, strategy="diagonal")
+    pair = (FakeTrial("c", {"pairwise": BASE.clone()}), FakeTrial("r", {"pairwise": BASE.clone()}))
+    assert fix_fidelity([nonfinite, final], 0.9, pair)["method_changed"] is True
+
+
+def test_headline_is_the_worst_kind():
     g = torch.Generator().manual_seed(7)
-    self_scores = torch.randn(10, generator=g, dtype=torch.float64)
     reference = snap(
-        "as configured", {"pairwise": BASE.clone(), "self": torch.randn(10, generator=g, dtype=torch.float64)}
+        "as configured", {"pairwise": BASE.clone(), "self": torch.randn(25, generator=g, dtype=torch.float64)}
     )
-    final = snap("after x", {"pairwise": BASE.clone(), "self": self_scores})
-    result = fidelity_against_least_regularized([reference, final], 0.5)
-    assert result["agreement"]["pairwise"]["spearman"] == pytest.approx(1.0)
-    assert result["min_spearman"] == pytest.approx(result["agreement"]["self"]["spearman"])
-    assert result["min_spearman"] < 1.0
+    final = snap("after x", {"pairwise": BASE.clone(), "self": torch.randn(25, generator=g, dtype=torch.float64)})
+    result = fix_fidelity([reference, final], 0.5)
+    assert result["agreement"]["pairwise"]["median_spearman"] == pytest.approx(1.0)
+    assert result["median_spearman"] == pytest.approx(result["agreement"]["self"]["median_spearman"])
+    assert result["kind"] == "self" and result["median_spearman"] < 1.0
 
 
 @pytest.mark.parametrize(
@@ -210,12 +257,12 @@ def test_min_spearman_is_the_worst_kind():
                 snap("after a", {}, finite=False),
                 snap("after b", {"pairwise": BASE}),
             ],
-            "nothing finite to compare to",
+            "no float64 reference could be computed",
         ),
     ],
 )
 def test_reasons_when_there_is_nothing_to_compare(snapshots, reason):
-    result = fidelity_against_least_regularized(snapshots, 0.5)
+    result = fix_fidelity(snapshots, 0.5)
     assert result["reference"] is None
     assert reason in result["reason"]
     assert "agreement" not in result and "below_limit" not in result
@@ -224,19 +271,19 @@ def test_reasons_when_there_is_nothing_to_compare(snapshots, reason):
 def test_below_limit_flips_at_the_limit():
     reference = snap("as configured", scores_like(BASE, 0.7, 8))
     final = snap("after y", {"pairwise": BASE.clone()})
-    rho = fidelity_against_least_regularized([reference, final], 0.0)["min_spearman"]
+    rho = fix_fidelity([reference, final], 0.0)["median_spearman"]
     assert 0.0 < rho < 1.0
-    at = fidelity_against_least_regularized([reference, final], rho)
+    at = fix_fidelity([reference, final], rho)
     assert at["limit"] == rho and at["below_limit"] is False  # equal to the limit is not below it
-    above = fidelity_against_least_regularized([reference, final], math.nextafter(rho, 1.0))
+    above = fix_fidelity([reference, final], math.nextafter(rho, 1.0))
     assert above["below_limit"] is True
-    below = fidelity_against_least_regularized([reference, final], math.nextafter(rho, 0.0))
+    below = fix_fidelity([reference, final], math.nextafter(rho, 0.0))
     assert below["below_limit"] is False
 
 
 def test_undefined_agreement_is_not_reported_below_the_limit():
-    reference = snap("as configured", {"pairwise": torch.ones(4, 10, dtype=torch.float64)})
+    reference = snap("as configured", {"pairwise": torch.ones(4, 25, dtype=torch.float64)})
     final = snap("after z", {"pairwise": BASE.clone()})
-    result = fidelity_against_least_regularized([reference, final], 0.5)
-    assert math.isnan(result["min_spearman"])
+    result = fix_fidelity([reference, final], 0.5)
+    assert math.isnan(result["median_spearman"])
     assert result["below_limit"] is False

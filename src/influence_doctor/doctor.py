@@ -18,7 +18,7 @@ from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.differential import PROBE_QUERIES, Labs, differential_diagnosis
 from influence_doctor.exact import exact_fidelity
 from influence_doctor.examine import examine_stage
-from influence_doctor.fidelity import fidelity_against_least_regularized
+from influence_doctor.fidelity import fix_fidelity
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline
 from influence_doctor.prescription import prescribe
@@ -73,6 +73,7 @@ class _Treatment:
     original_score_args: Any = None
     original_batch_size: int = 0
     exact: dict[str, Any] | None = None
+    fix: dict[str, Any] | None = None  # the final configuration's rankings against its reference
     min_fix_spearman: float = MIN_FIX_SPEARMAN
     labs: Labs | None = None
 
@@ -165,12 +166,16 @@ def diagnose(
                     thresholds,
                     ladders,
                     on_rung=treatment.remedies.append,
+                    min_fix_spearman=min_fix_spearman,
                 )
                 treatment.problems = treatment.result.problems
                 if treatment.remedies and labs.enabled:
                     reporter.note("probing the healed configuration")
                     run.probes = {"initial": run.probes, "final": run_probes(run, labs, thresholds)}
                     treatment.problems = differential_diagnosis(run, labs, thresholds)
+                if treatment.applied:
+                    reporter.note("measuring the fix against float64 of the configuration as given")
+                    treatment.fix = _fix_fidelity(run, labs, treatment)
                 if any(r.outcome != "exhausted" for r in treatment.remedies):
                     reporter.note("measuring fidelity against exact influence")
                     treatment.exact = exact_fidelity(run)
@@ -237,6 +242,45 @@ def _final_float64_agreement(probes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _fix_fidelity(run: Run, labs: Labs, treatment: _Treatment) -> dict[str, Any]:
+    """The final configuration against the least-regularized trusted run, else float64 as configured."""
+    result = treatment.result
+    reference, final = labs.reference(), labs.candidate(run.factor_args, run.score_args, run.shift)
+    pair = (final, reference) if reference is not None and final is not None else None
+    return fix_fidelity(result.snapshots, treatment.min_fix_spearman, pair, tuple(run.pipeline.scores))
+
+
+def _advice(treatment: _Treatment) -> list[dict[str, Any]]:
+    """The best option the fidelity bar rejected, per cause left untreated, with its measured cost."""
+    result = treatment.result
+    if result is None:
+        return []
+    advice = []
+    for option in result.advice:
+        change = option["change"]
+        settings = prescribe(
+            treatment.original_factor_args, treatment.original_score_args, change.factor_args, change.score_args
+        )
+        fidelity = option["fidelity"]
+        advice.append(
+            {
+                "cause": option["cause"],
+                "rung": option["rung"],
+                "change": change.description,
+                "factor_args": settings["factor_args"],
+                "score_args": settings["score_args"],
+                "python": settings["python"],
+                "method_changed": "factor_args.strategy" in change.changes,
+                "fidelity": {key: fidelity.get(key) for key in FIDELITY_KEYS},
+                "reason": f"not applied: its rankings fall below min_fix_spearman {treatment.min_fix_spearman:g}",
+            }
+        )
+    return advice
+
+
+FIDELITY_KEYS = ("reference", "median_spearman", "worst_spearman", "top_overlap", "examples", "queries")
+
+
 def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
     """A fix that moved the rankings further than `min_fix_spearman` allows is worse than the problem
     it healed, or close to it: a `warn` on the score stage, which the gate of that name fails."""
@@ -251,11 +295,11 @@ def _flag_costly_fix(run: Run, fix: dict[str, Any]) -> None:
             stage=stage,
             subject="",
             severity="warn",
-            value=fix["min_spearman"],
+            value=fix["median_spearman"],
             limit=fix["limit"],
             cause=None,
-            message=f"The fix moved the rankings to Spearman {fix['min_spearman']:.3f} against "
-            f"{fix['reference']!r}, below {fix['limit']:g}: weigh it against the problem it heals.",
+            message=f"The fix moved the rankings to median per-query Spearman {fix['median_spearman']:.3f} "
+            f"against {fix['reference']!r}, below {fix['limit']:g}: a fix worse than the problem is no cure.",
         )
     )
     settle_status(run.stages[stage])
@@ -288,7 +332,8 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
     """Build the report; rank 0 alone writes it (every rank returns it, with rank 0's verdict)."""
     problems = treatment.problems if treatment.problems is not None else []
     broken = any(record.status in ("error", "fail", "interrupted") for record in run.stages.values())
-    if problems or broken:
+    costly = treatment.fix is not None and bool(treatment.fix.get("below_limit"))
+    if problems or broken or costly:
         status = "sick"
     elif treatment.applied:
         status = "healed"
@@ -309,11 +354,13 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
             run.score_args,
             None if batch == treatment.original_batch_size else (treatment.original_batch_size, batch),
         )
-        if treatment.result is not None:
-            fidelity["fix"] = fidelity_against_least_regularized(treatment.result.snapshots, treatment.min_fix_spearman)
+        if treatment.fix is not None:
+            fidelity["fix"] = treatment.fix
             _flag_costly_fix(run, fidelity["fix"])
         if treatment.exact is not None:
             fidelity["exact"] = treatment.exact
+    if advice := _advice(treatment):
+        prescription["advice"] = advice
     rehearsal = run.options.examples is not None and len(run.train_indices) < run.train_examples_total
     document = strict(
         build_report(
@@ -321,7 +368,7 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
             status,
             target,
             problems,
-            initial_problems=treatment.initial_problems,
+            initial_problems=treatment.initial_problems + (treatment.result.revealed if treatment.result else []),
             remedies=[remedy.to_dict() for remedy in treatment.remedies],
             prescription=prescription,
             fidelity=fidelity,

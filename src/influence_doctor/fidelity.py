@@ -1,15 +1,26 @@
-"""How much a fix moved the scores: rank and linear agreement with the least-regularized configuration
-that gave trustworthy scores (the closest thing to what the user asked for)."""
+"""How much a fix moved the scores, measured the way a user reads them: per-query rankings of the healed
+configuration against a reference that always exists.
+
+The reference is the least-regularized earlier configuration whose scores were finite and trustworthy
+(the closest thing to what the user asked for that the run itself computed) or, when there is none,
+float64 end to end of the configuration as given — same strategy, damping and task — on the probe.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from scipy import stats
 
-from influence_doctor.checks.precision import rank_agreement
+from influence_doctor.checks.precision import score_agreement
+
+FLOAT64_REFERENCE = "float64 as configured"
+"""The reference that always exists: the user's configuration (strategy, damping, task) in float64 end to end."""
+
+HEADLINE_KEYS = ("median_spearman", "worst_spearman", "top_overlap")
 
 
 def pearson(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -22,46 +33,84 @@ def pearson(first: torch.Tensor, second: torch.Tensor) -> float:
     return float(stats.pearsonr(a[keep].numpy(), b[keep].numpy()).statistic)
 
 
-def compare_scores(final: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Spearman and Pearson per score kind present in both."""
+def compare_scores(final: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Per score kind present in both: per-query Spearman (median and worst), top-10 overlap, Pearson."""
+    out: dict[str, Any] = {}
+    for kind in final:
+        if kind not in reference or final[kind] is None or reference[kind] is None:
+            continue
+        agreement = score_agreement(final[kind], reference[kind])
+        out[kind] = {key: agreement[key] for key in (*HEADLINE_KEYS, "relative_error")}
+        out[kind]["pearson"] = pearson(final[kind], reference[kind])
+    return out
+
+
+def headline(agreement: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The kind whose median per-query Spearman is lowest speaks for the fix: a fix must not distort
+    any score the user asked for. NaN (rankings undefined, e.g. constant scores) is not a low value."""
+    measured = [(kind, values) for kind, values in agreement.items() if not math.isnan(values["median_spearman"])]
+    if not measured:
+        return {key: math.nan for key in HEADLINE_KEYS} | {"kind": None}
+    kind, values = min(measured, key=lambda item: item[1]["median_spearman"])
+    return {key: values[key] for key in HEADLINE_KEYS} | {"kind": kind}
+
+
+def rankings_against(candidate: Any, reference: Any, kinds: tuple[str, ...], label: str) -> dict[str, Any]:
+    """A candidate configuration's trial against the reference trial (called `label`) on the same subsample."""
+    agreement = compare_scores({k: candidate.scores(k) for k in kinds}, {k: reference.scores(k) for k in kinds})
     return {
-        kind: {
-            "spearman": rank_agreement(final[kind], reference[kind]),
-            "pearson": pearson(final[kind], reference[kind]),
-        }
-        for kind in final
-        if kind in reference
+        "reference": label,
+        **headline(agreement),
+        "examples": candidate.examples,
+        "queries": candidate.queries,
+        "agreement": agreement,
     }
 
 
-def fidelity_against_least_regularized(snapshots: list[Any], min_spearman: float) -> dict[str, Any]:
-    """Compare the final configuration with the earliest earlier one whose scores were trustworthy:
-    all finite, and not shown wrong by a measurement (finite rounding noise is not a reference).
+def below(fidelity: Mapping[str, Any], limit: float) -> bool:
+    value = fidelity.get("median_spearman", math.nan)
+    return value is not None and not math.isnan(value) and value < limit
 
-    Rungs climb from least to most distorting, so the earliest trusted snapshot is the least
-    regularized. When there is none (the configuration as given was never right), say so.
+
+def fix_fidelity(
+    snapshots: list[Any],
+    limit: float,
+    float64: tuple[Any, Any] | None = None,
+    kinds: tuple[str, ...] = ("pairwise", "self"),
+) -> dict[str, Any]:
+    """The final configuration against its reference, with the numbers the `min_fix_spearman` gate reads.
+
+    `snapshots` are the run's scores before any remedy and after each one; rungs climb from least to
+    most distorting, so the earliest trusted one is the least regularized. `float64` is the pair
+    (final configuration, float64 as configured) on the probe, used when no snapshot is trusted.
     """
     if len(snapshots) < 2:
         return {"reference": None, "reason": "no remedy was applied"}
     final = snapshots[-1]
-    earlier = [s for s in snapshots[:-1] if s.trusted]
     if not final.trusted:
         return {"reference": None, "reason": "the final configuration's scores are not finite or not trustworthy"}
-    if not earlier:
-        return {
-            "reference": None,
-            "reason": "no less-regularized configuration gave finite, trustworthy scores: there is nothing finite "
-            "to compare to",
+    earlier = [s for s in snapshots[:-1] if s.trusted]
+    if earlier:
+        reference = earlier[0]
+        agreement = compare_scores(final.scores, reference.scores)
+        shape = next(iter(final.scores.values())).shape if final.scores else ()
+        result = {
+            "reference": reference.label,
+            "reference_kind": "least-regularized finite run",
+            **headline(agreement),
+            "examples": int(shape[-1]) if shape else 0,
+            "queries": int(shape[0]) if len(shape) == 2 else 0,
+            "agreement": agreement,
+            "reference_regularization": reference.regularization,
         }
-    reference = earlier[0]
-    agreement = compare_scores(final.scores, reference.scores)
-    worst = min((v["spearman"] for v in agreement.values() if not math.isnan(v["spearman"])), default=math.nan)
-    return {
-        "reference": reference.label,
-        "reference_regularization": reference.regularization,
-        "final_regularization": final.regularization,
-        "agreement": agreement,
-        "min_spearman": worst,
-        "limit": min_spearman,
-        "below_limit": bool(not math.isnan(worst) and worst < min_spearman),
-    }
+    elif float64 is not None:
+        candidate, reference = float64
+        result = rankings_against(candidate, reference, kinds, FLOAT64_REFERENCE) | {"reference_kind": "float64"}
+        result["reference_regularization"] = snapshots[0].regularization
+    else:
+        return {"reference": None, "reason": "no float64 reference could be computed (no Analyzer or no data)"}
+    result["final_regularization"] = final.regularization
+    result["method_changed"] = final.regularization.get("strategy") != snapshots[0].regularization.get("strategy")
+    result["limit"] = limit
+    result["below_limit"] = below(result, limit)
+    return result

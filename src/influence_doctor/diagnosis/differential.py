@@ -11,9 +11,10 @@ A symptom no experiment explains stays a Problem with cause None, and its refute
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
@@ -30,12 +31,15 @@ from influence_doctor.diagnosis.problem import (
 )
 from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms
 from influence_doctor.dtypes import raise_group, score_path_dtype
-from influence_doctor.lab import Lab, Trial, float64_settings, scaled_damping
+from influence_doctor.lab import FACTOR_STAGES, Lab, Trial, float64_settings, scaled_damping
 from influence_doctor.pipeline import STAGES
 
 PROBE_QUERIES = None
 """Queries in the probe subsample: the rehearsal's own (16 by default), so that the probe and the
 rehearsal differ only in training examples, which is what the time and headroom fits need."""
+
+DEFAULT_FIDELITY_EXAMPLES = 64
+"""Training examples a fix's fidelity is measured on when the probes are off (the probe's default size)."""
 
 TRIAL_KINDS = frozenset(
     {
@@ -75,6 +79,8 @@ class Labs:
         else:
             self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
         self.rehearsal = Lab(run, None, None, name="rehearsal") if ready else None
+        self.asked = (copy.deepcopy(run.factor_args), copy.deepcopy(run.score_args))  # before any remedy
+        self._fidelity_lab: Lab | None = None
         self.refresh()
 
     @property
@@ -91,7 +97,31 @@ class Labs:
 
     @property
     def seconds(self) -> float:
-        return sum(lab.seconds for lab in (self.probe, self.rehearsal) if lab is not None)
+        return sum(lab.seconds for lab in (self.probe, self.rehearsal, self._fidelity_lab) if lab is not None)
+
+    def fidelity_lab(self) -> Lab | None:
+        """Where a fix's rankings are measured against the reference: the probe, or with the probes off a
+        subsample of the probe's default size, made only when a fix needs measuring."""
+        if self.probe is not None:
+            return self.probe
+        run = self.run
+        if self._fidelity_lab is None and run.analyzer is not None and run.train_subset is not None:
+            self._fidelity_lab = Lab(run, DEFAULT_FIDELITY_EXAMPLES, PROBE_QUERIES, name="fidelity")
+        return self._fidelity_lab
+
+    def reference(self) -> Trial | None:
+        """The reference that always exists: float64 end to end of the configuration as the user gave it
+        (same strategy, damping and task; no remedy), on the fidelity lab."""
+        lab = self.fidelity_lab()
+        if lab is None:
+            return None
+        factor_args, score_args = float64_settings(*self.asked)
+        return lab.trial(factor_args, score_args, label="float64 as configured")
+
+    def candidate(self, factor_args: Any, score_args: Any, shift: tuple[str, float] | None) -> Trial | None:
+        """A configuration (a rung on top of the current settings, or the final one) on the fidelity lab."""
+        lab = self.fidelity_lab()
+        return None if lab is None else lab.trial(factor_args, score_args, label="candidate", shift=shift)
 
     def reproduce(self, symptom: Symptom) -> tuple[Lab, Trial, Any] | None:
         """The smallest lab whose trial of the current settings shows the symptom, with that trial."""
@@ -251,23 +281,44 @@ class Verdict:
     before: Any
     after: Any
     reason: str
+    revealed: list[tuple[str, str]] = field(default_factory=list)  # (kind, stage) newly measurable and wrong
 
 
 def judge_change(problem: Problem, base: Trial, trial: Trial, lab: Lab, thresholds: Thresholds) -> Verdict:
-    """A change heals when every symptom of the problem is gone from the trial and nothing new went wrong."""
+    """A change heals when every symptom of the problem is gone from the trial and no measurement that
+    passed before it fails after it.
+
+    A stage the base could not compute, or computed from inf/NaN or a failed stage upstream, had no
+    passing measurement to break: what goes wrong there now was hidden behind the problem, and is
+    returned as `revealed`, to be diagnosed and treated on top of this change.
+    """
     symptoms = problem.symptoms or []
     before = [measure(s, base, lab, thresholds)[0] for s in symptoms]
     measured = [measure(s, trial, lab, thresholds) for s in symptoms]
     after = [value for value, _bad in measured]
     still = [s for s, (_value, bad) in zip(symptoms, measured, strict=True) if bad]
-    new = trial_symptoms(trial, lab, thresholds) - trial_symptoms(base, lab, thresholds)
+    wrong_before = trial_symptoms(base, lab, thresholds)
+    new = trial_symptoms(trial, lab, thresholds) - wrong_before
     new -= {(s.kind, s.stage) for s in symptoms}
+    broken = sorted(item for item in new if passed_before(item[1], base, wrong_before))
+    revealed = sorted(new - set(broken))
     if still:
         return Verdict(False, _one(before), _one(after), f"{still[0].measurement}: {_show(_one(after))}")
-    if new:
-        kind, stage = sorted(new)[0]
-        return Verdict(False, _one(before), _one(after), f"it cleared the problem but broke {stage} ({kind})")
-    return Verdict(True, _one(before), _one(after), "")
+    if broken:
+        kind, stage = broken[0]
+        return Verdict(
+            False, _one(before), _one(after), f"it cleared the problem but broke {stage} ({kind}), which passed before"
+        )
+    return Verdict(True, _one(before), _one(after), "", revealed)
+
+
+def passed_before(stage: str, base: Trial, wrong_before: set[tuple[str, str]]) -> bool:
+    """Whether `base` measured `stage` and found it right: computed, and nothing wrong in it or in a
+    factor stage feeding it (the two score stages do not feed each other)."""
+    if stage not in base.artifacts or base.failure(stage):
+        return False
+    feeding = {name for name in FACTOR_STAGES if STAGES.index(name) < STAGES.index(stage)} | {stage}
+    return not any(wrong_stage in feeding for _kind, wrong_stage in wrong_before)
 
 
 def _one(values: list[Any]) -> Any:

@@ -80,6 +80,7 @@ class Problem:
     confirmed: bool = False  # an experiment changed the failing measurement (or it was measured directly)
     lab: str | None = None  # where it reproduced: "probe" or "rehearsal"; rungs are rehearsed there
     symptoms: list[Any] = field(default_factory=list, repr=False)  # diagnosis.symptoms.Symptom, in order
+    revealed_by: str | None = None  # the rung whose re-run uncovered it (a stage that could not run before)
 
     @property
     def basis(self) -> str:
@@ -107,6 +108,7 @@ class Problem:
             "basis": self.basis,
             "setting": self.setting,
             "experiments": [experiment.to_dict() for experiment in self.experiments],
+            "revealed_by": self.revealed_by,
         }
 
 

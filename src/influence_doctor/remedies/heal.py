@@ -17,6 +17,7 @@ from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
 from influence_doctor.examine import examine_stage, reexamine
+from influence_doctor.fidelity import FLOAT64_REFERENCE, below, rankings_against
 from influence_doctor.pipeline import STAGES
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
@@ -57,6 +58,8 @@ class Remedy:
     skipped: list[dict[str, str]] = field(default_factory=list)  # rungs that could not act, and why
     error: str | None = None  # what stopped the rung, when its outcome is "error"
     rehearsal: dict[str, Any] | None = None  # where it was tried first and what it did there
+    revealed: list[str] = field(default_factory=list)  # problems it uncovered in stages that could not run before
+    method_changed: bool = False  # a strategy change: the scores approximate another quantity
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,8 @@ class Remedy:
             "skipped": self.skipped,
             "error": self.error,
             "rehearsal": _plain_tree(self.rehearsal),
+            "revealed": self.revealed,
+            "method_changed": self.method_changed,
         }
 
 
@@ -82,6 +87,8 @@ class HealResult:
     problems: list[Problem]
     snapshots: list[Snapshot]
     exhausted: list[str]  # causes whose ladder ran out
+    advice: list[dict[str, Any]] = field(default_factory=list)  # per exhausted cause, the best rung the bar rejected
+    revealed: list[Problem] = field(default_factory=list)  # problems uncovered by a rung, diagnosed on top
 
 
 def heal(
@@ -92,31 +99,49 @@ def heal(
     thresholds: Thresholds | None = None,
     ladders: Mapping[str, list[str]] | None = None,
     on_rung: Callable[[Remedy], None] | None = None,
+    min_fix_spearman: float = 0.9,
 ) -> HealResult:
     """Climb the ladders of the treatable problems until none is left or the ladders run out.
 
     Each rung is rehearsed where its problem reproduced (the probe subsample, or the whole rehearsal)
-    and applied to the run only when it heals the problem there without breaking anything else; the
-    rungs skipped or rejected on the way are recorded with the reason.
+    and applied to the run only when it heals the problem there without breaking a measurement that
+    passed before it, and when its rankings on the probe agree with float64 of the configuration as given
+    at `min_fix_spearman` or better. A rung that heals its problem and reveals another (in a stage that
+    could not run before) is kept; the revealed problem is diagnosed and treated on top. Rungs skipped
+    or rejected on the way are recorded with the reason; the best one the bar rejected is kept as advice.
     """
     thresholds = thresholds or Thresholds()
     remedies: list[Remedy] = []
     snapshots = [snapshot(run, "as configured")]
     tried: dict[str | None, set[str]] = {}
     exhausted: list[str] = []
+    advice: list[dict[str, Any]] = []
+    revealed_problems: list[Problem] = []
     base_covariance = run.artifacts.get("covariance")
     base_factors = run.factors_name
     while len(remedies) < MAX_RUNGS:
         treatable = [p for p in problems if p.treatable and (p.cause or "unexplained") not in exhausted]
         if not treatable:
             break
+        problems_before = list(problems)
         problem = treatable[0]
-        change, rehearsal, skipped = distributed.decide(  # under torchrun: rank 0 picks the rung
-            _next_change(problem, run, labs, tried.setdefault(problem.cause, set()), ladders, thresholds, progress)
+        change, rehearsal, skipped, rejected = distributed.decide(  # under torchrun: rank 0 picks the rung
+            _next_change(
+                problem,
+                run,
+                labs,
+                tried.setdefault(problem.cause, set()),
+                ladders,
+                thresholds,
+                progress,
+                min_fix_spearman,
+            )
         )
         if change is None:
             exhausted.append(problem.cause or "unexplained")
             progress.note(f"no rung left for {problem.cause or 'an unexplained failure'}")
+            if rejected:
+                advice.append(max(rejected, key=lambda option: option["fidelity"]["median_spearman"]))
             if skipped:
                 remedies.append(_exhausted(problem, skipped))
                 if on_rung is not None:
@@ -143,6 +168,11 @@ def heal(
         run_probes(run, labs, thresholds, damping=False)
         problems = differential_diagnosis(run, labs, thresholds)
         causes_after = [p.cause or "unexplained" for p in problems]
+        uncovered = [p for p in problems if not _known(p, problems_before)]
+        for found in uncovered:
+            found.revealed_by = change.rung
+        revealed_problems.extend(uncovered)
+        revealed = [f"{p.cause or 'unexplained'} at {p.stage}" for p in uncovered]
         if outcome != "error":
             outcome = "healed" if not problems else "resolved" if problem.cause not in causes_after else "not-resolved"
         remedy = Remedy(
@@ -159,6 +189,8 @@ def heal(
             skipped=skipped,
             error=error,
             rehearsal=rehearsal,
+            revealed=revealed,
+            method_changed="factor_args.strategy" in change.changes,
         )
         remedies.append(remedy)
         snapshots.append(snapshot(run, f"after {change.rung}"))
@@ -166,7 +198,7 @@ def heal(
             on_rung(remedy)
         if outcome == "error":
             break
-    return HealResult(remedies, problems, snapshots, exhausted)
+    return HealResult(remedies, problems, snapshots, exhausted, advice, revealed_problems)
 
 
 def _exhausted(problem: Problem, skipped: list[dict[str, str]]) -> Remedy:
@@ -194,8 +226,10 @@ def _next_change(
     ladders: Mapping[str, list[str]] | None,
     thresholds: Thresholds,
     progress: StageProgress,
-) -> tuple[Change | None, dict[str, Any] | None, list[dict[str, str]]]:
-    """The next rung that plans a change and, rehearsed where the problem reproduced, heals it."""
+    min_fix_spearman: float,
+) -> tuple[Change | None, dict[str, Any] | None, list[dict[str, str]], list[dict[str, Any]]]:
+    """The next rung that plans a change and, rehearsed where the problem reproduced, heals it without
+    falling below the fidelity bar; also the rungs the bar alone rejected, with their measured cost."""
     heuristic, floor = damping_reference_points(
         run.artifacts, run.factor_args.strategy, run.score_args.precondition_dtype
     )
@@ -208,6 +242,7 @@ def _next_change(
         damping_floor=floor,
     )
     skipped: list[dict[str, str]] = []
+    rejected: list[dict[str, Any]] = []
     for rung in ladder_for(problem.cause, ladders):
         if rung in tried:
             continue
@@ -226,12 +261,12 @@ def _next_change(
                 if not labs.enabled
                 else "no subsample reproduced it"
             )
-            return change, {"rehearsed": False, "reason": why}, skipped
+            return change, {"rehearsed": False, "reason": why}, skipped, rejected
         progress.note(f"rehearsing {rung} on {lab.examples} examples")
         base = lab.configured()
         # The rung's own shift, or the one the run carries unless the rung recomputes the covariances.
-        kept = run.shift if change.first_stage != "covariance" else None
-        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=change.shift or kept)
+        shift = change.shift or (run.shift if change.first_stage != "covariance" else None)
+        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=shift)
         verdict = judge_change(problem, base, trial, lab, thresholds)
         rehearsal = {
             "rehearsed": True,
@@ -242,13 +277,49 @@ def _next_change(
             "after": verdict.after,
             "heals": verdict.heals,
             "seconds": trial.seconds,
+            "revealed": [f"{stage} ({kind})" for kind, stage in verdict.revealed],
         }
-        if verdict.heals:
-            return change, rehearsal, skipped
-        skipped.append(
-            {"rung": rung, "reason": f"rehearsed on {lab.examples} examples, did not heal: {verdict.reason}"}
-        )
-    return None, None, skipped
+        if not verdict.heals:
+            skipped.append(
+                {"rung": rung, "reason": f"rehearsed on {lab.examples} examples, did not heal: {verdict.reason}"}
+            )
+            continue
+        fidelity = _fidelity_on_probe(labs, change, shift)
+        rehearsal["fidelity"] = fidelity
+        if fidelity is not None and below(fidelity, min_fix_spearman):
+            if verdict.revealed:  # the low rankings may be the revealed problem's: held to the bar once treated
+                rehearsal["fidelity_note"] = "it revealed another problem; the composed fix is held to the bar"
+                return change, rehearsal, skipped, rejected
+            cost = _cost_text(fidelity)
+            skipped.append(
+                {"rung": rung, "reason": f"heals, but {cost}, below min_fix_spearman {min_fix_spearman:g}"}
+            )
+            rejected.append({"rung": rung, "cause": problem.cause, "change": change, "fidelity": fidelity})
+            continue
+        return change, rehearsal, skipped, rejected
+    return None, None, skipped, rejected
+
+
+def _fidelity_on_probe(labs: Labs, change: Change, shift: tuple[str, float] | None) -> dict[str, Any] | None:
+    """The rung's rankings against float64 of the configuration as given, on the probe."""
+    reference = labs.reference()
+    candidate = labs.candidate(change.factor_args, change.score_args, shift)
+    if reference is None or candidate is None:
+        return None
+    return rankings_against(candidate, reference, tuple(labs.run.pipeline.scores), FLOAT64_REFERENCE)
+
+
+def _cost_text(fidelity: dict[str, Any]) -> str:
+    return (
+        f"its rankings agree with {fidelity['reference']} at median per-query Spearman "
+        f"{fidelity['median_spearman']:.3f} (worst {fidelity['worst_spearman']:.3f}, "
+        f"{fidelity['examples']} examples × {fidelity['queries']} queries)"
+    )
+
+
+def _known(problem: Problem, before: list[Problem]) -> bool:
+    """Whether `problem` was already diagnosed before the rung (same cause at the same stage)."""
+    return any((p.cause, p.stage) == (problem.cause, problem.stage) for p in before)
 
 
 def _apply(

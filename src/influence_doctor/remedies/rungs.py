@@ -188,7 +188,9 @@ def _strategy(rung, argument, problem, settings, fa, sa):
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
         return None, f"strategy {current!r} is already at or below {argument!r}"
     fa.strategy = argument
-    return _change(rung, {"factor_args.strategy": (current, argument)}, "covariance", fa, sa), ""
+    change = _change(rung, {"factor_args.strategy": (current, argument)}, "covariance", fa, sa)
+    change.description += f" (a different method: the scores approximate another quantity than {current}'s)"
+    return change, ""
 
 
 _PLANNERS = {

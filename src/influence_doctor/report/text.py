@@ -115,6 +115,35 @@ def remedy_rows(document: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def treatment_chain(document: dict[str, Any]) -> str:
+    """problem → rung → problem revealed → rung …: how the applied rungs composed."""
+    steps: list[str] = []
+    for remedy in document["remedies"]:
+        if remedy["outcome"] == "exhausted":
+            continue
+        if not steps:
+            steps.append(remedy["cause"] or "unexplained")
+        steps.append(remedy["rung"] + (" (the method changed)" if remedy.get("method_changed") else ""))
+        steps += [f"revealed {problem}" for problem in remedy.get("revealed", [])]
+        if remedy["outcome"] == "healed":
+            steps.append("healed")
+    return " → ".join(steps)
+
+
+def advice_lines(document: dict[str, Any]) -> list[str]:
+    """Options that heal but fall below the fidelity bar: not applied, listed with their measured cost."""
+    lines = []
+    for option in document["prescription"].get("advice", []):
+        fidelity = option["fidelity"]
+        method = " (a different method: the scores approximate another quantity)" if option["method_changed"] else ""
+        lines.append(
+            f"- for {option['cause']}: {option['rung']}, {option['change']}{method}. Measured cost: rankings vs "
+            f"{fidelity['reference']} at median per-query Spearman {_spearman(fidelity['median_spearman'])} "
+            f"(worst {_spearman(fidelity['worst_spearman'])}) on {fidelity['examples']} examples; {option['reason']}."
+        )
+    return lines
+
+
 def _rerun(stages: list[str]) -> str:
     return "—" if not stages else stages[0] if len(stages) == 1 else f"{stages[0]} +{len(stages) - 1}"
 
@@ -187,15 +216,25 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
         return lines
     if fix.get("reference") is None:
         return [*lines, f"Fidelity: {fix.get('reason')}."]
-    parts = [
-        f"{kind} Spearman {v['spearman']:.3f} / Pearson {v['pearson']:.3f}" for kind, v in fix["agreement"].items()
-    ]
     verdict = (
-        f"BELOW the {fix['limit']} limit: the fix distorts the rankings"
+        f"BELOW the {fix['limit']} limit: the fix distorts the rankings, no cure"
         if fix["below_limit"]
         else f"within the {fix['limit']} limit"
     )
-    return [*lines, f"Fidelity vs '{fix['reference']}' (least regularized finite run): {'; '.join(parts)} — {verdict}."]
+    where = (
+        f"{fix['examples']} examples × {fix['queries']} queries"
+        if fix.get("queries")
+        else f"{fix.get('examples', 0)} examples"
+    )
+    method = " The method changed: the scores approximate another quantity than the one asked for." if fix.get(
+        "method_changed"
+    ) else ""
+    return [
+        *lines,
+        f"Fidelity of the fix vs '{fix['reference']}' ({fix.get('reference_kind', 'reference')}, {where}): "
+        f"median per-query Spearman {_spearman(fix['median_spearman'])} (worst {_spearman(fix['worst_spearman'])}, "
+        f"top-10 overlap {_spearman(fix['top_overlap'])}) — {verdict}.{method}",
+    ]
 
 
 def _spearman(value: Any) -> str:
@@ -267,8 +306,12 @@ def render(document: dict[str, Any], markdown: bool = False) -> str:
         parts += ["", "Remedies:" if not markdown else "## Remedies", ""]
         headers = ["#", "cause", "rung", "change", "re-ran", "outcome", "seconds"]
         parts.append(tabulate(remedy_rows(document), headers=headers, tablefmt=fmt))
+        if chain := treatment_chain(document):
+            parts += ["", f"Treatment: {chain}"]
         if skipped := skipped_lines(document):
             parts += ["", "Rungs not applied:" if not markdown else "### Rungs not applied", "", *skipped]
+    if advice := advice_lines(document):
+        parts += ["", "Advice, not applied (below the fidelity bar):" if not markdown else "## Advice", "", *advice]
     python = document["prescription"].get("python")
     if python:
         parts += ["", "Prescription:" if not markdown else "## Prescription", ""]

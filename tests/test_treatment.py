@@ -1,0 +1,64 @@
+"""Treatment that composes and is never worse than the problem, on a pipeline of the kind users bring:
+fp16 covariances that overflow, then a float32 eigendecomposition too coarse for a rank-deficient
+covariance. Every fix is measured against float64 of the configuration as given."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures import load_fixture
+from influence_doctor import diagnose
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    pipeline, _ = load_fixture("fp16_overflow_duplicated_features")
+    return diagnose(pipeline, out_dir=tmp_path_factory.mktemp("composed"), progress=False)
+
+
+def test_a_rung_that_reveals_a_second_problem_is_kept_and_the_second_is_treated_on_top(composed):
+    assert composed.status == "healed", [(p.cause, p.stage, p.message) for p in composed.problems]
+    applied = [r for r in composed.remedies if r["outcome"] != "exhausted"]
+    first, *rest = applied
+    assert (first["cause"], first["rung"], first["outcome"]) == ("fp16-overflow", "dtype:float32", "resolved")
+    assert first["rehearsal"]["heals"] is True and first["rehearsal"]["revealed"]
+    assert first["revealed"], "the disagreement the overflow hid is on record"
+    assert rest and rest[-1]["outcome"] == "healed"
+    # the revealed problem was diagnosed by the same table and experiments, and says what revealed it
+    revealed = [p for p in composed.document["pipeline"]["diagnosis"] if p.get("revealed_by")]
+    assert revealed and revealed[0]["revealed_by"] == "dtype:float32"
+    assert revealed[0]["experiments"] and revealed[0]["experiments"][-1]["verdict"].startswith("confirms")
+    assert "Treatment: fp16-overflow → dtype:float32 → revealed" in (composed.run_dir / "report.md").read_text()
+
+
+def test_the_composed_fix_changes_dtypes_only_and_agrees_with_float64_as_configured(composed):
+    prescription = composed.prescription
+    assert prescription["factor_args"] and all(k.endswith("_dtype") for k in prescription["factor_args"])
+    assert all(k.endswith("_dtype") for k in prescription["score_args"])  # damping is the user's: untouched
+    assert prescription["factor_args"]["activation_covariance_dtype"] in ("float32", "float64")
+    assert prescription["factor_args"]["eigendecomposition_dtype"] == "float64"
+    assert "strategy" not in prescription["factor_args"]
+    fix = composed.document["fidelity"]["fix"]
+    assert fix["reference"] == "float64 as configured" and fix["reference_kind"] == "float64"
+    assert fix["median_spearman"] >= 0.99 and fix["method_changed"] is False
+    assert fix["examples"] > 0 and fix["queries"] > 0
+    assert fix["reference_regularization"]["damping_factor"] == 1e-8
+
+
+def test_when_only_a_strategy_change_finishes_the_pipeline_stays_sick_with_advice(tmp_path):
+    """No dtype rung on the ladder: K-FAC still overflows and diagonal finishes, but diagonal computes
+    another quantity whose rankings are far from float64 EK-FAC: advice with its cost, never a cure."""
+    pipeline, _ = load_fixture("fp16_overflow_duplicated_features")
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, ladders={"fp16-overflow": []})
+    assert report.status == "sick"
+    assert not [r for r in report.remedies if r["outcome"] != "exhausted"]
+    assert "python" not in report.prescription or not report.prescription.get("python")
+    (advice,) = report.prescription["advice"]
+    assert advice["cause"] == "fp16-overflow" and advice["rung"] in ("strategy:diagonal", "strategy:identity")
+    assert advice["method_changed"] is True
+    assert advice["fidelity"]["reference"] == "float64 as configured"
+    assert advice["fidelity"]["median_spearman"] < 0.9
+    skipped = {s["rung"]: s["reason"] for r in report.remedies for s in r["skipped"]}
+    assert "below min_fix_spearman" in skipped[advice["rung"]]
+    text = (report.run_dir / "report.md").read_text()
+    assert "Advice" in text and "a different method" in text
