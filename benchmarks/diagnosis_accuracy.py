@@ -72,8 +72,22 @@ def accuracy(out: Path) -> list[list[Any]]:
         rung = healing_rung(healed, expected["cause"])
         want = (expected["cause"], expected["stage"], expected["rung"])
         got = (cause, stage, rung)
-        rows.append([label, *_pairs(want, got), healed.status, f"{seconds:.1f}", "✓" if want == got else "✗"])
+        fidelity = fix_fidelity_cell(healed)
+        rows.append([label, *_pairs(want, got), healed.status, fidelity, f"{seconds:.1f}", "✓" if want == got else "✗"])
     return rows
+
+
+def fix_fidelity_cell(report: Any) -> str:
+    """A healed fixture's fix against its reference: median (worst) per-query Spearman and which reference."""
+    fix = report.document["fidelity"].get("fix") or {}
+    if report.status != "healed" or not fix:
+        return "—"
+    if fix.get("reference") is None:
+        return f"no reference: {fix.get('reason')}"
+    if fix.get("median_spearman") is None:
+        return f"undefined as given ({fix['reference']})"
+    short = "float64" if fix.get("reference_kind") == "float64" else fix["reference"]
+    return f"{fix['median_spearman']:.4f} ({fix['worst_spearman']:.4f}) vs {short}"
 
 
 def _pairs(want: tuple[Any, ...], got: tuple[Any, ...]) -> list[str]:
@@ -122,6 +136,7 @@ def main() -> None:
         "stage: expected | got",
         "rung: expected | got",
         "final",
+        "fix vs reference: median (worst)",
         "seconds",
         "match",
     ]

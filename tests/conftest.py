@@ -34,6 +34,8 @@ def fix_fidelity_errors(document: dict) -> list[str]:
     if fix.get("reference") is None:
         return [f"healed, but fidelity.fix has no reference ({fix.get('reason')})"]
     median, limit = fix.get("median_spearman"), fix.get("limit")
+    if median is None and fix.get("undefined_reference"):  # influence as given is inf/NaN: nothing to distort
+        return []
     if median is None or limit is None or median < limit:
         return [f"healed, but fidelity.fix.median_spearman {median} is below min_fix_spearman {limit}"]
     return []

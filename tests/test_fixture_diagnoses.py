@@ -16,7 +16,7 @@ HEALTHY = sorted(name for name in FIXTURES if load_fixture(name)[1]["cause"] is 
 
 
 def test_the_harness_has_both_kinds_and_every_expected_rung_is_a_rung():
-    from influence_doctor.remedies.ladders import ladder_for
+    from influence_doctor.diagnosis.causes import ladder_for
 
     assert len(SICK) >= 8 and len(HEALTHY) >= 3
     for name in SICK:
@@ -64,7 +64,11 @@ def test_fixture_heals_by_the_expected_rung(name, tmp_path):
     assert resolving and resolving[0]["rung"] == expected["rung"], report.remedies
     assert report.prescription["python"]
     fix = report.document["fidelity"]["fix"]
-    assert fix["reference"] is not None and fix["median_spearman"] >= fix["limit"], fix
+    assert fix["reference"] is not None, fix
+    if expected["cause"] == "tiny-damping":  # influence as given is undefined: nothing finite to distort
+        assert fix["undefined_reference"] is True and fix["median_spearman"] is None
+    else:
+        assert fix["median_spearman"] >= fix["limit"], fix
     assert fix["examples"] > 0
     if expected["cause"] != "tiny-damping":  # damping is the user's choice unless a tiny damping is proven
         assert "damping_factor" not in report.prescription["score_args"]

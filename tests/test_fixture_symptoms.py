@@ -234,6 +234,7 @@ def test_every_fixture_declares_a_valid_expected_diagnosis() -> None:
     assert set(FIXTURES) == {
         "fp16_covariance_overflow",
         "fp16_covariance_overflow_at_scale",
+        "fp16_overflow_duplicated_features",
         "fp16_score_overflow",
         "fp16_score_overflow_partial",
         "bf16_everywhere",

@@ -270,7 +270,7 @@ def _advice(treatment: _Treatment) -> list[dict[str, Any]]:
                 "factor_args": settings["factor_args"],
                 "score_args": settings["score_args"],
                 "python": settings["python"],
-                "method_changed": "factor_args.strategy" in change.changes,
+                "method_changed": change.method_changed,
                 "fidelity": {key: fidelity.get(key) for key in FIDELITY_KEYS},
                 "reason": f"not applied: its rankings fall below min_fix_spearman {treatment.min_fix_spearman:g}",
             }

@@ -40,7 +40,7 @@ def compare_scores(final: Mapping[str, torch.Tensor], reference: Mapping[str, to
         if kind not in reference or final[kind] is None or reference[kind] is None:
             continue
         agreement = score_agreement(final[kind], reference[kind])
-        out[kind] = {key: agreement[key] for key in (*HEADLINE_KEYS, "relative_error")}
+        out[kind] = {key: agreement[key] for key in (*HEADLINE_KEYS, "relative_error", "reference_nonfinite")}
         out[kind]["pearson"] = pearson(final[kind], reference[kind])
     return out
 
@@ -109,6 +109,14 @@ def fix_fidelity(
         result["reference_regularization"] = snapshots[0].regularization
     else:
         return {"reference": None, "reason": "no float64 reference could be computed (no Analyzer or no data)"}
+    if math.isnan(result["median_spearman"]) and any(
+        values.get("reference_nonfinite", 0.0) > 0 for values in result["agreement"].values()
+    ):
+        result["undefined_reference"] = True
+        result["reason"] = (
+            f"{result['reference']} has no finite influence to rank against (inf/NaN at the damping as given): "
+            "the fix defines what the configuration leaves undefined, so there is no distortion to measure"
+        )
     result["final_regularization"] = final.regularization
     result["method_changed"] = final.regularization.get("strategy") != snapshots[0].regularization.get("strategy")
     result["limit"] = limit

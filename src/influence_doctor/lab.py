@@ -28,8 +28,8 @@ from influence_doctor.environment import seed_everything
 from influence_doctor.pipeline import STAGES
 from influence_doctor.remedies.doctored import doctor_covariances, write_factors
 from influence_doctor.report.scores import total_scores
+from influence_doctor.runner import calls
 from influence_doctor.runner.run import Run
-from influence_doctor.runner.stages import quiet_kronfluence
 
 FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
 SCORE_STAGE_OF = {"pairwise": "pairwise_scores", "self": "self_scores"}
@@ -254,42 +254,24 @@ class Lab:
             seed_everything(self.run.seed + STAGES.index(stage))  # as the runner seeds: one setting differs
             started = time.perf_counter()
             try:
-                with quiet_kronfluence():
-                    if stage == "covariance":
-                        # Called even when not needed, so kronfluence records the factor arguments.
-                        analyzer.fit_covariance_matrices(
-                            factors_name=name,
-                            dataset=self.train,
-                            per_device_batch_size=batch,
-                            factor_args=factor_args,
-                            overwrite_output_dir=True,
-                        )
-                        if needed:
-                            artifacts[stage] = analyzer.load_covariance_matrices(name)
-                        if needed and shift is not None:
-                            load_from = f"{name}-shifted"
-                            doctored = doctor_covariances(artifacts[stage], *shift)
-                            write_factors(analyzer.factors_output_dir(load_from), doctored, factor_args)
-                            artifacts[stage] = doctored
-                    elif not needed:
-                        continue
-                    elif stage == "eigendecomposition":
-                        analyzer.perform_eigendecomposition(
-                            factors_name=name,
-                            factor_args=factor_args,
-                            overwrite_output_dir=True,
-                            load_from_factors_name=load_from,
-                        )
-                        artifacts[stage] = analyzer.load_eigendecomposition(name)
-                    else:
-                        analyzer.fit_lambda_matrices(
-                            factors_name=name,
-                            dataset=self.train,
-                            per_device_batch_size=batch,
-                            factor_args=factor_args,
-                            overwrite_output_dir=True,
-                        )
-                        artifacts[stage] = analyzer.load_lambda_matrices(name)
+                if stage == "covariance":
+                    # Called even when not needed, so kronfluence records the factor arguments.
+                    calls.fit_covariance(analyzer, name, self.train, batch, factor_args)
+                    if needed:
+                        artifacts[stage] = calls.load(analyzer, stage, name)
+                    if needed and shift is not None:
+                        load_from = f"{name}-shifted"
+                        doctored = doctor_covariances(artifacts[stage], *shift)
+                        write_factors(analyzer.factors_output_dir(load_from), doctored, factor_args)
+                        artifacts[stage] = doctored
+                elif not needed:
+                    continue
+                elif stage == "eigendecomposition":
+                    calls.eigendecompose(analyzer, name, factor_args, load_from)
+                    artifacts[stage] = calls.load(analyzer, stage, name)
+                else:
+                    calls.fit_lambda(analyzer, name, self.train, batch, factor_args)
+                    artifacts[stage] = calls.load(analyzer, stage, name)
             except Exception as exc:  # eigh failing is a measurement, not a crash
                 errors[stage] = _describe(exc)
                 break
@@ -331,28 +313,12 @@ class Lab:
     def _kronfluence_scores(self, kind: str, factors_name: str, score_args: Any) -> dict[str, torch.Tensor]:
         analyzer, batch = self.run.analyzer, self.run.train_batch_size
         name = f"{factors_name}-{kind}-{_short_hash(score_args)}"
-        with quiet_kronfluence():
-            if kind == "pairwise":
-                analyzer.compute_pairwise_scores(
-                    scores_name=name,
-                    factors_name=factors_name,
-                    query_dataset=self.query,
-                    train_dataset=self.train,
-                    per_device_query_batch_size=self.run.pipeline.query_batch_size,
-                    per_device_train_batch_size=batch,
-                    score_args=score_args,
-                    overwrite_output_dir=True,
-                )
-                return analyzer.load_pairwise_scores(name)
-            analyzer.compute_self_scores(
-                scores_name=name,
-                factors_name=factors_name,
-                train_dataset=self.train,
-                per_device_train_batch_size=batch,
-                score_args=score_args,
-                overwrite_output_dir=True,
-            )
-            return analyzer.load_self_scores(name)
+        if kind == "pairwise":
+            query_batch = self.run.pipeline.query_batch_size
+            calls.pairwise_scores(analyzer, name, factors_name, self.query, self.train, query_batch, batch, score_args)
+            return calls.load(analyzer, "pairwise_scores", name)
+        calls.self_scores(analyzer, name, factors_name, self.train, batch, score_args)
+        return calls.load(analyzer, "self_scores", name)
 
 
 def _short_hash(score_args: Any) -> str:

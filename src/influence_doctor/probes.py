@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from influence_doctor.changes import Target
 from influence_doctor.checks.damping import check_damping_sensitivity
-from influence_doctor.checks.headroom import check_projected_headroom, project_headroom
-from influence_doctor.checks.measures import max_abs_finite
+from influence_doctor.checks.headroom import accumulated_maxima, check_projected_headroom, project_headroom
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.precision import (
     check_factor_precision,
@@ -28,16 +28,12 @@ from influence_doctor.checks.precision import (
     disagrees,
     score_agreement,
 )
-from influence_doctor.checks.thresholds import Thresholds, max_value
-from influence_doctor.diagnosis.causes import Counterfactual
+from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.differential import Labs, counterfactual_trial, reference_for
 from influence_doctor.dtypes import score_path_dtype
 from influence_doctor.lab import SCORE_STAGE_OF
-from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.run import Run, StageRecord
 from influence_doctor.runner.stages import settle_status
-
-SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}
 
 PROBE_CHECKS = frozenset(
     {
@@ -147,32 +143,6 @@ def measure_precision(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str,
     return result
 
 
-def accumulated_maxima(artifacts: dict[str, Any], stage: str) -> dict[str, tuple[float, float, float]]:
-    """subject → (terms summed or pairs maximised over, largest finite |value|, the stored dtype's max) for
-    what `stage` accumulates; subjects holding inf/NaN are left out (their overflow is already measured)."""
-    artifact = artifacts.get(stage) or {}
-    out: dict[str, tuple[float, float, float]] = {}
-    if stage in ("covariance", "lambda"):
-        factors = (
-            (
-                ("activation_covariance", "num_activation_covariance_processed"),
-                ("gradient_covariance", "num_gradient_covariance_processed"),
-            )
-            if stage == "covariance"
-            else (("lambda_matrix", "num_lambda_processed"),)
-        )
-        for factor, counts in factors:
-            for module, tensor in (artifact.get(factor) or {}).items():
-                if bool(torch.isfinite(tensor).all()):
-                    size = float(artifact[counts][module].sum())
-                    out[f"{module}/{factor}"] = (size, max_abs_finite(tensor), max_value(tensor.dtype))
-    elif artifact:
-        scores = total_scores(artifact)
-        if scores.numel() and bool(torch.isfinite(scores).all()):
-            out[SCORE_SUBJECTS[stage]] = (float(scores.numel()), max_abs_finite(scores), max_value(scores.dtype))
-    return out
-
-
 def measure_headroom(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str, Any]:
     """Every accumulated quantity's largest magnitude on the probe and on the rehearsal, its measured
     growth, and where it lands at the full size against its dtype's max (fp16 overflow before it happens)."""
@@ -240,7 +210,9 @@ def measure_damping_sensitivity(run: Run, labs: Labs, thresholds: Thresholds) ->
     # The rankings a user reads: pairwise when computed (self otherwise); one kind keeps the probe cheap
     # when every module needs its own scoring pass (the heuristic damping differs per module).
     kinds = ("pairwise",) if "pairwise" in run.pipeline.scores else ("self",)
-    raised = counterfactual_trial(lab, base, Counterfactual("damping", factor=10.0, from_floor=False), kinds)
+    raised, why = counterfactual_trial(lab, base, "damping:x10-exact", Target("pairwise_scores", "damping"), kinds)
+    if raised is None:
+        return {"skipped": why}
     result: dict[str, Any] = {"damping": raised.damping}
     for kind in kinds:
         before, after = base.scores(kind), raised.scores(kind)

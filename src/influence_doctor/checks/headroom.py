@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
+from influence_doctor.checks.measures import max_abs_finite
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds, max_value
 from influence_doctor.findings import Finding
+from influence_doctor.report.scores import total_scores
+
+SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}
 
 MAX_GROWTH = 1.0
 """A sum of n terms grows at most linearly in n (its largest entry sums non-negative squares), and a
@@ -120,3 +124,29 @@ def check_projected_headroom(headroom: Headroom, thresholds: Thresholds) -> Chec
         )
     )
     return outcome
+
+
+def accumulated_maxima(artifacts: dict[str, Any], stage: str) -> dict[str, tuple[float, float, float]]:
+    """subject → (terms summed or pairs maximised over, largest finite |value|, the stored dtype's max) for
+    what `stage` accumulates; subjects holding inf/NaN are left out (their overflow is already measured)."""
+    artifact = artifacts.get(stage) or {}
+    out: dict[str, tuple[float, float, float]] = {}
+    if stage in ("covariance", "lambda"):
+        factors = (
+            (
+                ("activation_covariance", "num_activation_covariance_processed"),
+                ("gradient_covariance", "num_gradient_covariance_processed"),
+            )
+            if stage == "covariance"
+            else (("lambda_matrix", "num_lambda_processed"),)
+        )
+        for factor, counts in factors:
+            for module, tensor in (artifact.get(factor) or {}).items():
+                if bool(torch.isfinite(tensor).all()):
+                    size = float(artifact[counts][module].sum())
+                    out[f"{module}/{factor}"] = (size, max_abs_finite(tensor), max_value(tensor.dtype))
+    elif artifact:
+        scores = total_scores(artifact)
+        if scores.numel() and bool(torch.isfinite(scores).all()):
+            out[SCORE_SUBJECTS[stage]] = (float(scores.numel()), max_abs_finite(scores), max_value(scores.dtype))
+    return out

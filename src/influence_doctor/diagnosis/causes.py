@@ -1,16 +1,16 @@
 """The causes the doctor knows, as data: which symptoms suggest each, the experiment that confirms it,
-and the ladder of remedies that treats it.
+and the ladder of remedies that treats it — experiments and rungs alike in the one vocabulary of
+changes of `changes.py` (`dtype:float32`, `float64:end-to-end`, `damping:x10`, `shift:1e-6`, ...).
 
 To add a cause, add one `CauseRule` to `CAUSE_RULES`: the symptom kinds that make it a suspect, a
-function listing the hypotheses to test (each a short sequence of one-setting counterfactuals with
-the outcome that would confirm it), and its ladder of rungs (`remedies/rungs.py` knows the rung kinds).
-Rules are tried in table order; the first hypothesis whose experiments all come out as predicted
-names the cause.
+function listing the hypotheses to test (each a short sequence of one-setting changes with the outcome
+that would confirm it), and its ladder of rungs. Rules are tried in table order; the first hypothesis
+whose experiments all come out as predicted names the cause. A rung is an experiment that is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,9 @@ import torch
 from influence_doctor.diagnosis.symptoms import Symptom
 from influence_doctor.dtypes import (
     GROUP_STAGE,
-    describe,
     group_dtypes,
     groups_in_use,
     is_below,
-    raise_group,
 )
 from influence_doctor.remedies.ladders import (
     DAMPING_RUNGS,
@@ -31,46 +29,26 @@ from influence_doctor.remedies.ladders import (
     EIGEN_RUNGS,
     MEMORY_RUNGS,
     SHIFT_RUNGS,
+    STRATEGY_FALLBACK,
 )
+
+FLOAT64 = "float64:end-to-end"
+"""The precision counterfactual: every dtype float64 and no autocast, the damping unchanged."""
 
 OVERFLOW_PRONE = (torch.float16,)
 """Dtypes with float16's range: sums that are finite in float32 or bfloat16 overflow in them."""
 
 
 @dataclass(frozen=True)
-class Counterfactual:
-    """One setting changed relative to the trial where the symptom was measured."""
-
-    kind: str  # "dtype" | "float64" | "damping" | "shift"
-    group: str | None = None  # for "dtype": which group (see dtypes.DTYPE_GROUPS)
-    target: torch.dtype | None = None  # for "dtype"
-    factor: float = 10.0  # for "damping": each module's damping × factor
-    from_floor: bool = True  # for "damping": scale from at least the rounding floor (see lab.scaled_damping)
-    shift: tuple[str, float] | None = None  # for "shift": (mode, ε)
-
-    def describe(self, factor_args: Any, score_args: Any) -> str | None:
-        """What this changes on top of the given settings, or None when it would change nothing."""
-        if self.kind == "dtype":
-            _, _, changes = raise_group(factor_args, score_args, self.group, self.target)
-            return describe(changes) or None
-        if self.kind == "float64":
-            return "every dtype float64 and no autocast, same damping"
-        if self.kind == "damping":
-            floor = " (from at least its rounding floor eps·λmax)" if self.from_floor else ""
-            return f"each module's damping ×{self.factor:g}{floor}"
-        mode, epsilon = self.shift
-        return f"covariances + {epsilon:g}·{'trace' if mode == 'trace' else 'mean(diag)'} on the diagonal"
-
-
-@dataclass(frozen=True)
 class Hypothesis:
     """A cause, where it starts, what its remedies act on, and the experiments that would confirm it:
-    each step is a counterfactual and whether it must clear the symptom or leave it standing."""
+    each step is a change in the vocabulary of `changes.py` (acting on this hypothesis's stage and
+    setting) and whether it must clear the symptom or leave it standing."""
 
     cause: str
     stage: str
     setting: str | None
-    steps: tuple[tuple[Counterfactual, str], ...]  # (counterfactual, "clears" | "persists")
+    steps: tuple[tuple[str, str], ...]  # (change, "clears" | "persists"), e.g. ("dtype:float32", "clears")
 
 
 @dataclass(frozen=True)
@@ -92,6 +70,10 @@ class CauseRule:
     treatable: bool = True
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _stage_of(group: str, context: Context) -> str:
     stage = GROUP_STAGE[group]
     return context.score_stage if stage == "scores" else stage
@@ -104,7 +86,7 @@ def _raise(symptom: Symptom, context: Context, cause: str, prone: Callable[[torc
     for group in groups_in_use(context.factor_args, symptom.stage):
         dtypes = group_dtypes(context.factor_args, context.score_args, group)
         if any(d is not None and prone(d) and is_below(d, target, group) for d in dtypes):
-            step = (Counterfactual("dtype", group=group, target=target), "clears")
+            step = (f"dtype:{_name(target)}", "clears")
             hypotheses.append(Hypothesis(cause, _stage_of(group, context), group, (step,)))
     return hypotheses
 
@@ -119,7 +101,7 @@ def _low_precision(symptom: Symptom, context: Context) -> list[Hypothesis]:
     single = _raise(symptom, context, "low-precision-loss", lambda d: True, torch.float64)
     if len(single) > 1:
         stage = min((h.stage for h in single), key=_stage_order)
-        single.append(Hypothesis("low-precision-loss", stage, "all", ((Counterfactual("float64"), "clears"),)))
+        single.append(Hypothesis("low-precision-loss", stage, "all", ((FLOAT64, "clears"),)))
     return single
 
 
@@ -135,7 +117,7 @@ def _eigendecomposition_failed(symptom: Symptom, context: Context) -> list[Hypot
     hypotheses = []
     for group in ("eigendecomposition", "covariance"):
         if any(is_below(d, torch.float64, group) for d in group_dtypes(context.factor_args, context.score_args, group)):
-            step = (Counterfactual("dtype", group=group, target=torch.float64), "clears")
+            step = ("dtype:float64", "clears")
             hypotheses.append(Hypothesis("eigendecomposition-failed", "eigendecomposition", group, (step,)))
     return hypotheses
 
@@ -144,7 +126,7 @@ def _dtype_drift(symptom: Symptom, context: Context) -> list[Hypothesis]:
     stored = group_dtypes(context.factor_args, context.score_args, "covariance")
     if not any(is_below(d, torch.float32, "covariance") for d in stored):
         return []
-    step = (Counterfactual("dtype", group="covariance", target=torch.float32), "clears")
+    step = ("dtype:float32", "clears")
     return [Hypothesis("dtype-drift", "eigendecomposition", "covariance", (step,))]
 
 
@@ -157,10 +139,10 @@ def _tiny_damping(symptom: Symptom, context: Context) -> list[Hypothesis]:
     """Not precision (float64 at the same damping still fails) and damping is what lifts it."""
     if symptom.stage not in ("pairwise_scores", "self_scores"):
         return []
-    damping = (Counterfactual("damping", factor=10.0), "clears")
+    damping = ("damping:x10", "clears")
     if symptom.kind == "undefined":  # measured on the float64 trial already
         return [Hypothesis("tiny-damping", symptom.stage, "damping", (damping,))]
-    return [Hypothesis("tiny-damping", symptom.stage, "damping", ((Counterfactual("float64"), "persists"), damping))]
+    return [Hypothesis("tiny-damping", symptom.stage, "damping", ((FLOAT64, "persists"), damping))]
 
 
 def _singular(symptom: Symptom, context: Context) -> list[Hypothesis]:
@@ -168,18 +150,18 @@ def _singular(symptom: Symptom, context: Context) -> list[Hypothesis]:
     if symptom.stage != "eigendecomposition":
         return []
     cause = "rank-deficient" if context.rank_deficient else "ill-conditioned"
-    steps = ((Counterfactual("float64"), "persists"), (Counterfactual("shift", shift=("mean", 1e-6)), "clears"))
+    steps = ((FLOAT64, "persists"), ("shift:1e-6", "clears"))
     return [Hypothesis(cause, "covariance", "covariance", steps)]
 
 
 def _not_psd(symptom: Symptom, context: Context) -> list[Hypothesis]:
-    steps = ((Counterfactual("float64"), "persists"), (Counterfactual("shift", shift=("mean", 1e-6)), "clears"))
+    steps = ((FLOAT64, "persists"), ("shift:1e-6", "clears"))
     return [Hypothesis("not-psd", symptom.stage, "covariance", steps)]
 
 
 def _nonfinite_model(symptom: Symptom, context: Context) -> list[Hypothesis]:
     """inf/NaN that no precision removes comes from the model or its data."""
-    return [Hypothesis("nonfinite-model", symptom.stage, None, ((Counterfactual("float64"), "persists"),))]
+    return [Hypothesis("nonfinite-model", symptom.stage, None, ((FLOAT64, "persists"),))]
 
 
 def _measured_directly(cause: str) -> Callable[[Symptom, Context], list[Hypothesis]]:
@@ -232,3 +214,16 @@ def ladders() -> dict[str, tuple[str, ...]]:
             table[rule.cause] = rule.ladder
     table.setdefault("ill-conditioned", SHIFT_RUNGS)
     return table
+
+
+def default_ladders() -> dict[str, tuple[str, ...]]:
+    """Cause tag → rungs, from the cause table. Causes without one (a broken model) have no fix."""
+    return ladders()
+
+
+def ladder_for(cause: str | None, overrides: Mapping[str, list[str]] | None = None) -> tuple[str, ...]:
+    """The rungs to climb for `cause`, then the strategy fallback for anything still failing."""
+    if cause is None:
+        return STRATEGY_FALLBACK
+    rungs = tuple((overrides or {}).get(cause, ladders().get(cause, ())))
+    return rungs + tuple(r for r in STRATEGY_FALLBACK if r not in rungs)

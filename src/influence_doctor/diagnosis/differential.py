@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
+from influence_doctor.changes import Settings, Target, plan
+from influence_doctor.checks.headroom import accumulated_maxima
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.diagnosis.causes import Context, Counterfactual, Hypothesis, rules_for
+from influence_doctor.diagnosis.causes import Context, Hypothesis, rules_for
 from influence_doctor.diagnosis.problem import (
     EXPLANATIONS,
     TRAINING_ADVICE,
@@ -30,8 +32,8 @@ from influence_doctor.diagnosis.problem import (
     stage_views,
 )
 from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms
-from influence_doctor.dtypes import raise_group, score_path_dtype
-from influence_doctor.lab import FACTOR_STAGES, Lab, Trial, float64_settings, scaled_damping
+from influence_doctor.dtypes import score_path_dtype
+from influence_doctor.lab import FACTOR_STAGES, Lab, Trial, float64_settings
 from influence_doctor.pipeline import STAGES
 
 PROBE_QUERIES = None
@@ -137,36 +139,41 @@ class Labs:
 
 
 def counterfactual_trial(
-    lab: Lab, base: Trial, counterfactual: Counterfactual, kinds: tuple[str, ...] | None = None
-) -> Trial:
-    """`base`'s settings with the one change applied, run in `lab` (for the score `kinds`, default all)."""
-    fa, sa = base.factor_args, base.score_args
-    damping, shift = base.damping, base.shift
-    if counterfactual.kind == "dtype":
-        fa, sa, _ = raise_group(fa, sa, counterfactual.group, counterfactual.target)
-    elif counterfactual.kind == "float64":
-        fa, sa = float64_settings(fa, sa)
-    elif counterfactual.kind == "damping":
-        if damping is not None:
-            damping = {module: counterfactual.factor * value for module, value in damping.items()}
-        else:
-            damping = scaled_damping(
-                base.artifacts,
-                fa.strategy,
-                sa.damping_factor,
-                counterfactual.factor,
-                sa.precondition_dtype,
-                counterfactual.from_floor,
-            )
-    elif counterfactual.kind == "shift":
-        shift = counterfactual.shift
-    return lab.trial(
-        fa,
-        sa,
-        label=counterfactual.describe(base.factor_args, base.score_args) or "",
-        shift=shift,
+    lab: Lab, base: Trial, change_id: str, target: Target, kinds: tuple[str, ...] | None = None
+) -> tuple[Trial | None, str]:
+    """`base`'s settings with one change of the vocabulary applied, run in `lab` (for the score `kinds`,
+    default all); (None, why) when the change cannot act on `target`. Everything the change leaves
+    alone stays as in `base`, its covariance shift and per-module damping included."""
+    change, why = plan(change_id, target, trial_settings(lab, base))
+    if change is None:
+        return None, why
+    damping = change.module_damping if change.module_damping is not None else base.damping
+    trial = lab.trial(
+        change.factor_args,
+        change.score_args,
+        label=change.description,
+        shift=change.shift or base.shift,
         damping=damping,
         kinds=kinds,
+    )
+    return trial, change.description
+
+
+def trial_settings(lab: Lab, base: Trial) -> Settings:
+    """What a change reads from a trial: its arguments and the factors it measured."""
+    from influence_doctor.changes import damping_reference_points
+
+    fa, sa = base.factor_args, base.score_args
+    heuristic, floor = damping_reference_points(base.artifacts, fa.strategy, sa.precondition_dtype)
+    return Settings(
+        factor_args=fa,
+        score_args=sa,
+        batch_size=lab.run.train_batch_size,
+        score_stage="pairwise_scores" if "pairwise" in lab.run.pipeline.scores else "self_scores",
+        heuristic_damping=heuristic,
+        damping_floor=floor,
+        artifacts=base.artifacts,
+        module_damping=base.damping,
     )
 
 
@@ -223,8 +230,6 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
 def projected_share(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[float | None, bool]:
     """The trial's largest magnitudes carried to the full size with the growth the run measured, as a
     share of the trial's own dtype max: above 1, the full run overflows under the trial's settings."""
-    from influence_doctor.probes import accumulated_maxima
-
     growth = lab.run.headroom
     measured = accumulated_maxima(trial.artifacts, symptom.stage)
     shares = []
@@ -451,11 +456,11 @@ def _test(
     thresholds: Thresholds,
 ) -> bool:
     """Run the hypothesis's experiments in order; True when every one comes out as predicted."""
-    for index, (counterfactual, expected) in enumerate(hypothesis.steps, start=1):
-        change = counterfactual.describe(base.factor_args, base.score_args)
-        if change is None:
+    target = Target(hypothesis.stage, hypothesis.setting, frozenset(f.stage for f in symptom.findings))
+    for index, (change_id, expected) in enumerate(hypothesis.steps, start=1):
+        trial, change = counterfactual_trial(lab, base, change_id, target)
+        if trial is None:  # the change cannot act here (nothing to raise): no experiment, not confirmed
             return False
-        trial = counterfactual_trial(lab, base, counterfactual)
         after, bad = measure(symptom, trial, lab, thresholds)
         as_predicted = bad if expected == "persists" else not bad
         last = index == len(hypothesis.steps)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from influence_doctor import distributed
+from influence_doctor.changes import Change, Settings, damping_reference_points, plan
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
+from influence_doctor.diagnosis.causes import ladder_for
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
 from influence_doctor.examine import examine_stage, reexamine
 from influence_doctor.fidelity import FLOAT64_REFERENCE, below, rankings_against
@@ -22,8 +24,6 @@ from influence_doctor.pipeline import STAGES
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.remedies.doctored import doctor_covariances, write_factors
-from influence_doctor.remedies.ladders import ladder_for
-from influence_doctor.remedies.rungs import Change, Settings, damping_reference_points, plan
 from influence_doctor.runner.run import Run
 from influence_doctor.runner.stages import run_influence_stages
 
@@ -190,7 +190,7 @@ def heal(
             error=error,
             rehearsal=rehearsal,
             revealed=revealed,
-            method_changed="factor_args.strategy" in change.changes,
+            method_changed=change.method_changed,
         )
         remedies.append(remedy)
         snapshots.append(snapshot(run, f"after {change.rung}"))
@@ -250,6 +250,9 @@ def _next_change(
         change, reason = plan(rung, problem, settings)
         if change is None:
             skipped.append({"rung": rung, "reason": reason})
+            continue
+        if change.module_damping is not None:
+            skipped.append({"rung": rung, "reason": "a per-module damping is an experiment: kronfluence takes one"})
             continue
         lab = labs.named(problem.lab)
         memory = change.batch_size is not None or problem.cause == "out-of-memory"
@@ -331,37 +334,34 @@ def _apply(
     progress: StageProgress,
     thresholds: Thresholds | None,
 ) -> None:
-    """Set the new arguments and re-run from the first invalidated stage, then re-check the rest."""
-    run.factor_args, run.score_args = change.factor_args, change.score_args
-    if change.batch_size is not None:
-        run.batch_size = change.batch_size
-    examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
+    """Replace the run's configuration with the change's, re-run from the first invalidated stage, then
+    re-check the stages before it (their checks may read the changed arguments)."""
     slug = f"r{index}"
     first = change.first_stage
     covariance_from = None
+    updates: dict[str, Any] = {"factor_args": change.factor_args, "score_args": change.score_args, "scores_tag": ""}
+    if change.batch_size is not None:
+        updates["batch_size"] = change.batch_size
     if change.shift is not None:
         if base_covariance is None:
             raise RuntimeError("no covariance to shift")
         doctored_name = f"{base_factors}__doctored_{slug}"
-        mode, epsilon = change.shift
-        doctored = doctor_covariances(base_covariance, mode, epsilon)
-        write_factors(run.analyzer.factors_output_dir(doctored_name), doctored, run.factor_args)
+        doctored = doctor_covariances(base_covariance, *change.shift)
+        write_factors(run.analyzer.factors_output_dir(doctored_name), doctored, change.factor_args)
         run.artifacts["covariance"] = doctored
-        run.covariance_shift, run.shift = change.description, change.shift
-        covariance_from = doctored_name
-        run.factors_name = f"{base_factors}__{slug}"
-        first = "eigendecomposition"
+        updates.update(covariance_shift=change.description, shift=change.shift, factors_name=f"{base_factors}__{slug}")
+        covariance_from, first = doctored_name, "eigendecomposition"
     elif first in ("covariance", "eigendecomposition", "lambda"):
-        if first == "covariance":
-            run.covariance_shift = run.shift = None
+        if first == "covariance":  # fresh covariances: the shift they carried is gone with them
+            updates.update(covariance_shift=None, shift=None)
         else:
             covariance_from, first = run.factors_name, "eigendecomposition"
-        run.factors_name = f"{base_factors.split('__')[0]}__{slug}"
+        updates["factors_name"] = f"{base_factors.split('__')[0]}__{slug}"
     else:
-        run.scores_tag = f"__{slug}"
-    run.scores_tag = run.scores_tag if first in ("pairwise_scores", "self_scores") else ""
+        updates["scores_tag"] = f"__{slug}"
+    run.configuration = replace(run.configuration, **updates)
+    examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
     run_influence_stages(run, progress, first_stage=first, load_covariance_from=covariance_from, on_stage_done=examine)
-    # Stages before `first` kept their results, but their checks may read the changed arguments.
     reexamine(run, [name for name in STAGES[1:] if STAGES.index(name) < STAGES.index(first)], thresholds)
 
 

@@ -214,8 +214,8 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
     fix = document["fidelity"].get("fix")
     if not fix:
         return lines
-    if fix.get("reference") is None:
-        return [*lines, f"Fidelity: {fix.get('reason')}."]
+    if fix.get("reference") is None or fix.get("undefined_reference"):
+        return [*lines, f"Fidelity of the fix: {fix.get('reason')}."]
     verdict = (
         f"BELOW the {fix['limit']} limit: the fix distorts the rankings, no cure"
         if fix["below_limit"]

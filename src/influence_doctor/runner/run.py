@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +57,47 @@ class StageRecord:
         return self.status in ("ok", "warn", "fail")
 
 
+@dataclass(frozen=True)
+class Configuration:
+    """What the treatment changes: the arguments kronfluence is called with and where its output goes.
+
+    A remedy replaces the run's configuration as a whole (`dataclasses.replace`), so what the user asked
+    for and what each rung changed stay separate from what the stages produced (the `Run`)."""
+
+    factor_args: Any
+    score_args: Any
+    batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
+    factors_name: str = "factors"
+    scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
+    shift: tuple[str, float] | None = None  # the diagonal shift (mode, ε) the current covariances carry
+    covariance_shift: str | None = None  # the same shift, as a person reads it
+
+
+def _configured(name: str) -> property:
+    """A Run attribute that reads and replaces one field of the run's Configuration."""
+
+    def get(run: Run) -> Any:
+        return getattr(run.configuration, name)
+
+    def set_(run: Run, value: Any) -> None:
+        run.configuration = replace(run.configuration, **{name: value})
+
+    return property(get, set_, doc=f"The configuration's {name} (see Configuration).")
+
+
 @dataclass
 class Run:
-    """Everything one pass through the pipeline produced; the checks read it, the report serialises it."""
+    """Everything one pass through the pipeline produced; the checks read it, the report serialises it.
+
+    The settings it ran with are `configuration`, which the treatment replaces; `factor_args`,
+    `score_args`, `batch_size`, `factors_name`, `scores_tag`, `shift` and `covariance_shift` read it."""
 
     pipeline: Pipeline
     options: RunOptions
     run_dir: Path
     device: str
     seed: int
-    factor_args: Any
-    score_args: Any
+    configuration: Configuration
     model: Any = None
     analyzer: Any = None
     train_subset: Any = None
@@ -79,17 +109,20 @@ class Run:
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
     stages: dict[str, StageRecord] = field(default_factory=lambda: {name: StageRecord(name) for name in STAGES})
     artifacts: dict[str, Any] = field(default_factory=dict)  # covariance, eigendecomposition, lambda, scores
-    factors_name: str = "factors"
-    covariance_shift: str | None = None  # the diagonal shift the current covariances carry, if any
-    shift: tuple[str, float] | None = None  # the same shift as (mode, ε), for trials that must carry it too
-    scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
-    batch_size: int | None = None  # overrides Pipeline.batch_size (the out-of-memory rung halves it)
     interrupted_in: str | None = None
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
     headroom: dict[str, Any] = field(default_factory=dict)  # subject → checks.headroom.Headroom, projected
     rehearsal_plan: dict[str, Any] = field(default_factory=dict)  # how the time budget sized the rehearsal
     exact_pairwise: Any = None  # (final, exact) pairwise scores when exact influence was computed, for the plots
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
+
+    factor_args = _configured("factor_args")
+    score_args = _configured("score_args")
+    batch_size = _configured("batch_size")
+    factors_name = _configured("factors_name")
+    scores_tag = _configured("scores_tag")
+    shift = _configured("shift")
+    covariance_shift = _configured("covariance_shift")
 
     @property
     def train_batch_size(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +20,11 @@ from influence_doctor.environment import resolve_device, seed_everything
 from influence_doctor.findings import Finding, worst_severity
 from influence_doctor.pipeline import STAGES, Pipeline, resolve
 from influence_doctor.progress import StageProgress
+from influence_doctor.runner import calls
 from influence_doctor.runner.batch_clock import ForwardClock
+from influence_doctor.runner.calls import quiet_kronfluence
 from influence_doctor.runner.memory import PeakMemory
-from influence_doctor.runner.run import Run, RunOptions, StageRecord
+from influence_doctor.runner.run import Configuration, Run, RunOptions, StageRecord
 
 INFLUENCE_STAGES: tuple[str, ...] = STAGES[1:]
 
@@ -39,8 +40,7 @@ def create_run(pipeline: Pipeline, options: RunOptions, progress: StageProgress 
         run_dir=_shared_run_dir(Path(options.out_dir), pipeline.name, options.run_id),
         device=device,
         seed=seed,
-        factor_args=pipeline.factor_args,
-        score_args=pipeline.score_args,
+        configuration=Configuration(factor_args=pipeline.factor_args, score_args=pipeline.score_args),
     )
     run.private_analysis_dir = _private_analysis_dir()
     progress.note(f"pipeline {pipeline.name!r} on {device}, seed {seed}, writing to {run.run_dir}")
@@ -277,7 +277,7 @@ def run_influence_stages(
             continue
         with _stage(run, record, progress):
             seed_everything(run.seed + STAGES.index(name))
-            record.calls.append(_CALL_NAMES[name])
+            record.calls.append(calls.CALL_NAMES[name])
             started = time.perf_counter()
             with quiet_kronfluence(), PeakMemory(run.device) as peak, ForwardClock(run.model) as clock:
                 _CALLS[name](run, load_covariance_from)
@@ -285,7 +285,7 @@ def run_influence_stages(
             record.metrics["memory"] = peak.to_dict()
             record.forward_stamps = clock.stamps
             record.metrics["forward_calls"] = len(clock.stamps)
-            run.artifacts[name] = _LOADERS[name](run)
+            run.artifacts[name] = _load(run, name)
             record.metrics.update(_artifact_metrics(name, run.artifacts[name]))
             if on_stage_done is not None:
                 on_stage_done(record)
@@ -350,65 +350,34 @@ def settle_status(record: StageRecord) -> None:
         record.status = {"fail": "fail", "warn": "warn"}.get(worst_severity(record.findings) or "", "ok")
 
 
-@contextmanager
-def quiet_kronfluence() -> Iterator[None]:
-    """kronfluence emits deprecation warnings from torch on every call; they are noise to our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"kronfluence|torch")
-        yield
-
-
 def _fit_covariance(run: Run, _load_from: str | None) -> None:
-    run.analyzer.fit_covariance_matrices(
-        factors_name=run.factors_name,
-        dataset=run.train_subset,
-        per_device_batch_size=run.train_batch_size,
-        factor_args=run.factor_args,
-        overwrite_output_dir=True,
-    )
+    calls.fit_covariance(run.analyzer, run.factors_name, run.train_subset, run.train_batch_size, run.factor_args)
 
 
 def _eigendecompose(run: Run, load_covariance_from: str | None) -> None:
-    run.analyzer.perform_eigendecomposition(
-        factors_name=run.factors_name,
-        factor_args=run.factor_args,
-        overwrite_output_dir=True,
-        load_from_factors_name=load_covariance_from,
-    )
+    calls.eigendecompose(run.analyzer, run.factors_name, run.factor_args, load_covariance_from)
 
 
 def _fit_lambda(run: Run, _load_from: str | None) -> None:
-    run.analyzer.fit_lambda_matrices(
-        factors_name=run.factors_name,
-        dataset=run.train_subset,
-        per_device_batch_size=run.train_batch_size,
-        factor_args=run.factor_args,
-        overwrite_output_dir=True,
-    )
+    calls.fit_lambda(run.analyzer, run.factors_name, run.train_subset, run.train_batch_size, run.factor_args)
 
 
 def _pairwise(run: Run, _load_from: str | None) -> None:
-    run.analyzer.compute_pairwise_scores(
-        scores_name=run.scores_name("pairwise"),
-        factors_name=run.factors_name,
-        query_dataset=run.query_subset,
-        train_dataset=run.train_subset,
-        per_device_query_batch_size=run.pipeline.query_batch_size,
-        per_device_train_batch_size=run.train_batch_size,
-        score_args=run.score_args,
-        overwrite_output_dir=True,
+    calls.pairwise_scores(
+        run.analyzer,
+        run.scores_name("pairwise"),
+        run.factors_name,
+        run.query_subset,
+        run.train_subset,
+        run.pipeline.query_batch_size,
+        run.train_batch_size,
+        run.score_args,
     )
 
 
 def _self(run: Run, _load_from: str | None) -> None:
-    run.analyzer.compute_self_scores(
-        scores_name=run.scores_name("self"),
-        factors_name=run.factors_name,
-        train_dataset=run.train_subset,
-        per_device_train_batch_size=run.train_batch_size,
-        score_args=run.score_args,
-        overwrite_output_dir=True,
+    calls.self_scores(
+        run.analyzer, run.scores_name("self"), run.factors_name, run.train_subset, run.train_batch_size, run.score_args
     )
 
 
@@ -419,20 +388,11 @@ _CALLS: dict[str, Callable[[Run, str | None], None]] = {
     "pairwise_scores": _pairwise,
     "self_scores": _self,
 }
-_CALL_NAMES: dict[str, str] = {
-    "covariance": "fit_covariance_matrices",
-    "eigendecomposition": "perform_eigendecomposition",
-    "lambda": "fit_lambda_matrices",
-    "pairwise_scores": "compute_pairwise_scores",
-    "self_scores": "compute_self_scores",
-}
-_LOADERS: dict[str, Callable[[Run], Any]] = {
-    "covariance": lambda run: run.analyzer.load_covariance_matrices(run.factors_name),
-    "eigendecomposition": lambda run: run.analyzer.load_eigendecomposition(run.factors_name),
-    "lambda": lambda run: run.analyzer.load_lambda_matrices(run.factors_name),
-    "pairwise_scores": lambda run: run.analyzer.load_pairwise_scores(run.scores_name("pairwise")),
-    "self_scores": lambda run: run.analyzer.load_self_scores(run.scores_name("self")),
-}
+
+
+def _load(run: Run, stage: str) -> Any:
+    kind = {"pairwise_scores": "pairwise", "self_scores": "self"}.get(stage)
+    return calls.load(run.analyzer, stage, run.scores_name(kind) if kind else run.factors_name)
 
 
 def _configured_dtypes(run: Run, stage: str) -> dict[str, str | None]:

@@ -1,7 +1,17 @@
-"""What each rung changes: a pure function from (rung, problem, current settings) to a Change.
+"""One vocabulary of changes, `kind:argument`, for experiments and remedies alike.
 
-A rung that cannot act on the problem (nothing left to raise, a shift that cannot reach EK-FAC's
-refitted Λ) plans to None with a reason, and the ladder moves on without spending a re-run.
+An experiment of the diagnosis changes one setting to test a cause; a rung of a ladder is the same
+change, kept. Each kind has one planner: a pure function from (change, what it acts on, the current
+settings) to a `Change` — new FactorArguments / ScoreArguments, and where it touches the factors, a
+diagonal shift of the covariances or a per-module damping. A change that cannot act (nothing left to
+raise, a shift that cannot reach EK-FAC's refitted Λ) plans to None with a reason, and costs no run.
+
+Kinds: `dtype:<dtype>` raises the target's dtype group; `float64:end-to-end` is every dtype float64 and
+no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covariance-dtype:`;
+`shift:<ε>` / `shift-trace:<ε>` (doctored covariances); `damping:floor|floor-x100|heuristic|heuristic-x10`
+(one damping for all modules) and `damping:x10` / `damping:x10-exact` (each module's own damping ×10,
+the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
+`batch:half`; `strategy:<name>`. A new setting is one planner in `PLANNERS`.
 """
 
 from __future__ import annotations
@@ -13,15 +23,15 @@ from typing import Any
 
 import torch
 
-from influence_doctor.diagnosis import Problem
 from influence_doctor.dtypes import DTYPE_ORDER, GROUP_STAGE, groups_in_use, raise_group
+from influence_doctor.lab import float64_settings, module_damping, rounding_floors, scaled_damping
 
 STRATEGY_ORDER = ("ekfac", "kfac", "diagonal", "identity")
 
 
 @dataclass
 class Change:
-    """One rung's concrete edit of the configuration, and where the pipeline must restart."""
+    """One change's concrete edit of the configuration, and where the pipeline must restart."""
 
     rung: str
     description: str
@@ -31,11 +41,32 @@ class Change:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # "factor_args.x": (old, new)
     shift: tuple[str, float] | None = None  # ("mean" | "trace", epsilon) for doctored covariances
     batch_size: int | None = None
+    module_damping: dict[str, float] | None = None  # per-module damping: experiments only (kronfluence takes one)
+
+    @property
+    def method_changed(self) -> bool:
+        """A strategy change computes another quantity than the one asked for."""
+        return "factor_args.strategy" in self.changes
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a change acts on: a Problem, or a hypothesis under test."""
+
+    stage: str
+    setting: str | None = None  # the dtype group or knob ("covariance", "scores", "all", "damping", ...)
+    failing_stages: frozenset[str] = frozenset()  # stages with a fail finding behind it
+
+    @classmethod
+    def of(cls, problem: Any) -> Target:
+        """A Problem (or anything with stage, setting and evidence) as a target."""
+        failing = frozenset(f.stage for f in getattr(problem, "evidence", ()) if f.severity == "fail")
+        return cls(problem.stage, getattr(problem, "setting", None), failing)
 
 
 @dataclass
 class Settings:
-    """What a rung reads besides the problem: the current arguments and what the run measured."""
+    """What a change reads besides its target: the current arguments and what was measured with them."""
 
     factor_args: Any
     score_args: Any
@@ -43,31 +74,34 @@ class Settings:
     score_stage: str
     heuristic_damping: float | None = None  # largest over modules of kronfluence's 0.1·mean(spectrum)
     damping_floor: float | None = None  # largest over modules of eps(precondition dtype)·λmax
+    artifacts: dict[str, Any] = field(default_factory=dict)  # factors measured with these settings
+    module_damping: dict[str, float] | None = None  # a per-module damping already in force (experiments)
 
 
-def plan(rung: str, problem: Problem, settings: Settings) -> tuple[Change | None, str]:
-    """The Change `rung` makes for `problem`, or (None, why it does not apply)."""
-    kind, _, argument = rung.partition(":")
-    planner = _PLANNERS.get(kind)
+def plan(change_id: str, target: Any, settings: Settings) -> tuple[Change | None, str]:
+    """The Change `change_id` makes for `target` (a Target, or a Problem), or (None, why it does not apply)."""
+    kind, _, argument = change_id.partition(":")
+    planner = PLANNERS.get(kind)
     if planner is None:
-        return None, f"unknown rung kind {kind!r}"
+        return None, f"unknown change kind {kind!r}"
+    target = target if isinstance(target, Target) else Target.of(target)
     fa, sa = copy.deepcopy(settings.factor_args), copy.deepcopy(settings.score_args)
-    return planner(rung, argument, problem, settings, fa, sa)
+    return planner(change_id, argument, target, settings, fa, sa)  # `on` in each planner
 
 
-def _dtype(rung, argument, problem, settings, fa, sa):
-    """Raise the problem's dtype group (or, for a problem without one, every group feeding its stage)."""
+def _dtype(rung, argument, on, settings, fa, sa):
+    """Raise the target's dtype group (or, for a target without one, every group feeding its stage)."""
     target = getattr(torch, argument)
-    stage = "pairwise_scores" if problem.stage == "scores" else problem.stage
-    if problem.setting == "all":  # the loss is spread over stages: every dtype on the way to the scores
+    stage = "pairwise_scores" if on.stage == "scores" else on.stage
+    if on.setting == "all":  # the loss is spread over stages: every dtype on the way to the scores
         stage = settings.score_stage
-    groups = [problem.setting] if problem.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
+    groups = [on.setting] if on.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
     changes: dict[str, tuple[Any, Any]] = {}
     for group in groups:
         fa, sa, changed = raise_group(fa, sa, group, target)
         changes.update(changed)
     if not changes:
-        return None, f"nothing in {', '.join(groups) or problem.stage} is below {argument}"
+        return None, f"nothing in {', '.join(groups) or on.stage} is below {argument}"
     stored = ("factor_args.activation_covariance_dtype", "factor_args.gradient_covariance_dtype")
     if target == torch.bfloat16 and any(key in changes for key in stored) and fa.strategy in ("ekfac", "kfac"):
         return None, (
@@ -85,7 +119,7 @@ def _dtype(rung, argument, problem, settings, fa, sa):
     return _change(rung, changes, first, fa, sa), ""
 
 
-def _eigendecomposition_dtype(rung, argument, problem, settings, fa, sa):
+def _eigendecomposition_dtype(rung, argument, on, settings, fa, sa):
     target = getattr(torch, argument)
     current = fa.eigendecomposition_dtype
     if DTYPE_ORDER.get(current, 3) >= DTYPE_ORDER[target]:
@@ -94,7 +128,7 @@ def _eigendecomposition_dtype(rung, argument, problem, settings, fa, sa):
     return _change(rung, {"factor_args.eigendecomposition_dtype": (current, target)}, "eigendecomposition", fa, sa), ""
 
 
-def _covariance_dtype(rung, argument, problem, settings, fa, sa):
+def _covariance_dtype(rung, argument, on, settings, fa, sa):
     target = getattr(torch, argument)
     changes = {}
     for name in ("activation_covariance_dtype", "gradient_covariance_dtype"):
@@ -107,12 +141,10 @@ def _covariance_dtype(rung, argument, problem, settings, fa, sa):
     return _change(rung, changes, "covariance", fa, sa), ""
 
 
-def _shift(rung, argument, problem, settings, fa, sa):
+def _shift(rung, argument, on, settings, fa, sa):
     if fa.strategy not in ("kfac", "ekfac"):
         return None, f"strategy {fa.strategy!r} has no covariance to shift"
-    reaches = fa.strategy == "kfac" or any(
-        f.stage in ("covariance", "eigendecomposition") for f in problem.evidence if f.severity == "fail"
-    )
+    reaches = fa.strategy == "kfac" or bool(on.failing_stages & {"covariance", "eigendecomposition"})
     if not reaches:
         return None, "EK-FAC refits Λ from gradients: a covariance shift cannot reach the failing spectrum"
     mode = "trace" if rung.startswith("shift-trace") else "mean"
@@ -124,8 +156,11 @@ def _shift(rung, argument, problem, settings, fa, sa):
     return change, ""
 
 
-def _damping(rung, argument, problem, settings, fa, sa):
-    """Damping rungs, smallest first; they are only ever climbed for a confirmed `tiny-damping`."""
+def _damping(rung, argument, on, settings, fa, sa):
+    """Damping rungs, smallest first; they are only ever climbed for a confirmed `tiny-damping`. `x10` and
+    `x10-exact` scale each module's own damping (the experiments' counterfactual; see `_module_damping`)."""
+    if argument in ("x10", "x10-exact"):
+        return _module_damping(rung, argument, on, settings, fa, sa)
     current = sa.damping_factor
     if argument == "heuristic":
         if current is None:
@@ -147,7 +182,36 @@ def _damping(rung, argument, problem, settings, fa, sa):
     return _change(rung, changes, settings.score_stage, fa, sa), ""
 
 
-def _partitions(rung, argument, problem, settings, fa, sa):
+def _module_damping(rung, argument, on, settings, fa, sa):
+    """Each module's own damping ×10 (kronfluence's heuristic or the explicit value, per module). `x10`
+    starts from at least each module's rounding floor eps·λmax — a damping below rounding damps nothing,
+    and ten times nothing is still nothing; `x10-exact` only lifts a damping of exactly 0 to its floor."""
+    if settings.module_damping is not None:
+        damping = {module: 10.0 * value for module, value in settings.module_damping.items()}
+    else:
+        damping = scaled_damping(
+            settings.artifacts, fa.strategy, sa.damping_factor, 10.0, sa.precondition_dtype, argument == "x10"
+        )
+    if not damping:
+        return None, "no spectrum measured to scale each module's damping from"
+    floor = " (from at least its rounding floor eps·λmax)" if argument == "x10" else ""
+    changes = {"score_args.damping_factor": (sa.damping_factor, "×10 per module")}
+    change = _change(rung, changes, settings.score_stage, fa, sa)
+    change.description = f"each module's damping ×10{floor}"
+    change.module_damping = damping
+    return change, ""
+
+
+def _float64(rung, argument, on, settings, fa, sa):
+    """The precision counterfactual: every kronfluence dtype float64 and no autocast, same damping."""
+    fa, sa = float64_settings(fa, sa)
+    changes = {"factor_args.*_dtype": ("as configured", torch.float64)}
+    change = _change(rung, changes, "covariance", fa, sa)
+    change.description = "every dtype float64 and no autocast, same damping"
+    return change, ""
+
+
+def _partitions(rung, argument, on, settings, fa, sa):
     changes = {}
     for holder_name, holder, names in (
         ("factor_args", fa, ("covariance_module_partitions", "lambda_module_partitions")),
@@ -157,11 +221,11 @@ def _partitions(rung, argument, problem, settings, fa, sa):
             old = getattr(holder, name)
             setattr(holder, name, old * 2)
             changes[f"{holder_name}.{name}"] = (old, old * 2)
-    return _change(rung, changes, problem.stage, fa, sa), ""
+    return _change(rung, changes, on.stage, fa, sa), ""
 
 
 def _flag(names: tuple[tuple[str, str], ...]):
-    def planner(rung, argument, problem, settings, fa, sa):
+    def planner(rung, argument, on, settings, fa, sa):
         changes = {}
         for holder_name, name in names:
             holder = fa if holder_name == "factor_args" else sa
@@ -170,20 +234,20 @@ def _flag(names: tuple[tuple[str, str], ...]):
                 changes[f"{holder_name}.{name}"] = (False, True)
         if not changes:
             return None, "already on"
-        return _change(rung, changes, problem.stage, fa, sa), ""
+        return _change(rung, changes, on.stage, fa, sa), ""
 
     return planner
 
 
-def _batch(rung, argument, problem, settings, fa, sa):
+def _batch(rung, argument, on, settings, fa, sa):
     if settings.batch_size <= 1:
         return None, "the batch size is already 1"
-    change = _change(rung, {"batch_size": (settings.batch_size, settings.batch_size // 2)}, problem.stage, fa, sa)
+    change = _change(rung, {"batch_size": (settings.batch_size, settings.batch_size // 2)}, on.stage, fa, sa)
     change.batch_size = settings.batch_size // 2
     return change, ""
 
 
-def _strategy(rung, argument, problem, settings, fa, sa):
+def _strategy(rung, argument, on, settings, fa, sa):
     current = fa.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
         return None, f"strategy {current!r} is already at or below {argument!r}"
@@ -193,8 +257,9 @@ def _strategy(rung, argument, problem, settings, fa, sa):
     return change, ""
 
 
-_PLANNERS = {
+PLANNERS = {
     "dtype": _dtype,
+    "float64": _float64,
     "eigendecomposition-dtype": _eigendecomposition_dtype,
     "covariance-dtype": _covariance_dtype,
     "shift": _shift,
@@ -224,8 +289,6 @@ def _name(value: Any) -> str:
 def damping_reference_points(artifacts: dict[str, Any], strategy: str, precondition_dtype: torch.dtype):
     """(largest heuristic damping over modules, largest rounding floor over modules): kronfluence takes
     one damping for every module, so a rung must be enough for the module that needs the most."""
-    from influence_doctor.lab import module_damping, rounding_floors
-
     heuristic = [v for v in module_damping(artifacts, strategy, None).values() if math.isfinite(v)]
     floors = [v for v in rounding_floors(artifacts, strategy, precondition_dtype).values() if math.isfinite(v)]
     return (max(heuristic) if heuristic else None), (max(floors) if floors else None)
