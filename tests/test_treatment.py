@@ -62,3 +62,33 @@ def test_when_only_a_strategy_change_finishes_the_pipeline_stays_sick_with_advic
     assert "below min_fix_spearman" in skipped[advice["rung"]]
     text = (report.run_dir / "report.md").read_text()
     assert "Advice" in text and "a different method" in text
+
+
+def test_a_rung_that_makes_a_passing_measurement_fail_on_the_run_is_undone(tmp_path, monkeypatch):
+    """Rehearsals can miss what the whole run shows. fp16 scores overflow; the first rung (bfloat16 scores)
+    is applied and, on the run, a factor stage that was right before now holds inf (injected here once,
+    as a rung that really broke it would leave it). The rung is undone, recorded as rejected with what
+    it broke, and the next rung heals from the configuration as it was."""
+    from influence_doctor.findings import Finding
+    from influence_doctor.remedies import heal as heal_module
+
+    real_apply = heal_module._apply
+    calls = []
+
+    def breaking_apply(run, change, *args, **kwargs):
+        real_apply(run, change, *args, **kwargs)
+        calls.append(change.rung)
+        if len(calls) == 1:
+            broken = Finding("lambda.finite", "lambda", "0/lambda_matrix", "fail", 1.0, 0.0, None, "inf in Λ.")
+            run.stages["lambda"].findings.append(broken)
+
+    monkeypatch.setattr(heal_module, "_apply", breaking_apply)
+    pipeline, _ = load_fixture("fp16_score_overflow")
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    first, second = report.remedies[:2]
+    assert first["rung"] == "dtype:bfloat16" and first["outcome"] == "rejected"
+    assert "lambda (nonfinite)" in first["error"] and "undone" in first["error"]
+    assert second["rung"] != first["rung"] and report.status == "healed", report.remedies
+    assert not [f for f in report.findings if f.check == "lambda.finite" and f.severity == "fail"]
+    # the prescription is the second rung alone: the undone one left no trace
+    assert report.prescription["score_args"].get("score_dtype") in ("float32", "float64")

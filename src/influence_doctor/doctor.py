@@ -79,8 +79,9 @@ class _Treatment:
 
     @property
     def applied(self) -> list[Remedy]:
-        """Rungs that changed the run (an exhausted ladder is on record but changed nothing)."""
-        return [remedy for remedy in self.remedies if remedy.outcome != "exhausted"]
+        """Rungs that changed the run (an exhausted ladder, or a rung undone because it made the run worse,
+        is on record but changed nothing)."""
+        return [remedy for remedy in self.remedies if remedy.outcome not in ("exhausted", "rejected")]
 
 
 def diagnose(
@@ -176,7 +177,7 @@ def diagnose(
                 if treatment.applied:
                     reporter.note("measuring the fix against float64 of the configuration as given")
                     treatment.fix = _fix_fidelity(run, labs, treatment)
-                if any(r.outcome != "exhausted" for r in treatment.remedies):
+                if treatment.applied:
                     reporter.note("measuring fidelity against exact influence")
                     treatment.exact = exact_fidelity(run)
         except BaseException:  # Ctrl-C, or a failure outside any stage: still leave a partial report

@@ -18,8 +18,11 @@ from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.causes import ladder_for
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
+from influence_doctor.diagnosis.problem import stage_views
+from influence_doctor.diagnosis.symptoms import find_symptoms
 from influence_doctor.examine import examine_stage, reexamine
 from influence_doctor.fidelity import FLOAT64_REFERENCE, below, rankings_against
+from influence_doctor.lab import FACTOR_STAGES
 from influence_doctor.pipeline import STAGES
 from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
@@ -52,7 +55,8 @@ class Remedy:
     first_stage: str
     stages_rerun: list[str]
     calls: list[str]
-    outcome: str  # "healed" | "resolved" (this cause gone, others left) | "not-resolved" | "error" | "exhausted"
+    outcome: str  # "healed" | "resolved" (this cause gone, others left) | "not-resolved" | "rejected" (made
+    # the run worse once applied: undone) | "error" | "exhausted"
     seconds: float
     problems_after: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)  # rungs that could not act, and why
@@ -151,6 +155,7 @@ def heal(
         started = time.perf_counter()
         index = len(remedies) + 1
         before = {name: id(record) for name, record in run.stages.items()}
+        saved = _Saved(run, base_covariance, base_factors)
         outcome, error = "not-resolved", None
         try:
             if change.shift is None and change.first_stage == "covariance":
@@ -167,13 +172,21 @@ def heal(
         labs.refresh()
         run_probes(run, labs, thresholds, damping=False)
         problems = differential_diagnosis(run, labs, thresholds)
+        broken = _broken_on_the_run(saved.symptoms, run) if outcome != "error" else []
+        if broken:  # worse than before where it counts: undo it, keep the record, climb on
+            outcome, error = "rejected", f"applied, it broke {', '.join(broken)}, which passed before: undone"
+            progress.note(f"remedy {index} {error}")
+            base_covariance, base_factors = saved.restore(run)
+            labs.refresh()
+            run_probes(run, labs, thresholds, damping=False)
+            problems = differential_diagnosis(run, labs, thresholds)
         causes_after = [p.cause or "unexplained" for p in problems]
-        uncovered = [p for p in problems if not _known(p, problems_before)]
+        uncovered = [p for p in problems if not _known(p, problems_before)] if outcome != "rejected" else []
         for found in uncovered:
             found.revealed_by = change.rung
         revealed_problems.extend(uncovered)
         revealed = [f"{p.cause or 'unexplained'} at {p.stage}" for p in uncovered]
-        if outcome != "error":
+        if outcome not in ("error", "rejected"):
             outcome = "healed" if not problems else "resolved" if problem.cause not in causes_after else "not-resolved"
         remedy = Remedy(
             cause=problem.cause,
@@ -193,12 +206,51 @@ def heal(
             method_changed=change.method_changed,
         )
         remedies.append(remedy)
-        snapshots.append(snapshot(run, f"after {change.rung}"))
+        if outcome != "rejected":
+            snapshots.append(snapshot(run, f"after {change.rung}"))
         if on_rung is not None:
             on_rung(remedy)
         if outcome == "error":
             break
     return HealResult(remedies, problems, snapshots, exhausted, advice, revealed_problems)
+
+
+class _Saved:
+    """The run as it was before a rung, to undo a rung that made it worse: its configuration, stage
+    records and artifacts (kronfluence's files of each rung live under their own names, so the earlier
+    ones are still there), and the symptoms it showed."""
+
+    def __init__(self, run: Run, base_covariance: dict[str, Any] | None, base_factors: str) -> None:
+        self.configuration = run.configuration
+        # copies: re-checking the stages a rung does not re-run edits their records in place
+        self.stages = {
+            name: replace(record, findings=list(record.findings), metrics=dict(record.metrics))
+            for name, record in run.stages.items()
+        }
+        self.artifacts = dict(run.artifacts)
+        self.base = (base_covariance, base_factors)
+        self.symptoms = {(s.kind, s.stage) for s in find_symptoms(stage_views(run))}
+        self.completed = {name for name, record in run.stages.items() if record.completed}
+
+    def restore(self, run: Run) -> tuple[dict[str, Any] | None, str]:
+        run.configuration = self.configuration
+        run.stages = dict(self.stages)
+        run.artifacts = dict(self.artifacts)
+        return self.base
+
+
+def _broken_on_the_run(symptoms_before: set[tuple[str, str]], run: Run) -> list[str]:
+    """Symptoms the run shows after a rung in stages that were computed and right before it (nothing
+    wrong in them or in a factor stage feeding them): the rung made the run worse there."""
+    before_stages = {stage for _kind, stage in symptoms_before}
+    broken = []
+    for symptom in find_symptoms(stage_views(run)):
+        if (symptom.kind, symptom.stage) in symptoms_before or symptom.stage == "train":
+            continue
+        feeding = {name for name in FACTOR_STAGES if STAGES.index(name) < STAGES.index(symptom.stage)}
+        if not (feeding | {symptom.stage}) & before_stages:
+            broken.append(f"{symptom.stage} ({symptom.kind})")
+    return broken
 
 
 def _exhausted(problem: Problem, skipped: list[dict[str, str]]) -> Remedy:

@@ -166,6 +166,7 @@ OUTCOME_COLOURS = {
     "healed": "#176b2c",
     "resolved": "#4c9a5b",
     "not-resolved": "#b37400",
+    "rejected": "#8a4f9e",
     "error": "#b3261e",
     "exhausted": "#888888",
 }

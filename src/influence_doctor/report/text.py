@@ -119,7 +119,7 @@ def treatment_chain(document: dict[str, Any]) -> str:
     """problem → rung → problem revealed → rung …: how the applied rungs composed."""
     steps: list[str] = []
     for remedy in document["remedies"]:
-        if remedy["outcome"] == "exhausted":
+        if remedy["outcome"] in ("exhausted", "rejected"):
             continue
         if not steps:
             steps.append(remedy["cause"] or "unexplained")
