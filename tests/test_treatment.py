@@ -29,6 +29,7 @@ def test_a_rung_that_reveals_a_second_problem_is_kept_and_the_second_is_treated_
     assert revealed and revealed[0]["revealed_by"] == "dtype:float32"
     assert revealed[0]["experiments"] and revealed[0]["experiments"][-1]["verdict"].startswith("confirms")
     assert "Treatment: fp16-overflow → dtype:float32 → revealed" in (composed.run_dir / "report.md").read_text()
+    assert "Treatment: fp16-overflow → dtype:float32 → revealed" in (composed.run_dir / "report.html").read_text()
 
 
 def test_the_composed_fix_changes_dtypes_only_and_agrees_with_float64_as_configured(composed):
@@ -62,6 +63,8 @@ def test_when_only_a_strategy_change_finishes_the_pipeline_stays_sick_with_advic
     assert "below min_fix_spearman" in skipped[advice["rung"]]
     text = (report.run_dir / "report.md").read_text()
     assert "Advice" in text and "a different method" in text
+    page = (report.run_dir / "report.html").read_text()
+    assert "id='advice'" in page and advice["rung"] in page
 
 
 def test_a_rung_that_makes_a_passing_measurement_fail_on_the_run_is_undone(tmp_path, monkeypatch):

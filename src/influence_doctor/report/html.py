@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 from influence_doctor.report.svg import Chart, Rule, Series, bar_chart, histogram
 from influence_doctor.report.text import (
+    advice_lines,
     finding_rows,
     influence_lines,
     remedy_rows,
@@ -24,6 +25,7 @@ from influence_doctor.report.text import (
     show_number,
     stage_rows,
     status_words,
+    treatment_chain,
 )
 
 MAX_SPECTRA = 6
@@ -66,11 +68,16 @@ def render_html(
     ]
     if python := document["prescription"].get("python"):
         parts += ["<h2 id='prescription'>Prescription</h2>", f"<pre>{html.escape(python)}</pre>"]
+    if advice := advice_lines(document):
+        items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in advice)
+        parts += ["<h2 id='advice'>Advice, not applied (below the fidelity bar)</h2>", f"<ul>{items}</ul>"]
     if document["remedies"]:
         parts += [
             "<h2>Remedies</h2>",
             _table(remedy_rows(document), ["#", "cause", "rung", "change", "re-ran", "outcome", "seconds"]),
         ]
+        if chain := treatment_chain(document):
+            parts.append(f"<p>Treatment: {html.escape(chain)}</p>")
     if findings := finding_rows(document):
         parts += ["<h2>Findings</h2>", _table(findings, ["severity", "stage", "check", "subject", "cause", "message"])]
     parts += ["<h2>Figures</h2>", *render_figures(document, run, snapshots, probe_scores)]
