@@ -640,3 +640,77 @@ def test_scaled_damping_without_the_floor_keeps_an_explicit_damping_one_value():
     floors = rounding_floors(artifacts, "ekfac", FP32)
     zero = scaled_damping(artifacts, "ekfac", 0.0, 10.0, FP32, from_floor=False)
     assert zero == pytest.approx({module: 10.0 * floor for module, floor in floors.items()})
+
+
+# ------------------------------------------------------------------ the experiments' kinds of change
+
+
+def ekfac_artifacts(spectra: dict[str, list[float]], count: float = 4.0) -> dict:
+    """EK-FAC Λ sums as kronfluence stores them: each module's spectrum is Λ / examples processed."""
+    return {
+        "lambda": {
+            "lambda_matrix": {m: torch.tensor(v, dtype=torch.float64) * count for m, v in spectra.items()},
+            "num_lambda_processed": {m: torch.tensor([count]) for m in spectra},
+        }
+    }
+
+
+def test_float64_end_to_end_keeps_the_damping_and_the_strategy():
+    fa = FactorArguments(strategy="kfac", activation_covariance_dtype=FP16, amp_dtype=BF16)
+    sa = ScoreArguments(damping_factor=1e-5, score_dtype=FP16)
+    change, _ = planned("float64:end-to-end", problem("low-precision-loss", "pairwise_scores"), settings(fa, sa))
+    for group in ("activation_covariance", "gradient_covariance", "eigendecomposition", "lambda"):
+        assert getattr(change.factor_args, f"{group}_dtype") == FP64
+    assert change.score_args.score_dtype == FP64 and change.score_args.precondition_dtype == FP64
+    assert change.factor_args.amp_dtype is None and change.score_args.amp_dtype is None
+    assert change.factor_args.strategy == "kfac" and change.score_args.damping_factor == 1e-5
+    assert change.first_stage == "covariance" and change.method_changed is False
+
+
+def test_damping_x10_scales_each_modules_heuristic_from_at_least_its_rounding_floor():
+    artifacts = ekfac_artifacts({"a": [1.0, 3.0], "b": [0.0, 0.0, 1e9]})
+    s = settings(sa=ScoreArguments(damping_factor=None))
+    s.artifacts = artifacts
+    change, _ = planned("damping:x10", problem("tiny-damping", "pairwise_scores"), s)
+    heuristic = module_damping(artifacts, "ekfac", None)
+    floors = rounding_floors(artifacts, "ekfac", FP32)
+    assert heuristic == pytest.approx({"a": 0.2, "b": 1e9 / 3 * 0.1})
+    expected = {m: 10 * max(heuristic[m], floors[m]) for m in heuristic}
+    assert change.module_damping == pytest.approx(expected, rel=1e-12)
+    assert change.first_stage == "pairwise_scores" and change.score_args.damping_factor is None
+
+
+def test_damping_x10_exact_keeps_an_explicit_damping_one_value():
+    s = settings(sa=ScoreArguments(damping_factor=1e-3))
+    s.artifacts = ekfac_artifacts({"a": [1.0, 3.0], "b": [1e-12, 5.0]})
+    change, _ = planned("damping:x10-exact", problem("tiny-damping", "self_scores"), s)
+    assert change.module_damping == pytest.approx({"a": 1e-2, "b": 1e-2}, rel=1e-15)
+
+
+def test_damping_x10_on_a_per_module_damping_in_force_multiplies_it():
+    s = settings()
+    s.module_damping = {"a": 0.5, "b": 2.0}
+    change, _ = planned("damping:x10", problem("tiny-damping", "pairwise_scores"), s)
+    assert change.module_damping == {"a": 5.0, "b": 20.0}
+
+
+def test_damping_x10_without_a_measured_spectrum_does_not_apply():
+    change, reason = planned("damping:x10", problem("tiny-damping", "pairwise_scores"), settings())
+    assert change is None and "spectrum" in reason
+
+
+def test_a_shift_experiment_reaches_ekfac_only_through_failing_factor_stages():
+    from influence_doctor.changes import Target
+
+    ekfac = settings(FactorArguments(strategy="ekfac"))
+    at_eigh = Target("eigendecomposition", "covariance", frozenset({"eigendecomposition"}))
+    reaches, _ = plan("shift:1e-6", at_eigh, ekfac)
+    assert reaches is not None and reaches.shift == ("mean", 1e-6)
+    blocked, reason = plan("shift:1e-6", Target("lambda", "covariance", frozenset({"lambda"})), ekfac)
+    assert blocked is None and "refits" in reason
+    assert Target.of(problem("not-psd", "covariance")).failing_stages == frozenset({"covariance"})
+
+
+def test_unknown_change_kinds_say_so():
+    change, reason = plan("teleport:now", problem("fp16-overflow", "covariance"), settings())
+    assert change is None and "unknown change kind 'teleport'" in reason
