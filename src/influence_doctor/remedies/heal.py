@@ -41,7 +41,7 @@ class Snapshot:
 
     label: str
     scores: dict[str, Any]
-    trusted: bool  # every score finite, and no measurement (e.g. the float64 re-run) showed them wrong
+    trusted: bool  # every score finite, and no measurement showed them or the factors behind them wrong
     regularization: dict[str, Any]
     spectra: dict[str, Any] = field(default_factory=dict)  # module → report.charts.Spectrum, for the plots
 
@@ -429,9 +429,9 @@ def snapshot(run: Run, label: str) -> Snapshot:
         if run.artifacts.get(stage) and run.stages[stage].completed
     }
     finite = bool(scores) and all(bool(torch.isfinite(tensor).all()) for tensor in scores.values())
-    measured_wrong = any(
-        f.severity == "fail" for name in ("pairwise_scores", "self_scores") for f in run.stages[name].findings
-    )
+    # trustworthy: no measured wrong number in the scores or anything they were computed from (finite
+    # scores from an overflowed covariance are garbage, however well they rank against float64 on a probe)
+    measured_wrong = any(f.severity == "fail" for name in STAGES[1:] for f in run.stages[name].findings)
     regularization = {
         "damping_factor": run.score_args.damping_factor,
         "covariance_shift": run.covariance_shift,
