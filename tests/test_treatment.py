@@ -95,3 +95,27 @@ def test_a_rung_that_makes_a_passing_measurement_fail_on_the_run_is_undone(tmp_p
     assert not [f for f in report.findings if f.check == "lambda.finite" and f.severity == "fail"]
     # the prescription is the second rung alone: the undone one left no trace
     assert report.prescription["score_args"].get("score_dtype") in ("float32", "float64")
+
+
+def test_one_cause_at_two_stages_climbs_two_ladders(tmp_path):
+    """float16 covariances and a float16 Λ on inputs of standard deviation 64: raising the covariances
+    clears their overflow and lets Λ be fitted, which then overflows in turn. The Λ problem, same cause,
+    other stage, gets its own ladder from its first rung (bfloat16 is enough for Λ: it stores no
+    eigenvectors)."""
+    import torch
+
+    from fixtures.fp16_covariance_overflow import covariance_overflow_pipeline
+
+    pipeline = covariance_overflow_pipeline("two-overflows", scale=64.0, examples=512)
+    pipeline.factor_args.lambda_dtype = torch.float16
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "healed", report.remedies
+    first, second = [r for r in report.remedies if r["outcome"] != "exhausted"]
+    assert (first["rung"], first["outcome"]) == ("dtype:float32", "resolved")
+    assert first["revealed"] == ["fp16-overflow at lambda"]
+    assert (second["cause"], second["rung"], second["outcome"]) == ("fp16-overflow", "dtype:bfloat16", "healed")
+    assert report.prescription["factor_args"] == {
+        "activation_covariance_dtype": "float32",
+        "gradient_covariance_dtype": "float32",
+        "lambda_dtype": "bfloat16",
+    }

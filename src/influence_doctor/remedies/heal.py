@@ -90,7 +90,7 @@ class HealResult:
     remedies: list[Remedy]
     problems: list[Problem]
     snapshots: list[Snapshot]
-    exhausted: list[str]  # causes whose ladder ran out
+    exhausted: list[str]  # problems ("cause at stage") whose ladder ran out
     advice: list[dict[str, Any]] = field(default_factory=list)  # per exhausted cause, the best rung the bar rejected
     revealed: list[Problem] = field(default_factory=list)  # problems uncovered by a rung, diagnosed on top
 
@@ -117,14 +117,14 @@ def heal(
     thresholds = thresholds or Thresholds()
     remedies: list[Remedy] = []
     snapshots = [snapshot(run, "as configured")]
-    tried: dict[str | None, set[str]] = {}
+    tried: dict[tuple[str | None, str, str | None], set[str]] = {}  # per problem: cause, stage, setting
     exhausted: list[str] = []
     advice: list[dict[str, Any]] = []
     revealed_problems: list[Problem] = []
     base_covariance = run.artifacts.get("covariance")
     base_factors = run.factors_name
     while len(remedies) < MAX_RUNGS:
-        treatable = [p for p in problems if p.treatable and (p.cause or "unexplained") not in exhausted]
+        treatable = [p for p in problems if p.treatable and _label(p) not in exhausted]
         if not treatable:
             break
         problems_before = list(problems)
@@ -134,7 +134,7 @@ def heal(
                 problem,
                 run,
                 labs,
-                tried.setdefault(problem.cause, set()),
+                tried.setdefault((problem.cause, problem.stage, problem.setting), set()),
                 ladders,
                 thresholds,
                 progress,
@@ -142,7 +142,7 @@ def heal(
             )
         )
         if change is None:
-            exhausted.append(problem.cause or "unexplained")
+            exhausted.append(_label(problem))
             progress.note(f"no rung left for {problem.cause or 'an unexplained failure'}")
             if rejected:
                 advice.append(max(rejected, key=lambda option: option["fidelity"]["median_spearman"]))
@@ -185,9 +185,10 @@ def heal(
         for found in uncovered:
             found.revealed_by = change.rung
         revealed_problems.extend(uncovered)
-        revealed = [f"{p.cause or 'unexplained'} at {p.stage}" for p in uncovered]
+        revealed = [_label(p) for p in uncovered]
         if outcome not in ("error", "rejected"):
-            outcome = "healed" if not problems else "resolved" if problem.cause not in causes_after else "not-resolved"
+            gone = _label(problem) not in {_label(p) for p in problems}
+            outcome = "healed" if not problems else "resolved" if gone else "not-resolved"
         remedy = Remedy(
             cause=problem.cause,
             rung=change.rung,
@@ -370,6 +371,12 @@ def _cost_text(fidelity: dict[str, Any]) -> str:
         f"{fidelity['median_spearman']:.3f} (worst {fidelity['worst_spearman']:.3f}, "
         f"{fidelity['examples']} examples × {fidelity['queries']} queries)"
     )
+
+
+def _label(problem: Problem) -> str:
+    """One problem as a person names it: a cause where it starts. Two problems of one cause at two
+    stages (an overflow in the covariance, then one in Λ) climb their own ladders."""
+    return f"{problem.cause or 'unexplained'} at {problem.stage}"
 
 
 def _known(problem: Problem, before: list[Problem]) -> bool:
