@@ -86,24 +86,24 @@ def plan(change_id: str, target: Any, settings: Settings) -> tuple[Change | None
         return None, f"unknown change kind {kind!r}"
     target = target if isinstance(target, Target) else Target.of(target)
     fa, sa = copy.deepcopy(settings.factor_args), copy.deepcopy(settings.score_args)
-    return planner(change_id, argument, target, settings, fa, sa)  # `on` in each planner
+    return planner(change_id, argument, target, settings, fa, sa)
 
 
 def _dtype(rung, argument, on, settings, fa, sa):
     """Raise the target's dtype group (or, for a target without one, every group feeding its stage)."""
-    target = getattr(torch, argument)
+    dtype = getattr(torch, argument)
     stage = "pairwise_scores" if on.stage == "scores" else on.stage
     if on.setting == "all":  # the loss is spread over stages: every dtype on the way to the scores
         stage = settings.score_stage
     groups = [on.setting] if on.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
     changes: dict[str, tuple[Any, Any]] = {}
     for group in groups:
-        fa, sa, changed = raise_group(fa, sa, group, target)
+        fa, sa, changed = raise_group(fa, sa, group, dtype)
         changes.update(changed)
     if not changes:
         return None, f"nothing in {', '.join(groups) or on.stage} is below {argument}"
     stored = ("factor_args.activation_covariance_dtype", "factor_args.gradient_covariance_dtype")
-    if target == torch.bfloat16 and any(key in changes for key in stored) and fa.strategy in ("ekfac", "kfac"):
+    if dtype == torch.bfloat16 and any(key in changes for key in stored) and fa.strategy in ("ekfac", "kfac"):
         return None, (
             "bfloat16 covariances store bfloat16 eigenvectors, which always leaves the eigenvector "
             "precision drifting (dtype-drift): known not to heal"
@@ -120,22 +120,22 @@ def _dtype(rung, argument, on, settings, fa, sa):
 
 
 def _eigendecomposition_dtype(rung, argument, on, settings, fa, sa):
-    target = getattr(torch, argument)
+    dtype = getattr(torch, argument)
     current = fa.eigendecomposition_dtype
-    if DTYPE_ORDER.get(current, 3) >= DTYPE_ORDER[target]:
+    if DTYPE_ORDER.get(current, 3) >= DTYPE_ORDER[dtype]:
         return None, f"eigendecomposition_dtype is already {_name(current)}"
-    fa.eigendecomposition_dtype = target
-    return _change(rung, {"factor_args.eigendecomposition_dtype": (current, target)}, "eigendecomposition", fa, sa), ""
+    fa.eigendecomposition_dtype = dtype
+    return _change(rung, {"factor_args.eigendecomposition_dtype": (current, dtype)}, "eigendecomposition", fa, sa), ""
 
 
 def _covariance_dtype(rung, argument, on, settings, fa, sa):
-    target = getattr(torch, argument)
+    dtype = getattr(torch, argument)
     changes = {}
     for name in ("activation_covariance_dtype", "gradient_covariance_dtype"):
         current = getattr(fa, name)
-        if DTYPE_ORDER.get(current, 3) < DTYPE_ORDER[target]:
-            setattr(fa, name, target)
-            changes[f"factor_args.{name}"] = (current, target)
+        if DTYPE_ORDER.get(current, 3) < DTYPE_ORDER[dtype]:
+            setattr(fa, name, dtype)
+            changes[f"factor_args.{name}"] = (current, dtype)
     if not changes:
         return None, f"the covariance dtypes are already {argument} or finer"
     return _change(rung, changes, "covariance", fa, sa), ""
@@ -174,10 +174,10 @@ def _damping(rung, argument, on, settings, fa, sa):
         }.get(argument, (None, 1.0))
         if base is None or not math.isfinite(base) or base <= 0:
             return None, f"no finite {argument.split('-')[0]} damping to derive it from"
-        target = scale * base
-        if current is not None and current >= target:
-            return None, f"damping_factor {current:g} is already at least {target:g}"
-        sa.damping_factor = target
+        value = scale * base
+        if current is not None and current >= value:
+            return None, f"damping_factor {current:g} is already at least {value:g}"
+        sa.damping_factor = value
     changes = {"score_args.damping_factor": (current, sa.damping_factor)}
     return _change(rung, changes, settings.score_stage, fa, sa), ""
 

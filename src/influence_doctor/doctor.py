@@ -175,9 +175,8 @@ def diagnose(
                     run.probes = {"initial": run.probes, "final": run_probes(run, labs, thresholds)}
                     treatment.problems = differential_diagnosis(run, labs, thresholds)
                 if treatment.applied:
-                    reporter.note("measuring the fix against float64 of the configuration as given")
+                    reporter.note("measuring what the fix cost against its reference")
                     treatment.fix = _fix_fidelity(run, labs, treatment)
-                if treatment.applied:
                     reporter.note("measuring fidelity against exact influence")
                     treatment.exact = exact_fidelity(run)
         except BaseException:  # Ctrl-C, or a failure outside any stage: still leave a partial report
@@ -244,10 +243,13 @@ def _final_float64_agreement(probes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fix_fidelity(run: Run, labs: Labs, treatment: _Treatment) -> dict[str, Any]:
-    """The final configuration against the least-regularized trusted run, else float64 as configured."""
+    """The final configuration against the least-regularized trusted run, else float64 as configured
+    (computed on the probe only in that case)."""
     result = treatment.result
-    reference, final = labs.reference(), labs.candidate(run.factor_args, run.score_args, run.shift)
-    pair = (final, reference) if reference is not None and final is not None else None
+    pair = None
+    if not any(snapshot.trusted for snapshot in result.snapshots[:-1]):
+        reference, final = labs.reference(), labs.candidate(run.factor_args, run.score_args, run.shift)
+        pair = (final, reference) if reference is not None and final is not None else None
     return fix_fidelity(result.snapshots, treatment.min_fix_spearman, pair, tuple(run.pipeline.scores))
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
-from influence_doctor.changes import Settings, Target, plan
+from influence_doctor.changes import Settings, Target, damping_reference_points, plan
 from influence_doctor.checks.headroom import accumulated_maxima
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
 from influence_doctor.checks.thresholds import Thresholds
@@ -161,8 +161,6 @@ def counterfactual_trial(
 
 def trial_settings(lab: Lab, base: Trial) -> Settings:
     """What a change reads from a trial: its arguments and the factors it measured."""
-    from influence_doctor.changes import damping_reference_points
-
     fa, sa = base.factor_args, base.score_args
     heuristic, floor = damping_reference_points(base.artifacts, fa.strategy, sa.precondition_dtype)
     return Settings(
