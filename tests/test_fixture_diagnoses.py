@@ -35,6 +35,10 @@ def test_fixture_is_diagnosed_with_its_root_cause_by_an_experiment(name, tmp_pat
     assert (first.cause, first.stage) == (expected["cause"], expected["stage"]), [
         (p.cause, p.stage, p.message) for p in report.problems
     ]
+    # the whole diagnosis, not only its first line: no extra wrong cause may ride along
+    wanted = {(expected["cause"], expected["stage"]), *map(tuple, expected.get("also", []))}
+    assert {(p.cause, p.stage) for p in report.problems} == wanted, [(p.cause, p.stage) for p in report.problems]
+    assert len(report.problems) == len(wanted)
     assert first.confirmed
     if first.treatable:  # a broken model is measured directly; everything else by a one-setting experiment
         assert first.basis == "experiment"

@@ -80,3 +80,14 @@ def _finding() -> dict:
         "cause": None,
         "message": "x",
     }
+
+
+def test_the_session_hook_tells_a_truncated_report_of_the_doctor_from_a_tests_bad_input():
+    """The schema hook must fail the session on a report.json the doctor wrote that does not parse,
+    and leave alone the bad input a test wrote on purpose."""
+    from tests.conftest import written_by_the_doctor
+
+    real = (ROOT / "reports" / "baselines" / "small" / "report.json").read_text()
+    assert written_by_the_doctor(real[: len(real) // 2])  # cut in the middle: still ours
+    assert not written_by_the_doctor('{"hello": 1}')
+    assert not written_by_the_doctor("not json at all")

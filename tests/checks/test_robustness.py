@@ -19,7 +19,7 @@ from influence_doctor.checks.covariance import check_covariance_sum, check_examp
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.outcome import CheckOutcome
-from influence_doctor.checks.scores import check_damping_sensitivity, check_module_dominance, check_scores
+from influence_doctor.checks.scores import check_module_dominance, check_scores
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import check_loss_curve, check_parameters, detrend, lowest_autocorrelation, smooth
 from tests.checks.helpers import assert_valid
@@ -200,12 +200,6 @@ def test_check_module_dominance_never_raises(per_module):
     _ok(outcome)
     share = outcome.metrics.get("dominant_share")
     assert share is None or math.isnan(share) or 0.0 <= share <= 1.0 + 1e-12
-
-
-@SETTINGS
-@given(spearman=elements)
-def test_check_damping_sensitivity_never_raises(spearman):
-    _ok(check_damping_sensitivity("pairwise_scores", spearman, T))
 
 
 @SETTINGS

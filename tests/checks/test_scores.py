@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from influence_doctor.checks.scores import (
-    check_damping_sensitivity,
     check_module_dominance,
     check_query_scale,
     check_scores,
@@ -185,20 +184,6 @@ def test_module_dominance_ignores_nonfinite_mass_and_needs_two_modules():
     assert metrics["dominant_share"] == pytest.approx(3 / 4)  # fc1 counts 1 (inf and NaN count 0), fc2 3
     assert check_module_dominance("self_scores", {"fc1": torch.ones(3)}, T).metrics == {}
     assert check_module_dominance("self_scores", {"a": torch.zeros(2), "b": torch.zeros(2)}, T).findings == []
-
-
-@pytest.mark.parametrize(("spearman", "flagged"), [(0.5, True), (0.899, True), (0.9, False), (0.99, False)])
-def test_damping_sensitivity(spearman, flagged):
-    outcome = check_damping_sensitivity("pairwise_scores", spearman, T)
-    assert outcome.metrics["damping_x10_spearman"] == spearman
-    assert ("scores.damping_sensitivity" in checks_of(outcome)) is flagged
-    if flagged:
-        assert outcome.findings[0].severity == "warn"
-        assert outcome.findings[0].limit == T.damping_sensitivity_min_spearman
-
-
-def test_damping_sensitivity_nan_is_not_judged():
-    assert check_damping_sensitivity("pairwise_scores", math.nan, T).findings == []
 
 
 def test_findings_are_valid():

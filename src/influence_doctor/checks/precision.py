@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from scipy import stats
@@ -254,9 +253,3 @@ def check_stored_dtypes(
                 )
             )
     return outcome
-
-
-def coarsest_dtype(dtypes: Any) -> torch.dtype:
-    """The least precise floating dtype among `dtypes` (None entries ignored): what a result can claim."""
-    present = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
-    return max(present, key=eps) if present else torch.float64

@@ -161,31 +161,3 @@ def check_module_dominance(stage: str, per_module: dict[str, torch.Tensor], thre
             )
         )
     return outcome
-
-
-def check_damping_sensitivity(stage: str, spearman: float, thresholds: Thresholds, tiny: bool = False) -> CheckOutcome:
-    """Rankings should survive a 10× damping change; if not, the damping guess decides the answer.
-
-    With `tiny` (the configured damping is below the rounding floor, i.e. acts as none at all) the
-    rankings hinge on numerically undamped directions: that is the `tiny-damping` failure.
-    """
-    outcome = CheckOutcome(metrics={"damping_x10_spearman": spearman})
-    if not math.isnan(spearman) and spearman < thresholds.damping_sensitivity_min_spearman:
-        outcome.findings.append(
-            Finding(
-                check="scores.damping_sensitivity",
-                stage=stage,
-                subject="",
-                severity="fail" if tiny else "warn",
-                value=spearman,
-                limit=thresholds.damping_sensitivity_min_spearman,
-                cause="tiny-damping" if tiny else None,
-                message=f"Rankings change under 10× damping (Spearman {spearman:.3f})"
-                + (
-                    ": the damping is below rounding, so near-flat directions decide the scores."
-                    if tiny
-                    else ": they depend on the damping guess."
-                ),
-            )
-        )
-    return outcome

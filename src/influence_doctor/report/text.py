@@ -144,10 +144,6 @@ def advice_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _rerun(stages: list[str]) -> str:
-    return "—" if not stages else stages[0] if len(stages) == 1 else f"{stages[0]} +{len(stages) - 1}"
-
-
 def projection_lines(projection: dict[str, Any]) -> list[str]:
     """The full run as projected: per-stage peak memory and seconds, overflow headroom, memory advice."""
     lines = [
