@@ -7,14 +7,23 @@ import math
 import pytest
 
 from influence_doctor.calibration import (
+    DERIVATION_CURVES,
+    DERIVATION_SEED,
+    LIMIT_RULES,
+    SICK_FAMILIES,
     TRAINING_CHECKS,
     AlarmRates,
+    LimitRule,
+    derive_limits,
+    detections,
     draw_recipe,
     healthy_loss_curves,
     healthy_score_cases,
     score_alarms,
+    sick_loss_curves,
     training_alarms,
 )
+from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.findings import Finding
 
 MAX_FALSE_WARN = 0.05
@@ -50,9 +59,31 @@ def test_recipes_cover_every_batch_size_optimizer_and_task():
     assert all(20 <= r.steps <= 300 for r in recipes)
 
 
+HELD_OUT_SEED = 1
+"""Healthy and sick curves the limits were never derived from."""
+
+
 @pytest.fixture(scope="module")
 def curves():
-    return healthy_loss_curves(120, seed=0)
+    return healthy_loss_curves(120, seed=HELD_OUT_SEED)
+
+
+def test_a_limit_rule_takes_a_percentile_times_a_margin_to_two_digits():
+    values = [float(v) for v in range(1, 201)]  # 1..200
+    assert LimitRule("x", "m", 1.0, 1.5).derive(values) == 300.0
+    assert LimitRule("x", "m", 0.995, 1.0).derive(values) == 200.0  # index 199 of 200
+    assert LimitRule("x", "m", 0.5, 1.0).derive([*values, math.inf, math.nan]) == 100.0
+    assert LimitRule("x", "m", 1.0, 1.5).derive([1.2345]) == 1.9  # 1.85175 to two digits
+    assert math.isnan(LimitRule("x", "m", 1.0, 1.5).derive([math.nan]))
+
+
+def test_the_training_limits_are_what_the_calibration_derives():
+    """Every derived constant in checks/thresholds.py equals its rule applied to the derivation set: a
+    limit cannot drift from the data it claims to come from (re-derive with benchmarks/calibration.py)."""
+    derived = derive_limits(healthy_loss_curves(DERIVATION_CURVES, seed=DERIVATION_SEED))
+    defaults = Thresholds()
+    assert {rule.threshold for rule in LIMIT_RULES} == set(derived)
+    assert {name: getattr(defaults, name) for name in derived} == derived
 
 
 def test_healthy_curves_are_real_varied_and_trained(curves):
@@ -63,6 +94,71 @@ def test_healthy_curves_are_real_varied_and_trained(curves):
     assert {"batch=1", "batch=full"} <= {part for curve in curves for part in curve.name.split()}
     improved = [curve for curve in curves if _first(curve.validation_loss) > _last(curve.validation_loss)]
     assert len(improved) >= 0.95 * len(curves)  # the models learned: their held-out loss went down
+
+
+@pytest.fixture(scope="module")
+def sick():
+    return {family: sick_loss_curves(family, 60, seed=HELD_OUT_SEED) for family in SICK_FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["explosion-nan", "oscillation"])
+def test_sick_families_are_detected_at_the_spec_rate(sick, family):
+    curves = sick[family]
+    assert detections(curves, family) >= 0.99 * len(curves)
+
+
+@pytest.mark.parametrize(("family", "floor"), [("explosion-plateau", 0.5), ("steady-rise", 0.8)])
+def test_sick_families_below_the_spec_rate_do_not_lose_ground(sick, family, floor):
+    """Not yet at the SPEC's 99%: the benchmark measured 60% and 88% on 200 held-out runs each. Many
+    explosions recover to below their start (then the loss is no longer wrong), and a small batch's
+    plateau or a slow ascent is within its noise. This holds the measured ground."""
+    curves = sick[family]
+    assert detections(curves, family) >= floor * len(curves)
+
+
+def test_the_issues_diverged_run_is_sick_with_no_remedy(tmp_path):
+    """Adam at lr 50 on a regression MLP: 0.6 at step 0, ~10⁹ at step 1, a plateau near 10⁶ after.
+    Its lowest window is the plateau: only the first recorded loss shows the blow-up."""
+    import torch
+    from kronfluence.arguments import FactorArguments
+    from torch import nn
+
+    from influence_doctor import Pipeline, diagnose
+    from influence_doctor.demos.uci_mlp import RegressionTask, synthetic_regression
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def train(model, dataset, monitor) -> None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=50.0)
+        x, y = dataset.tensors
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(100):
+            rows = torch.randint(0, len(x), (32,), generator=generator)
+            loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.log(loss)
+
+    pipeline = Pipeline(
+        name="adam-lr-50",
+        model=model,
+        task=RegressionTask(),
+        train_dataset=synthetic_regression(256, seed=0),
+        query_dataset=synthetic_regression(8, seed=1),
+        train=train,
+        factor_args=FactorArguments(strategy="ekfac"),
+        batch_size=64,
+        query_batch_size=8,
+    )
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "sick"
+    assert next((p.cause, p.stage) for p in report.problems) == ("training-diverged", "train")
+    assert report.remedies == []
+    monitor = report.run.monitor.loss
+    assert monitor[-1] > 1e3 * monitor[0]
 
 
 def test_training_checks_never_fail_and_rarely_warn_on_healthy_curves(curves):

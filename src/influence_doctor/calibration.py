@@ -14,7 +14,7 @@ import random
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -216,6 +216,8 @@ def synthetic_task(recipe: TrainingRecipe, generator: torch.Generator) -> tuple[
 def _optimizer(recipe: TrainingRecipe, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=recipe.learning_rate)
+    if recipe.optimizer == "ascent":  # a sick family's sign error: the loss is maximised
+        return torch.optim.SGD(parameters, lr=recipe.learning_rate, maximize=True)
     return torch.optim.SGD(parameters, lr=recipe.learning_rate, momentum=0.9 if recipe.optimizer == "momentum" else 0)
 
 
@@ -286,6 +288,151 @@ def training_alarms(curves: Sequence[HealthyCurve], thresholds: Thresholds | Non
             checked.remove("train.validation_gap")
         rates.add(check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings, checked)
     return rates
+
+
+# --- limits derived from the healthy curves ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimitRule:
+    """A threshold set from healthy cases: the `percentile` of `metric` over them, times `margin`, to two
+    significant digits. The percentile 1.0 is the largest healthy value."""
+
+    threshold: str
+    metric: str
+    percentile: float
+    margin: float
+
+    def derive(self, values: Sequence[float]) -> float:
+        finite = sorted(value for value in values if math.isfinite(value))
+        if not finite:
+            return math.nan
+        at = finite[min(len(finite) - 1, int(self.percentile * len(finite)))] if self.percentile < 1.0 else finite[-1]
+        return float(f"{at * self.margin:.2g}")
+
+
+LIMIT_RULES: tuple[LimitRule, ...] = (
+    # warnings: the 99.5th healthy percentile, so about 0.5% of healthy runs warn
+    LimitRule("loss_rise_significance", "loss_rise_significance", 0.995, 1.0),
+    LimitRule("max_generalization_gap", "generalization_gap", 0.995, 1.0),
+    # failures: the largest healthy value × 1.5
+    LimitRule("loss_rise_fail_significance", "loss_rise_significance", 1.0, 1.5),
+    LimitRule("start_rise_significance", "start_rise_significance", 1.0, 1.5),
+    LimitRule("divergence_significance", "divergence_significance", 1.0, 1.5),
+    LimitRule("oscillation_periodicity", "oscillation_periodicity", 1.0, 1.5),
+)
+"""The training limits the calibration derives from healthy curves. The rest are definitions, stated:
+`divergence_ratio` (3× the lowest level), `start_rise_ratio` (2× the first loss), the oscillation's
+amplitude and progress, the window sizes."""
+
+DERIVATION_CURVES = 600
+DERIVATION_SEED = 0
+"""The healthy curves the limits are derived from; rates are measured on other seeds."""
+
+
+def derive_limits(curves: Sequence[HealthyCurve], rules: Sequence[LimitRule] = LIMIT_RULES) -> dict[str, float]:
+    """Each rule's limit from the healthy curves' measured values."""
+    metrics = [check_loss_curve(c.loss, c.validation_loss, Thresholds()).metrics for c in curves]
+    return {
+        rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if m.get(rule.metric) is not None])
+        for rule in rules
+    }
+
+
+# --- sick training curves ------------------------------------------------------------------------------
+
+SICK_FAMILIES: dict[str, str] = {
+    "explosion-plateau": "training-diverged",
+    "explosion-nan": "training-diverged",
+    "steady-rise": "training-diverged",
+    "oscillation": "training-oscillating",
+}
+"""Families of broken training runs, each with the cause the training checks must give it (a `fail`)."""
+
+
+def draw_sick_recipe(family: str, index: int, rng: random.Random) -> TrainingRecipe:
+    """A healthy recipe's model and data, trained the way that breaks it:
+
+    - explosion-plateau: Adam at a learning rate of 5–100 (a forgotten 1e-3 factor) on squared error:
+      the loss jumps by orders of magnitude in the first steps, then settles on a plateau far above where
+      it started;
+    - explosion-nan: plain SGD at 100–10,000 on squared error: the weights overflow to inf/NaN;
+    - steady-rise: gradient ascent (a sign error: `maximize=True`, or a loss negated by mistake) at
+      0.01–0.1, for at least 50 steps;
+    - oscillation: a learning-rate schedule that alternates every step between a contracting and an
+      expanding step on an orthogonal design (`CyclicLR(step_size_up=1)`, a size meant in epochs).
+    """
+    base = draw_recipe(index, rng)
+    if family == "explosion-plateau":
+        return replace(base, task="regression", optimizer="adam", learning_rate=_log_uniform(rng, 5.0, 100.0))
+    if family == "explosion-nan":
+        return replace(base, task="regression", optimizer="sgd", learning_rate=_log_uniform(rng, 100.0, 1e4))
+    if family == "steady-rise":
+        return replace(base, optimizer="ascent", learning_rate=_log_uniform(rng, 0.01, 0.1), steps=max(base.steps, 50))
+    if family == "oscillation":
+        contraction = rng.uniform(0.05, 0.45)  # error × (1 − 2·lr) on the first step of each pair...
+        return replace(
+            base,
+            task="regression",
+            optimizer="alternating",
+            learning_rate=contraction,
+            hidden=(),
+            features=rng.choice((4, 6, 8)),
+            noise=_log_uniform(rng, 0.01, 0.1),
+            batch_size=None,
+            steps=max(base.steps, 40),
+        )
+    raise ValueError(f"unknown sick family {family!r}; known: {', '.join(SICK_FAMILIES)}")
+
+
+def train_alternating(recipe: TrainingRecipe) -> HealthyCurve:
+    """Full-batch SGD on a linear model over a ±1 full-factorial design (Hessian exactly 2·I): the step
+    alternates between lr = a (error × (1 − 2a)) and the lr whose factor undoes it, so the loss swings
+    between two levels with no net progress, as a per-step cyclic schedule makes it."""
+    import itertools
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    x = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=recipe.features)))
+    weights = torch.randn(recipe.features, generator=generator)
+    y = (x @ weights + recipe.noise * torch.randn(len(x), generator=generator)).unsqueeze(1)
+    torch.manual_seed(recipe.seed)
+    model = nn.Linear(recipe.features, 1)
+    contraction = 1.0 - 2.0 * recipe.learning_rate  # in (0.1, 0.9)
+    expansion_lr = (1.0 + 1.0 / contraction) / 2.0  # error × −1/contraction: back to where it was
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.learning_rate)
+    losses = []
+    for step in range(recipe.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.learning_rate if step % 2 == 0 else expansion_lr
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    return HealthyCurve(recipe.name, losses, [None] * len(losses))
+
+
+def sick_loss_curves(family: str, count: int, seed: int) -> list[HealthyCurve]:
+    """`count` loss curves of real training runs broken the way `family` says."""
+    rng = random.Random(f"{family}-{seed}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipes = [draw_sick_recipe(family, index, rng) for index in range(count)]
+        return [train_alternating(r) if r.optimizer == "alternating" else train_recipe(r) for r in recipes]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def detections(curves: Sequence[HealthyCurve], family: str, thresholds: Thresholds | None = None) -> int:
+    """How many of a sick family's curves the training checks fail with the family's cause."""
+    thresholds = thresholds or Thresholds()
+    cause = SICK_FAMILIES[family]
+    found = 0
+    for curve in curves:
+        findings = check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings
+        found += any(f.severity == "fail" and f.cause == cause for f in findings)
+    return found
 
 
 # --- healthy score matrices ----------------------------------------------------------------------------

@@ -203,10 +203,45 @@ def test_single_example_noise_is_not_divergence(seed):
     assert not any(finding.severity == "fail" for finding in outcome.findings)
 
 
-def test_a_loss_that_rose_warns():
+def test_a_loss_that_rose_steadily_fails_as_diverged():
+    """Noiseless and rising from start to end: no healthy run does that (SPEC 4.1, a steady rise)."""
     finding = only(check_loss_curve([1.0 + 0.001 * t for t in range(50)], [], T), "train.loss_decreased")
-    assert finding.severity == "warn"
+    assert (finding.severity, finding.cause) == ("fail", "training-diverged")
     assert finding.value > finding.limit
+
+
+def test_a_rise_between_the_warn_and_the_fail_limit_warns():
+    """Above the start by more than the healthy 99.5th percentile, within the healthy maximum × 1.5."""
+    rng = random.Random(3)
+    for _ in range(200):
+        loss = [1.0 + 0.002 * t + 0.05 * rng.gauss(0, 1) for t in range(60)]
+        outcome = check_loss_curve(loss, [], T)
+        rise = outcome.metrics["loss_rise_significance"]
+        if T.loss_rise_significance <= rise < T.loss_rise_fail_significance:
+            assert only(outcome, "train.loss_decreased").severity == "warn"
+            return
+    pytest.fail("no curve fell between the two limits")
+
+
+def test_a_loss_that_explodes_and_plateaus_far_above_its_start_diverged():
+    """The shape of Adam at lr 50: 0.6, then 10⁹, settling near 10⁶. Its lowest window is the plateau
+    itself, so only the first recorded loss shows how far it went."""
+    rng = random.Random(5)
+    loss = [0.6, 1e9, 4e9, 1.4e9] + [1e6 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(96)]
+    outcome = check_loss_curve(loss, [], T)
+    (finding,) = [f for f in outcome.findings if f.check == "train.divergence"]
+    assert (finding.severity, finding.cause) == ("fail", "training-diverged")
+    assert outcome.metrics["start_ratio"] > 1e5 and outcome.metrics["divergence_ratio"] < T.divergence_ratio
+    assert "first recorded value" in finding.message
+
+
+def test_a_single_lucky_first_example_is_not_a_blow_up():
+    """Batch 1: the first example's loss is 0.002, the run's typical loss ~1, noisy, and descending."""
+    rng = random.Random(8)
+    loss = [0.002] + [max(1e-4, (1.0 - t / 200) * math.exp(1.5 * rng.gauss(0, 1))) for t in range(1, 100)]
+    outcome = check_loss_curve(loss, [], T)
+    assert outcome.metrics["start_ratio"] > T.start_rise_ratio  # far above the first loss...
+    assert not [f for f in outcome.findings if f.severity == "fail"]  # ...but within the noise of a single example
 
 
 def test_a_flat_noiseless_loss_did_not_decrease():

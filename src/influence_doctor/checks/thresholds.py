@@ -164,7 +164,7 @@ class Thresholds:
             "reach half)."
         },
     )
-    # training: heuristics on the loss curve, calibrated on 1200 generated healthy runs (benchmarks/calibration.py)
+    # training: heuristics on the loss curve; the derived ones come from calibration.LIMIT_RULES on 600 healthy runs
     loss_window_fraction: float = field(
         default=0.1,
         metadata={"help": "Share of steps averaged into each window (start, end, lowest level) when comparing losses."},
@@ -174,10 +174,10 @@ class Thresholds:
         metadata={"help": "Fewest steps in a window: fewer minibatch losses average too little of their noise away."},
     )
     loss_rise_significance: float = field(
-        default=2.0,
+        default=1.8,
         metadata={
             "help": "Warn that the loss did not decrease when its last window is this many standard errors (of the "
-            "step-to-step noise) above its first, or equal on a noiseless curve; 0.25% of healthy runs reach 2."
+            "step-to-step noise) above its first, or equal on a noiseless curve (derived: healthy 99.5th percentile)."
         },
     )
     divergence_ratio: float = field(
@@ -188,17 +188,38 @@ class Thresholds:
         },
     )
     divergence_significance: float = field(
-        default=5.0,
+        default=8.5,
         metadata={
             "help": "A climb above the lowest window counts as divergence only beyond this many standard errors "
-            "of the step-to-step noise (log scale); healthy runs stay below 4, below 3 where the ratio exceeds 3."
+            "of the step-to-step noise, log scale (derived: healthy maximum × 1.5)."
+        },
+    )
+    loss_rise_fail_significance: float = field(
+        default=3.4,
+        metadata={
+            "help": "Fail as diverged when the last window sits this many standard errors above the first: "
+            "beyond every healthy run (derived: healthy maximum × 1.5)."
+        },
+    )
+    start_rise_ratio: float = field(
+        default=2.0,
+        metadata={
+            "help": "Fail as diverged when the last window's median loss is at least this multiple of the first "
+            "recorded loss (the untrained model's): a clear rise, not a wobble..."
+        },
+    )
+    start_rise_significance: float = field(
+        default=5.2,
+        metadata={
+            "help": "...and that rise is this many standard errors of the second half's step-to-step noise, on a "
+            "log scale (derived: healthy maximum × 1.5)."
         },
     )
     oscillation_periodicity: float = field(
-        default=0.8,
+        default=0.84,
         metadata={
-            "help": "A second half whose detrended loss swings this regularly (min(−r(k), r(2k)), about the "
-            "share of its variance in the swing) oscillates; healthy runs stay below 0.62."
+            "help": "A second half whose detrended loss swings this regularly (min(−r(k), r(2k)), about the share "
+            "of its variance in the swing) oscillates (derived: healthy maximum × 1.5)."
         },
     )
     oscillation_min_amplitude: float = field(
@@ -216,10 +237,10 @@ class Thresholds:
         },
     )
     max_generalization_gap: float = field(
-        default=1.0,
+        default=0.92,
         metadata={
             "help": "Warn when final validation loss exceeds the training loss (upper 2-SE bound) by more than "
-            "this multiple of the initial training loss; 0.4% of healthy runs do (they overfit)."
+            "this multiple of the initial training loss (derived: healthy 99.5th percentile)."
         },
     )
 

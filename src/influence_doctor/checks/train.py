@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -199,7 +200,20 @@ def _check_decrease(outcome: CheckOutcome, start: float, end: float, error: floa
     """The loss did not decrease: its last window sits measurably above its first (or equal, noiselessly)."""
     rise = _significance(end - start, error)
     outcome.metrics["loss_rise_significance"] = rise
-    if end >= start and (error == 0.0 or rise >= thresholds.loss_rise_significance):
+    if end > start and rise >= thresholds.loss_rise_fail_significance:  # beyond any healthy run: it rose
+        outcome.findings.append(
+            _finding(
+                "train.loss_decreased",
+                "fail",
+                end,
+                start,
+                "training-diverged",
+                f"The loss rose from {fmt(start)} at the start to {fmt(end)} at the end, {fmt(rise)} standard "
+                "errors of its step-to-step noise: training climbs instead of descending (a sign error, or a "
+                "step too large).",
+            )
+        )
+    elif end >= start and (error == 0.0 or rise >= thresholds.loss_rise_significance):
         outcome.findings.append(
             _finding(
                 "train.loss_decreased",
@@ -230,6 +244,7 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
         ratio = final / lowest if lowest > 0.0 else math.nan
         lowest_loss = lowest
     outcome.metrics.update(lowest_loss=lowest_loss, divergence_ratio=ratio, divergence_significance=significance)
+    _check_rise_from_start(outcome, loss, width, thresholds)
     if ratio > thresholds.divergence_ratio and significance > thresholds.divergence_significance:
         outcome.findings.append(
             _finding(
@@ -240,6 +255,42 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
                 "training-diverged",
                 f"The loss ended {ratio:.1f}× above its lowest level ({fmt(lowest_loss)}), a climb of "
                 f"{fmt(significance)} standard errors of its step-to-step noise: training diverged.",
+            )
+        )
+
+
+def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> None:
+    """The loss ended far above the first loss recorded, beyond the noise of where it ended.
+
+    The first step is the untrained model's loss; a run that ends orders of magnitude above it blew up,
+    however flat it is now (an explosion that settles on a plateau never climbs above its own lowest
+    window). Judged on a log scale with robust statistics, because an exploded run's plateau is
+    heavy-tailed (a classifier whose logits blew up scores 0 on some batches and 10⁴ on others): the
+    last window's median against the first loss, in units of the second half's step-to-step scatter
+    (median absolute difference), so neither the blow-up nor a few wild batches set the scale.
+    """
+    positive = [value for value in loss if value > 0.0]
+    floor = min(positive) if positive else 1e-300  # exact zeros (a saturated classifier) count as the smallest loss
+    series = [math.log(max(value, floor)) for value in loss]
+    first, final = series[0], statistics.median(series[-width:])
+    tail = series[len(series) // 2 :]
+    differences = [abs(b - a) for a, b in itertools.pairwise(tail)]
+    noise = 1.4826 * statistics.median(differences) / math.sqrt(2.0) if differences else 0.0
+    rise = final - first
+    significance = _significance(rise, noise * math.sqrt(1.0 + math.pi / (2.0 * width)))
+    ratio = math.exp(min(rise, 700.0))
+    outcome.metrics.update(start_ratio=ratio, start_rise_significance=significance)
+    if ratio > thresholds.start_rise_ratio and significance > thresholds.start_rise_significance:
+        outcome.findings.append(
+            _finding(
+                "train.divergence",
+                "fail",
+                ratio,
+                thresholds.start_rise_ratio,
+                "training-diverged",
+                f"The loss ended near {fmt(math.exp(final))}, {fmt(ratio)}× its first recorded value "
+                f"({fmt(loss[0])}), {fmt(significance)} standard errors of its late step-to-step noise: "
+                "training blew up.",
             )
         )
 
