@@ -32,6 +32,7 @@ from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.differential import Labs, counterfactual_trial, reference_for
 from influence_doctor.dtypes import score_path_dtype
 from influence_doctor.lab import SCORE_STAGE_OF
+from influence_doctor.overflow import FullSizeCovariance, affordable
 from influence_doctor.runner.run import Run, StageRecord
 from influence_doctor.runner.stages import settle_status
 
@@ -166,9 +167,41 @@ def measure_headroom(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str, 
             dtype = _stored_dtype(run.artifacts, stage, subject)
             headroom = project_headroom(subject, stage, dtype, (size_probe, max_probe), (size, largest), size * factor)
             run.headroom[subject] = headroom
-            projected.append(headroom.to_dict())
-            attach(run.stages[stage], subject, check_projected_headroom(headroom, thresholds))
-    return {"quantities": len(projected)}
+            projected.append(headroom)
+    measured, why = _measure_projected_overflow(run, projected, thresholds)
+    for headroom in projected:
+        count = measured.get(headroom.subject)
+        outcome = check_projected_headroom(headroom, thresholds, count, why, total)
+        attach(run.stages[headroom.stage], headroom.subject, outcome)
+    summary: dict[str, Any] = {"quantities": len(projected)}
+    if run.full_size is not None and run.full_size.counts:
+        spent = sum(count.seconds for count in run.full_size.counts.values())
+        summary["measured_at_full_size"] = {"examples": total, "subjects": sorted(measured), "seconds": spent}
+    return summary
+
+
+def _measure_projected_overflow(
+    run: Run, projected: list[Any], thresholds: Thresholds
+) -> tuple[dict[str, tuple[int, int, int]], str]:
+    """Covariance sums projected past their dtype's max, measured over all the data when one covariance
+    pass fits the budget: subject → (non-finite entries, entries, examples); else why it was not."""
+    overflowing = [h for h in projected if h.stage == "covariance" and h.share_projected > 1.0]
+    if not overflowing:
+        return {}, ""
+    share, floor = thresholds.overflow_measure_share, thresholds.overflow_measure_min_seconds
+    fits, seconds, budget = affordable(run, share, floor)
+    if not fits:
+        return {}, f"one covariance pass over all the data would take ~{seconds:.3g} s, over its {budget:.3g} s budget"
+    if run.full_size is None:
+        run.full_size = FullSizeCovariance(run)
+    count = run.full_size.measure(run.factor_args)
+    if count.error is not None:
+        return {}, f"the covariance pass over all the data raised {count.error}"
+    return {
+        h.subject: (count.nonfinite[h.subject], count.entries[h.subject], count.examples)
+        for h in overflowing
+        if h.subject in count.nonfinite
+    }, ""
 
 
 def _stored_dtype(artifacts: dict[str, Any], stage: str, subject: str) -> torch.dtype:

@@ -89,41 +89,101 @@ def project_headroom(
     )
 
 
-def check_projected_headroom(headroom: Headroom, thresholds: Thresholds) -> CheckOutcome:
-    """`<stage>.projected_headroom`: the full run passes the dtype's max (fp16-overflow where it will
-    happen), or comes within `headroom_warn_fraction` of it (a warn).
+def crossing(headroom: Headroom) -> tuple[float, float]:
+    """The sizes between which the largest |entry| reaches the dtype's max: at the measured growth, and at
+    the fastest growth a sum can have (linear): (earliest, as measured), in the units of `size_full`."""
+    if headroom.max_rehearsal <= 0 or headroom.size_rehearsal <= 0:
+        return math.inf, math.inf
+    ratio = headroom.dtype_max / headroom.max_rehearsal
+    earliest = headroom.size_rehearsal * ratio ** (1.0 / MAX_GROWTH)
+    measured = headroom.size_rehearsal * ratio ** (1.0 / headroom.growth) if headroom.growth > 0 else math.inf
+    return earliest, max(measured, earliest)
 
-    Measured growth carried to the full size is a prediction, but not a bound: it rests on two measured
-    sizes, and the diagnosis still confirms it by re-projecting with the dtype raised.
+
+def check_projected_headroom(
+    headroom: Headroom,
+    thresholds: Thresholds,
+    measured: tuple[int, int, int] | None = None,
+    not_measured: str = "",
+    examples_full: int | None = None,
+) -> CheckOutcome:
+    """`<stage>.projected_headroom`: where the full run lands against the dtype's max.
+
+    A projection is a hypothesis: past the max it is a `fail` only once measured — `measured` is
+    (non-finite entries, entries, examples) of the stage accumulated over all the data in the configured
+    dtype; finite there, the projection was wrong (`info`). Not measured (`not_measured` says why), it
+    is a `warn` giving the size at which the sum is projected to cross. Within `headroom_warn_fraction`
+    of the max: a `warn`.
     """
     outcome = CheckOutcome(metrics={"projected_headroom": headroom.to_dict()})
     share = headroom.share_projected
     if share <= thresholds.headroom_warn_fraction or headroom.size_full <= headroom.size_rehearsal:
         return outcome
-    overflow = share > 1.0
     prefix = "scores" if headroom.stage.endswith("_scores") else headroom.stage
+    growth = (
+        f"The largest |entry| grows as size^{headroom.growth:.2f} ({fmt(headroom.max_probe)} at "
+        f"{headroom.size_probe:.0f}, {fmt(headroom.max_rehearsal)} at {headroom.size_rehearsal:.0f}): "
+        f"at the full {headroom.size_full:.0f} it reaches {fmt(headroom.max_projected)}"
+    )
+    finding = {"check": f"{prefix}.projected_headroom", "stage": headroom.stage, "subject": headroom.subject}
+    if share <= 1.0:
+        outcome.findings.append(
+            Finding(
+                **finding,
+                severity="warn",
+                value=headroom.max_projected,
+                limit=thresholds.headroom_warn_fraction * headroom.dtype_max,
+                cause=None,
+                message=f"{growth}, {share:.0%} of {headroom.dtype}'s range.",
+            )
+        )
+        return outcome
+    if measured is not None:
+        nonfinite, entries, examples = measured
+        outcome.metrics["measured_at_full_size"] = {"nonfinite": nonfinite, "entries": entries, "examples": examples}
+        outcome.findings.append(
+            Finding(
+                **finding,
+                severity="fail" if nonfinite else "info",
+                value=float(nonfinite),
+                limit=0.0,
+                cause="fp16-overflow" if nonfinite else None,
+                message=f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}; measured: "
+                f"accumulated over all {examples} examples in {headroom.dtype}, "
+                + (
+                    f"{nonfinite} of {entries} entries are inf/NaN: the full run overflows."
+                    if nonfinite
+                    else "every entry is finite: the projection overestimated."
+                ),
+            )
+        )
+        return outcome
+    earliest, latest = crossing(headroom)
+    where = _crossing_text(earliest, latest, headroom.size_full, examples_full)
     outcome.findings.append(
         Finding(
-            check=f"{prefix}.projected_headroom",
-            stage=headroom.stage,
-            subject=headroom.subject,
-            severity="fail" if overflow else "warn",
+            **finding,
+            severity="warn",
             value=headroom.max_projected,
-            limit=headroom.dtype_max if overflow else thresholds.headroom_warn_fraction * headroom.dtype_max,
-            cause="fp16-overflow" if overflow else None,
-            message=(
-                f"The largest |entry| grows as size^{headroom.growth:.2f} ({fmt(headroom.max_probe)} at "
-                f"{headroom.size_probe:.0f}, {fmt(headroom.max_rehearsal)} at {headroom.size_rehearsal:.0f}): "
-                f"at the full {headroom.size_full:.0f} it reaches {fmt(headroom.max_projected)}, "
-                + (
-                    f"past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}: the full run will overflow."
-                    if overflow
-                    else f"{share:.0%} of {headroom.dtype}'s range."
-                )
-            ),
+            limit=headroom.dtype_max,
+            cause="fp16-overflow",
+            message=f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}: projected to overflow "
+            f"{where}. Not measured{': ' + not_measured if not_measured else ''}.",
         )
     )
     return outcome
+
+
+def _crossing_text(earliest: float, latest: float, size_full: float, examples_full: int | None) -> str:
+    """'between 2,100 and 3,400 examples' (or sizes, when the examples are not known)."""
+    if examples_full and size_full > 0:
+        low, high = earliest / size_full * examples_full, latest / size_full * examples_full
+        unit = "examples"
+    else:
+        low, high, unit = earliest, latest, "terms"
+    if not math.isfinite(high) or high <= low * 1.05:
+        return f"at about {low:,.0f} {unit}"
+    return f"between {low:,.0f} and {high:,.0f} {unit}"
 
 
 def accumulated_maxima(artifacts: dict[str, Any], stage: str) -> dict[str, tuple[float, float, float]]:

@@ -30,6 +30,17 @@ class Thresholds:
         default=0.1,
         metadata={"help": "Warn when a stored sum reaches this share of its dtype's max: 10x more data overflows."},
     )
+    overflow_measure_share: float = field(
+        default=0.1,
+        metadata={
+            "help": "A covariance projected to overflow is measured over all the data when one covariance pass "
+            "takes at most this share of the projected full run (the rehearsal's own budget)..."
+        },
+    )
+    overflow_measure_min_seconds: float = field(
+        default=30.0,
+        metadata={"help": "...or at most this many seconds, whatever the share: a short measurement beats a guess."},
+    )
     symmetry_eps: float = field(
         default=1024.0,
         metadata={

@@ -19,7 +19,6 @@ from typing import Any
 
 from influence_doctor import distributed
 from influence_doctor.changes import Settings, Target, damping_reference_points, plan
-from influence_doctor.checks.headroom import accumulated_maxima
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.causes import Context, Hypothesis, rules_for
@@ -216,7 +215,7 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
     if failure:
         return failure, True
     if symptom.kind == "projected":
-        return projected_share(symptom, trial, lab)
+        return measured_at_full_size(symptom, trial, lab)
     fails = [f for f in _trial_findings(trial, stage, thresholds) if f.check in symptom.checks]
     if not fails:
         return 0.0, False
@@ -225,23 +224,19 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
     return worst, True
 
 
-def projected_share(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[float | None, bool]:
-    """The trial's largest magnitudes carried to the full size with the growth the run measured, as a
-    share of the trial's own dtype max: above 1, the full run overflows under the trial's settings."""
-    growth = lab.run.headroom
-    measured = accumulated_maxima(trial.artifacts, symptom.stage)
-    shares = []
-    for subject in {f.subject for f in symptom.findings}:
-        if subject not in growth or subject not in measured:
-            continue
-        size, largest, dtype_max = measured[subject]
-        headroom = growth[subject]
-        scale = (headroom.size_full / size) ** headroom.growth if size > 0 and headroom.size_full > size else 1.0
-        shares.append(largest * scale / dtype_max if dtype_max > 0 else math.inf)
-    if not shares:
+def measured_at_full_size(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[float | str | None, bool]:
+    """A projected overflow, measured: the trial's covariance settings accumulated over all the training
+    data (one covariance pass, cached per configuration), and the non-finite entries of the symptom's
+    subjects. Without a full-size measurement of the run there is nothing to test (a projection alone
+    is a warning, never a symptom)."""
+    full = lab.run.full_size
+    if full is None:
         return None, False
-    worst = max(shares)
-    return worst, worst > 1.0
+    count = full.measure(trial.factor_args)
+    if count.error is not None:
+        return count.error, True
+    nonfinite = count.total({f.subject for f in symptom.findings})
+    return float(nonfinite), nonfinite > 0
 
 
 def _trial_findings(trial: Trial, stage: str, thresholds: Thresholds) -> list:

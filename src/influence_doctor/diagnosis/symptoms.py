@@ -56,7 +56,7 @@ MEASUREMENTS: dict[str, str] = {
     "orthogonality": "worst ‖QᵀQ−I‖ of the stored eigenvectors",
     "reconstruction": "worst ‖QΛQᵀ−C‖/‖C‖",
     "negative": "{stage} values below zero beyond rounding",
-    "projected": "largest |{stage} entry| projected to the full run, as a share of its dtype's max",
+    "projected": "non-finite entries in {stage} accumulated over all the training data",
     "empty": "modules that saw no examples",
     "oom": "{stage} ran out of memory",
     "other": "failing checks in {stage}",

@@ -113,6 +113,7 @@ class Run:
     probes: dict[str, Any] = field(default_factory=dict)  # summaries of the precision and damping probes
     headroom: dict[str, Any] = field(default_factory=dict)  # subject → checks.headroom.Headroom, projected
     rehearsal_plan: dict[str, Any] = field(default_factory=dict)  # how the time budget sized the rehearsal
+    full_size: Any = None  # overflow.FullSizeCovariance: covariance passes over all the data, when one was measured
     exact_pairwise: Any = None  # (final, exact) pairwise scores when exact influence was computed, for the plots
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
 

@@ -1,0 +1,89 @@
+"""A projected overflow becomes a measurement: kronfluence's covariance stage run over all the data.
+
+The rehearsal sees a subsample, and a float16 sum that fits on it can pass 65504 on the full data set.
+The growth it measured between two sizes predicts where; a prediction is a hypothesis, not a wrong
+number. When the projection says a covariance sum overflows at full size and one covariance pass over
+all the data fits the budget, that one stage is run for real, in the configured dtype, and the
+non-finite entries it holds are what the verdict rests on. Experiments and rungs that test the same
+symptom (a dtype raised) are measured the same way, at full size, cached per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from influence_doctor.environment import seed_everything
+from influence_doctor.pipeline import STAGES
+from influence_doctor.runner import calls
+
+COVARIANCE_FACTORS = ("activation_covariance", "gradient_covariance")
+
+
+@dataclass(frozen=True)
+class FullSizeCount:
+    """What one covariance pass over all the training data held, per `module/factor` subject."""
+
+    examples: int
+    nonfinite: dict[str, int]
+    entries: dict[str, int]
+    seconds: float
+    error: str | None = None  # the stage raised instead
+
+    def total(self, subjects: Any = None) -> int:
+        keys = self.nonfinite if subjects is None else [s for s in subjects if s in self.nonfinite]
+        return sum(self.nonfinite[s] for s in keys)
+
+
+@dataclass
+class FullSizeCovariance:
+    """Runs kronfluence's covariance stage over the run's whole training set, once per configuration."""
+
+    run: Any
+    counts: dict[str, FullSizeCount] = field(default_factory=dict)
+
+    @property
+    def examples(self) -> int:
+        return self.run.train_examples_total
+
+    def measure(self, factor_args: Any) -> FullSizeCount:
+        key = json.dumps(factor_args.to_dict(), sort_keys=True, default=str)
+        if key not in self.counts:
+            self.counts[key] = self._accumulate(factor_args, f"full-covariance-{len(self.counts) + 1}")
+        return self.counts[key]
+
+    def _accumulate(self, factor_args: Any, name: str) -> FullSizeCount:
+        run = self.run
+        dataset = run.train_subset.dataset  # every training example, in the data set's own order
+        seed_everything(run.seed + STAGES.index("covariance"))
+        started = time.perf_counter()
+        try:
+            calls.fit_covariance(run.analyzer, name, dataset, run.train_batch_size, factor_args)
+            artifact = calls.load(run.analyzer, "covariance", name)
+        except Exception as exc:  # an allocator or kronfluence failure: the measurement did not happen
+            text = str(exc).strip().splitlines()
+            error = f"{type(exc).__name__}: {text[0] if text else ''}"
+            return FullSizeCount(len(dataset), {}, {}, time.perf_counter() - started, error)
+        nonfinite, entries = {}, {}
+        for factor in COVARIANCE_FACTORS:
+            for module, tensor in (artifact.get(factor) or {}).items():
+                subject = f"{module}/{factor}"
+                nonfinite[subject] = int((~torch.isfinite(tensor)).sum())
+                entries[subject] = tensor.numel()
+        return FullSizeCount(len(dataset), nonfinite, entries, time.perf_counter() - started)
+
+
+def affordable(run: Any, share: float, floor_seconds: float) -> tuple[bool, float, float]:
+    """(whether one covariance pass over all the data fits the budget, its projected seconds, the budget):
+    the covariance stage's rehearsal seconds scaled to the full size, against `share` of the whole
+    rehearsal's stages scaled alike (at least `floor_seconds`)."""
+    rehearsed, total = max(len(run.train_indices), 1), run.train_examples_total
+    scale = total / rehearsed
+    covariance = (run.stages["covariance"].seconds or 0.0) * scale
+    stages = sum((record.seconds or 0.0) for name, record in run.stages.items() if name != "train") * scale
+    budget = max(floor_seconds, share * stages)
+    return covariance <= budget, covariance, budget
