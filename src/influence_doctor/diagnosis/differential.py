@@ -465,7 +465,7 @@ def _test(
                 before=before,
                 after=after,
                 verdict=f"{verdict} {hypothesis.cause}",
-                examples=lab.examples,
+                examples=lab.run.train_examples_total if symptom.kind == "projected" else lab.examples,
                 queries=lab.queries,
                 seconds=trial.seconds,
             )
