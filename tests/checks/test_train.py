@@ -390,3 +390,14 @@ def test_findings_are_valid():
     outcome = check_parameters({"w": torch.tensor([math.inf], dtype=torch.float16)})
     assert set(checks_of(outcome)) == {"train.parameters_finite", "train.parameter_dtype"}
     assert_valid(outcome.findings + check_loss_curve(_oscillating(40), [9.0], T).findings)
+
+
+def test_a_blow_up_gets_one_divergence_finding_and_a_negative_loss_no_ratio():
+    rng = random.Random(9)
+    exploded = [0.5] + [1e6 * (1 + 0.5 * t / 100) * math.exp(0.2 * rng.gauss(0, 1)) for t in range(99)]
+    outcome = check_loss_curve(exploded, [], T)
+    assert [f.check for f in outcome.findings].count("train.divergence") == 1
+    log_density = [-1.0 - 0.01 * t + 0.05 * rng.gauss(0, 1) for t in range(80)]  # a loss below zero, descending
+    outcome = check_loss_curve(log_density, [], T)
+    assert "start_ratio" not in outcome.metrics
+    assert not [f for f in outcome.findings if f.severity == "fail"]

@@ -244,7 +244,8 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
         ratio = final / lowest if lowest > 0.0 else math.nan
         lowest_loss = lowest
     outcome.metrics.update(lowest_loss=lowest_loss, divergence_ratio=ratio, divergence_significance=significance)
-    _check_rise_from_start(outcome, loss, width, thresholds)
+    if _check_rise_from_start(outcome, loss, width, thresholds):
+        return  # one divergence finding per curve: ending far above the start says it already
     if ratio > thresholds.divergence_ratio and significance > thresholds.divergence_significance:
         outcome.findings.append(
             _finding(
@@ -259,7 +260,7 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
         )
 
 
-def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> None:
+def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> bool:
     """The loss ended far above the first loss recorded, beyond the noise of where it ended.
 
     The first step is the untrained model's loss; a run that ends orders of magnitude above it blew up,
@@ -269,6 +270,8 @@ def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int,
     last window's median against the first loss, in units of the second half's step-to-step scatter
     (median absolute difference), so neither the blow-up nor a few wild batches set the scale.
     """
+    if any(value < 0.0 for value in loss):  # a negative loss (a log-density) has no ratio to its start
+        return False
     positive = [value for value in loss if value > 0.0]
     floor = min(positive) if positive else 1e-300  # exact zeros (a saturated classifier) count as the smallest loss
     series = [math.log(max(value, floor)) for value in loss]
@@ -280,7 +283,8 @@ def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int,
     significance = _significance(rise, noise * math.sqrt(1.0 + math.pi / (2.0 * width)))
     ratio = math.exp(min(rise, 700.0))
     outcome.metrics.update(start_ratio=ratio, start_rise_significance=significance)
-    if ratio > thresholds.start_rise_ratio and significance > thresholds.start_rise_significance:
+    diverged = ratio > thresholds.start_rise_ratio and significance > thresholds.start_rise_significance
+    if diverged:
         outcome.findings.append(
             _finding(
                 "train.divergence",
@@ -293,6 +297,7 @@ def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int,
                 "training blew up.",
             )
         )
+    return diverged
 
 
 def _check_oscillation(outcome: CheckOutcome, loss: list[float], thresholds: Thresholds) -> None:
