@@ -10,7 +10,6 @@ symptom (a dtype raised) are measured the same way, at full size, cached per con
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from influence_doctor.environment import seed_everything
+from influence_doctor.lab import settings_key
 from influence_doctor.pipeline import STAGES
 from influence_doctor.runner import calls
 
@@ -51,7 +51,7 @@ class FullSizeCovariance:
         return self.run.train_examples_total
 
     def measure(self, factor_args: Any) -> FullSizeCount:
-        key = json.dumps(factor_args.to_dict(), sort_keys=True, default=str)
+        key = settings_key(factor_args)
         if key not in self.counts:
             self.counts[key] = self._accumulate(factor_args, f"full-covariance-{len(self.counts) + 1}")
         return self.counts[key]
