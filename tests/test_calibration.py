@@ -10,13 +10,16 @@ from influence_doctor.calibration import (
     DERIVATION_CURVES,
     DERIVATION_SEED,
     LIMIT_RULES,
+    SCORE_DERIVATION_CASES,
+    SCORE_LIMIT_RULES,
     SICK_FAMILIES,
     TRAINING_CHECKS,
     AlarmRates,
     LimitRule,
     derive_limits,
-    detections,
+    derive_score_limits,
     draw_recipe,
+    family_outcome,
     healthy_loss_curves,
     healthy_score_cases,
     score_alarms,
@@ -86,14 +89,31 @@ def test_the_training_limits_are_what_the_calibration_derives():
     assert {name: getattr(defaults, name) for name in derived} == derived
 
 
+def test_the_score_limits_are_what_the_calibration_derives():
+    """The same for the score heuristics, derived from healthy pipelines really run through kronfluence."""
+    derived = derive_score_limits(healthy_score_cases(SCORE_DERIVATION_CASES, seed=DERIVATION_SEED))
+    defaults = Thresholds()
+    assert {rule.threshold for rule in SCORE_LIMIT_RULES} == set(derived)
+    assert {name: getattr(defaults, name) for name in derived} == derived
+
+
+def test_a_gated_rule_counts_only_the_cases_its_limit_decides():
+    rule = next(rule for rule in LIMIT_RULES if rule.gate)
+    assert rule.gate == ("oscillation_amplitude", "oscillation_min_amplitude")
+
+
 def test_healthy_curves_are_real_varied_and_trained(curves):
     assert len(curves) >= 100
     lengths = [len(curve.loss) for curve in curves]
     assert min(lengths) >= 20 and max(lengths) <= 300 and len(set(lengths)) > 50
     assert all(all(math.isfinite(value) for value in curve.loss) for curve in curves)
     assert {"batch=1", "batch=full"} <= {part for curve in curves for part in curve.name.split()}
-    improved = [curve for curve in curves if _first(curve.validation_loss) > _last(curve.validation_loss)]
-    assert len(improved) >= 0.95 * len(curves)  # the models learned: their held-out loss went down
+    scratch = [curve for curve in curves if " after " not in curve.name]
+    continued = [curve for curve in curves if " after " in curve.name]
+    assert 0.1 * len(curves) <= len(continued) <= 0.4 * len(curves)  # fine-tuning a converged model, too
+    improved = [curve for curve in scratch if _first(curve.validation_loss) > _last(curve.validation_loss)]
+    assert len(improved) >= 0.95 * len(scratch)  # the models learned: their held-out loss went down
+    assert all(curve.sample_loss[1] < curve.sample_loss[0] for curve in scratch)  # measured, not logged
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +123,19 @@ def sick():
 
 @pytest.mark.parametrize("family", ["explosion-nan", "oscillation"])
 def test_sick_families_are_detected_at_the_spec_rate(sick, family):
-    curves = sick[family]
-    assert detections(curves, family) >= 0.99 * len(curves)
+    outcome = family_outcome(sick[family], family)
+    assert outcome.members == outcome.runs == len(sick[family])
+    assert outcome.detected >= 0.99 * outcome.members
 
 
-@pytest.mark.parametrize(("family", "floor"), [("explosion-plateau", 0.5), ("steady-rise", 0.8)])
+@pytest.mark.parametrize(("family", "floor"), [("explosion-plateau", 0.9), ("steady-rise", 0.9)])
 def test_sick_families_below_the_spec_rate_do_not_lose_ground(sick, family, floor):
-    """Not yet at the SPEC's 99%: the benchmark measured 60% and 88% on 200 held-out runs each. Many
-    explosions recover to below their start (then the loss is no longer wrong), and a small batch's
-    plateau or a slow ascent is within its noise. This holds the measured ground."""
-    curves = sick[family]
-    assert detections(curves, family) >= floor * len(curves)
+    """Not yet at the SPEC's 99%: the benchmark measured 95% and 97% on 200 held-out runs each (seed 2).
+    Explosions that recover to below their start are set aside (the loss is no longer wrong); what is
+    missed rises less than every healthy fine-tuning run can, while its logged loss stays in its noise."""
+    outcome = family_outcome(sick[family], family)
+    assert outcome.members >= 0.7 * outcome.runs
+    assert outcome.detected >= floor * outcome.members
 
 
 def test_the_issues_diverged_run_is_sick_with_no_remedy(tmp_path):

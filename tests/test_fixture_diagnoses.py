@@ -157,6 +157,10 @@ def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsa
     # The fail rests on a measurement: the covariance stage alone, accumulated over all 8,192 examples
     # in float16, holds inf/NaN where the projection said it would.
     assert projection.value > projection.limit == 0.0 and "measured" in projection.message
+    # The pass goes through the data in slices and stops after the first one that leaves a sum non-finite.
+    count = next(iter(rehearsal.run.full_size.counts.values()))
+    assert count.total_examples == 8192 and count.stopped_early
+    assert f"after {count.examples} of the 8192 examples (the pass stopped there)" in projection.message
     headroom = rehearsal.run.headroom[projection.subject]
     assert 0.8 < headroom.growth <= 1.0 and headroom.max_rehearsal < 65504.0 < headroom.max_projected
     first = rehearsal.problems[0]

@@ -102,9 +102,9 @@ def test_a_sick_pipeline_fails_its_stage_and_gate(project, monkeypatch):
     assert "train.parameters_finite" in out or "train.loss_finite" in out
     assert "gates failed" in out and "status" in out, out
     annotations = [line for line in out.splitlines() if line.startswith(("::error ", "::warning "))]
-    assert any(
-        line.startswith("::error title=influence-doctor diverging-training%3A train") for line in annotations
-    ), annotations
+    assert any(line.startswith("::error title=influence-doctor diverging-training%3A train") for line in annotations), (
+        annotations
+    )
     assert all("::" in line.split(" ", 1)[1] for line in annotations)  # title=…::message
 
 

@@ -197,3 +197,29 @@ def test_rehearsal_projects_exact_factor_memory_and_scaled_time(tmp_path):
     assert projection["stages"]["covariance"]["fits"] is True and projection["advice"] == []
     full = diagnose(small_pipeline(), out_dir=tmp_path, examples=None, progress=False, probe_examples=0)
     assert full.document["projection"] == {}  # nothing to project when the run was already full
+
+
+def test_training_is_measured_on_a_fixed_sample_without_touching_the_random_draws(tmp_path):
+    """The loss on a sample of training examples before and after the user's loop, in eval mode: the
+    loop still sees the random draws it would see without the doctor, and the model its own mode."""
+    from influence_doctor.environment import seed_everything
+    from tests.pipelines import build_small_mlp, quick_train
+
+    seen = {}
+
+    def train(model, dataset, monitor):
+        seen["draw"] = torch.rand(3)
+        seen["training"] = model.training
+        quick_train(model, dataset, monitor)
+
+    report = diagnose(small_pipeline(train=train), out_dir=tmp_path, progress=False, seed=7)
+    seed_everything(7)
+    build_small_mlp()
+    assert torch.equal(seen["draw"], torch.rand(3))
+    assert seen["training"] is True
+    train_stage = next(stage for stage in report.document["stages"] if stage["name"] == "train")
+    sample = train_stage["metrics"]["sample_loss"]
+    assert sample["examples"] == 64  # the whole (small) training set
+    assert 0 < sample["trained"] < sample["untrained"]
+    ratio = train_stage["metrics"]["checks"]["loss"]["trained_loss_ratio"]
+    assert ratio == pytest.approx(sample["trained"] / sample["untrained"])

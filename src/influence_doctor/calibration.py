@@ -23,9 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from influence_doctor.checks.measures import robust_z_max
 from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.checks.train import check_loss_curve
+from influence_doctor.checks.train import SampleLoss, check_loss_curve
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
 from influence_doctor.report.scores import total_scores
@@ -40,8 +41,12 @@ TRAINING_CHECKS: tuple[str, ...] = (
     "train.divergence",
     "train.oscillation",
     "train.validation_gap",
+    "train.trained_loss",
 )
-"""The loss-curve checks; validation_gap applies only to curves with validation losses."""
+"""The training checks; validation_gap applies only to curves with validation losses, trained_loss only
+to runs whose loss on a sample was measured before and after training."""
+SAMPLE_EXAMPLES = 256
+"""Training examples on which a run's loss is measured before and after training, as the doctor does."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +65,16 @@ class TrainingRecipe:
     noise: float
     classes: int
     seed: int
+    warm_steps: int = field(default=0, metadata={"help": "Steps trained before the recorded run (fine-tuning)."})
 
     @property
     def name(self) -> str:
         batch = "full" if self.batch_size is None else str(self.batch_size)
         layers = "x".join(map(str, self.hidden)) or "linear"
+        warm = f" after {self.warm_steps} steps" if self.warm_steps else ""
         return (
             f"{self.task} {layers} {self.activation} {self.optimizer} lr={self.learning_rate:.2g} batch={batch} "
-            f"steps={self.steps} noise={self.noise:.2g} seed={self.seed}"
+            f"steps={self.steps}{warm} noise={self.noise:.2g} seed={self.seed}"
         )
 
 
@@ -78,6 +85,8 @@ class HealthyCurve:
     name: str
     loss: list[float]
     validation_loss: list[float | None]
+    sample_loss: tuple[float, float] | None = None
+    """Mean loss on the first `SAMPLE_EXAMPLES` training examples before and after the recorded run."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,9 @@ def draw_recipe(index: int, rng: random.Random) -> TrainingRecipe:
     """One healthy recipe; the batch size, optimizer and task cycle so every combination is covered.
 
     Learning rates are the ranges a practitioner would pick for standardised inputs; plain SGD gets a
-    smaller step on single examples, where the per-example curvature is highest.
+    smaller step on single examples, where the per-example curvature is highest. A quarter of the runs
+    continue from a model already trained for 100-1,000 steps (fine-tuning a converged model, whose
+    loss barely moves).
     """
     batch_size = BATCH_SIZES[index % len(BATCH_SIZES)]
     optimizer = OPTIMIZERS[(index // len(BATCH_SIZES)) % len(OPTIMIZERS)]
@@ -166,6 +177,7 @@ def draw_recipe(index: int, rng: random.Random) -> TrainingRecipe:
         if optimizer == "momentum":
             learning_rate /= 10.0  # momentum 0.9 multiplies the effective step by 10
     depth = rng.choice((0, 1, 1, 2))
+    warm_steps = round(_log_uniform(rng, 100, 1000)) if rng.random() < 0.25 else 0
     return TrainingRecipe(
         task=task,
         optimizer=optimizer,
@@ -179,6 +191,7 @@ def draw_recipe(index: int, rng: random.Random) -> TrainingRecipe:
         noise=_log_uniform(rng, 0.01, 0.5) if task == "regression" else rng.uniform(0.0, 0.2),
         classes=rng.choice((2, 3, 5)),
         seed=rng.randrange(2**31),
+        warm_steps=warm_steps,
     )
 
 
@@ -248,12 +261,23 @@ def _train_steps(
 
 
 def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
-    """Train the recipe's model for real; log every step's loss and, ten times a run, validation loss."""
+    """Train the recipe's model for real; log every step's loss and, ten times a run, validation loss;
+    measure the loss on a fixed sample of training examples before and after the recorded steps."""
     generator = torch.Generator().manual_seed(recipe.seed)
     train, validation, outputs = synthetic_task(recipe, generator)
     torch.manual_seed(recipe.seed)
     model = _network(recipe, outputs)
     loss_fn = F.mse_loss if recipe.task == "regression" else F.cross_entropy
+    if recipe.warm_steps:
+        for _loss in _train_steps(model, train, replace(recipe, steps=recipe.warm_steps), generator):
+            pass
+    sample = [tensor[:SAMPLE_EXAMPLES] for tensor in train.tensors]
+
+    def sample_loss() -> float:
+        with torch.no_grad():
+            return float(loss_fn(model(sample[0]), sample[1]).item())
+
+    before = sample_loss()
     every = max(1, recipe.steps // 10)
     losses: list[float] = []
     validation_losses: list[float | None] = []
@@ -264,7 +288,7 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
                 validation_losses.append(float(loss_fn(model(validation.tensors[0]), validation.tensors[1]).item()))
         else:
             validation_losses.append(None)
-    return HealthyCurve(recipe.name, losses, validation_losses)
+    return HealthyCurve(recipe.name, losses, validation_losses, (before, sample_loss()))
 
 
 def healthy_loss_curves(count: int = 120, seed: int = 0) -> list[HealthyCurve]:
@@ -278,15 +302,25 @@ def healthy_loss_curves(count: int = 120, seed: int = 0) -> list[HealthyCurve]:
         torch.set_num_threads(threads)
 
 
+def training_findings(curve: HealthyCurve, thresholds: Thresholds) -> tuple[list[Finding], dict[str, Any], list[str]]:
+    """The training checks exactly as the doctor applies them to a run: findings, metrics, checks applied."""
+    sample = None if curve.sample_loss is None else SampleLoss(*curve.sample_loss, SAMPLE_EXAMPLES)
+    outcome = check_loss_curve(curve.loss, curve.validation_loss, thresholds, sample)
+    checked = list(TRAINING_CHECKS)
+    if not any(value is not None for value in curve.validation_loss):
+        checked.remove("train.validation_gap")
+    if sample is None:
+        checked.remove("train.trained_loss")
+    return list(outcome.findings), dict(outcome.metrics), checked
+
+
 def training_alarms(curves: Sequence[HealthyCurve], thresholds: Thresholds | None = None) -> AlarmRates:
-    """False alarms of the training-curve checks over healthy curves."""
+    """False alarms of the training checks over healthy curves."""
     thresholds = thresholds or Thresholds()
     rates = AlarmRates()
     for curve in curves:
-        checked = list(TRAINING_CHECKS)
-        if not any(value is not None for value in curve.validation_loss):
-            checked.remove("train.validation_gap")
-        rates.add(check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings, checked)
+        findings, _metrics, checked = training_findings(curve, thresholds)
+        rates.add(findings, checked)
     return rates
 
 
@@ -296,12 +330,14 @@ def training_alarms(curves: Sequence[HealthyCurve], thresholds: Thresholds | Non
 @dataclass(frozen=True)
 class LimitRule:
     """A threshold set from healthy cases: the `percentile` of `metric` over them, times `margin`, to two
-    significant digits. The percentile 1.0 is the largest healthy value."""
+    significant digits. The percentile 1.0 is the largest healthy value. With a `gate` (metric, threshold)
+    only the cases whose gate metric exceeds that threshold count: those on which the limit decides."""
 
     threshold: str
     metric: str
     percentile: float
     margin: float
+    gate: tuple[str, str] | None = None
 
     def derive(self, values: Sequence[float]) -> float:
         finite = sorted(value for value in values if math.isfinite(value))
@@ -315,11 +351,20 @@ LIMIT_RULES: tuple[LimitRule, ...] = (
     # warnings: the 99.5th healthy percentile, so about 0.5% of healthy runs warn
     LimitRule("loss_rise_significance", "loss_rise_significance", 0.995, 1.0),
     LimitRule("max_generalization_gap", "generalization_gap", 0.995, 1.0),
+    LimitRule("trained_loss_warn_ratio", "trained_loss_ratio", 0.995, 1.0),
     # failures: the largest healthy value × 1.5
     LimitRule("loss_rise_fail_significance", "loss_rise_significance", 1.0, 1.5),
     LimitRule("start_rise_significance", "start_rise_significance", 1.0, 1.5),
     LimitRule("divergence_significance", "divergence_significance", 1.0, 1.5),
-    LimitRule("oscillation_periodicity", "oscillation_periodicity", 1.0, 1.5),
+    LimitRule(
+        "oscillation_significance",
+        "oscillation_significance",
+        1.0,
+        1.5,
+        gate=("oscillation_amplitude", "oscillation_min_amplitude"),
+    ),
+    # the trained-loss ratio alone: ×3, as restarting an optimizer on a converged model has a heavy tail
+    LimitRule("trained_loss_fail_ratio", "trained_loss_ratio", 1.0, 3.0),
 )
 """The training limits the calibration derives from healthy curves. The rest are definitions, stated:
 `divergence_ratio` (3× the lowest level), `start_rise_ratio` (2× the first loss), the oscillation's
@@ -332,11 +377,15 @@ DERIVATION_SEED = 0
 
 def derive_limits(curves: Sequence[HealthyCurve], rules: Sequence[LimitRule] = LIMIT_RULES) -> dict[str, float]:
     """Each rule's limit from the healthy curves' measured values."""
-    metrics = [check_loss_curve(c.loss, c.validation_loss, Thresholds()).metrics for c in curves]
-    return {
-        rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if m.get(rule.metric) is not None])
-        for rule in rules
-    }
+    defaults = Thresholds()
+    metrics = [training_findings(curve, defaults)[1] for curve in curves]
+
+    def counts(rule: LimitRule, m: dict[str, Any]) -> bool:
+        if m.get(rule.metric) is None:
+            return False
+        return rule.gate is None or float(m.get(rule.gate[0], -math.inf)) > getattr(defaults, rule.gate[1])
+
+    return {rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if counts(rule, m)]) for rule in rules}
 
 
 # --- sick training curves ------------------------------------------------------------------------------
@@ -362,7 +411,7 @@ def draw_sick_recipe(family: str, index: int, rng: random.Random) -> TrainingRec
     - oscillation: a learning-rate schedule that alternates every step between a contracting and an
       expanding step on an orthogonal design (`CyclicLR(step_size_up=1)`, a size meant in epochs).
     """
-    base = draw_recipe(index, rng)
+    base = replace(draw_recipe(index, rng), warm_steps=0)  # broken from the first step, as the family says
     if family == "explosion-plateau":
         return replace(base, task="regression", optimizer="adam", learning_rate=_log_uniform(rng, 5.0, 100.0))
     if family == "explosion-nan":
@@ -424,15 +473,36 @@ def sick_loss_curves(family: str, count: int, seed: int) -> list[HealthyCurve]:
         torch.set_num_threads(threads)
 
 
-def detections(curves: Sequence[HealthyCurve], family: str, thresholds: Thresholds | None = None) -> int:
-    """How many of a sick family's curves the training checks fail with the family's cause."""
+def recovered(curve: HealthyCurve) -> bool:
+    """The run ended below where it started, by the loss measured on its training sample: an explosion
+    that recovered is not an explosion that plateaus above its start (the family's defining trait)."""
+    return curve.sample_loss is not None and curve.sample_loss[1] < curve.sample_loss[0]
+
+
+@dataclass(frozen=True)
+class FamilyOutcome:
+    """What the training checks made of one sick family's runs."""
+
+    runs: int
+    members: int
+    detected: int
+
+    @property
+    def rate(self) -> float:
+        return self.detected / self.members if self.members else math.nan
+
+
+def family_outcome(curves: Sequence[HealthyCurve], family: str, thresholds: Thresholds | None = None) -> FamilyOutcome:
+    """How many of a sick family's runs the training checks fail with the family's cause. For
+    explosion-plateau, runs that `recovered` are set aside (counted in `runs`, not in `members`)."""
     thresholds = thresholds or Thresholds()
     cause = SICK_FAMILIES[family]
+    members = [c for c in curves if not (family == "explosion-plateau" and recovered(c))]
     found = 0
-    for curve in curves:
-        findings = check_loss_curve(curve.loss, curve.validation_loss, thresholds).findings
+    for curve in members:
+        findings = training_findings(curve, thresholds)[0]
         found += any(f.severity == "fail" and f.cause == cause for f in findings)
-    return found
+    return FamilyOutcome(len(curves), len(members), found)
 
 
 # --- healthy score matrices ----------------------------------------------------------------------------
@@ -601,6 +671,47 @@ def score_findings(case: HealthyScores, thresholds: Thresholds) -> tuple[list[Fi
             findings += check_module_dominance(stage, per_module, thresholds).findings
             checked.add("scores.module_dominance")
     return findings, checked
+
+
+def score_metrics(case: HealthyScores) -> dict[str, float]:
+    """The measured values the score heuristics hold to their limits, per case: the largest robust z of
+    the pairwise and of the self scores, the query scale ratio and the dominant module's share."""
+    metrics: dict[str, float] = {}
+    for subject, per_module in (("pairwise", case.pairwise), ("self", case.self_scores)):
+        if not per_module:
+            continue
+        total = total_scores(per_module)
+        metrics[f"{subject}_max_robust_z"] = robust_z_max(total)
+        if subject == "pairwise" and total.ndim == 2 and total.shape[0] >= 3:
+            ratio = check_query_scale("", total, Thresholds()).metrics.get("query_scale_ratio")
+            if ratio is not None:
+                metrics["query_scale_ratio"] = float(ratio)
+        if "all_modules" not in per_module and len(per_module) > 1:
+            share = check_module_dominance("", per_module, Thresholds()).metrics.get("dominant_share")
+            if share is not None:
+                metrics["dominant_share"] = max(float(share), metrics.get("dominant_share", 0.0))
+    return metrics
+
+
+SCORE_LIMIT_RULES: tuple[LimitRule, ...] = (
+    # score heuristics only warn: each at the 99.5th healthy percentile
+    LimitRule("outlier_mad", "pairwise_max_robust_z", 0.995, 1.0),
+    LimitRule("self_outlier_mad", "self_max_robust_z", 0.995, 1.0),
+    LimitRule("query_scale_ratio", "query_scale_ratio", 0.995, 1.0),
+    LimitRule("module_dominance_share", "dominant_share", 0.995, 1.0),
+)
+"""The score limits the calibration derives from healthy pipelines run through kronfluence."""
+
+SCORE_DERIVATION_CASES = 200
+"""Healthy pipelines (seed `DERIVATION_SEED`) the score limits are derived from (about 45 s on one core)."""
+
+
+def derive_score_limits(
+    cases: Sequence[HealthyScores], rules: Sequence[LimitRule] = SCORE_LIMIT_RULES
+) -> dict[str, float]:
+    """Each score rule's limit from the healthy pipelines' measured values."""
+    metrics = [score_metrics(case) for case in cases]
+    return {rule.threshold: rule.derive([m[rule.metric] for m in metrics if rule.metric in m]) for rule in rules}
 
 
 def score_alarms(cases: Sequence[HealthyScores], thresholds: Thresholds | None = None) -> AlarmRates:

@@ -21,7 +21,7 @@ from influence_doctor.checks.measures import spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.checks.train import check_loss_curve, check_parameters
+from influence_doctor.checks.train import SampleLoss, check_loss_curve, check_parameters
 from influence_doctor.findings import Finding
 from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.run import Run, StageRecord
@@ -194,7 +194,9 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
     thresholds = thresholds or Thresholds()
     if record.name == "train":
         found = StageExam()
-        found.add("loss", check_loss_curve(run.monitor.loss, run.monitor.validation_loss, thresholds))
+        measured = record.metrics.get("sample_loss")
+        sample = SampleLoss(**measured) if measured else None
+        found.add("loss", check_loss_curve(run.monitor.loss, run.monitor.validation_loss, thresholds, sample))
         if coverage := record.metrics.get("coverage"):
             found.add("coverage", check_coverage(coverage, thresholds))
         if run.model is not None:

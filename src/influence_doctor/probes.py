@@ -182,9 +182,10 @@ def measure_headroom(run: Run, labs: Labs, thresholds: Thresholds) -> dict[str, 
 
 def _measure_projected_overflow(
     run: Run, projected: list[Any], thresholds: Thresholds
-) -> tuple[dict[str, tuple[int, int, int]], str]:
+) -> tuple[dict[str, tuple[int, int, int, int]], str]:
     """Covariance sums projected past their dtype's max, measured over all the data when one covariance
-    pass fits the budget: subject → (non-finite entries, entries, examples); else why it was not."""
+    pass fits the budget: subject → (non-finite entries, entries, examples accumulated, all examples);
+    else why it was not."""
     overflowing = [h for h in projected if h.stage == "covariance" and h.share_projected > 1.0]
     if not overflowing:
         return {}, ""
@@ -198,7 +199,7 @@ def _measure_projected_overflow(
     if count.error is not None:
         return {}, f"the covariance pass over all the data raised {count.error}"
     return {
-        h.subject: (count.nonfinite[h.subject], count.entries[h.subject], count.examples)
+        h.subject: (count.nonfinite[h.subject], count.entries[h.subject], count.examples, count.total_examples)
         for h in overflowing
         if h.subject in count.nonfinite
     }, ""

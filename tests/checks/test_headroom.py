@@ -71,10 +71,14 @@ def test_slower_growth_gives_an_interval_from_linear_to_as_measured():
 
 def test_a_measured_overflow_fails_on_the_count_and_a_measured_finite_sum_is_info():
     headroom = project_headroom("fc1/activation_covariance", "covariance", FP16, (64, 1000.0), (1024, 16000.0), 8192)
-    (overflow,) = check_projected_headroom(headroom, T, (8, 81, 8192), "", 8192).findings
+    (overflow,) = check_projected_headroom(headroom, T, (8, 81, 8192, 8192), "", 8192).findings
     assert (overflow.severity, overflow.cause, overflow.value, overflow.limit) == ("fail", "fp16-overflow", 8.0, 0.0)
-    assert "measured: accumulated over all 8192 examples in float16, 8 of 81 entries are inf/NaN" in overflow.message
-    (finite,) = check_projected_headroom(headroom, T, (0, 81, 8192), "", 8192).findings
+    assert "accumulated in float16 over the training data in order, 8 of 81 entries are inf/NaN over all 8192" in (
+        overflow.message
+    )
+    (early,) = check_projected_headroom(headroom, T, (8, 81, 3072, 8192), "", 8192).findings
+    assert early.severity == "fail" and "after 3072 of the 8192 examples (the pass stopped there)" in early.message
+    (finite,) = check_projected_headroom(headroom, T, (0, 81, 8192, 8192), "", 8192).findings
     assert (finite.severity, finite.cause) == ("info", None) and "overestimated" in finite.message
 
 

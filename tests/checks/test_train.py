@@ -13,9 +13,11 @@ from torch.nn import functional as F
 
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import (
+    SampleLoss,
     autocorrelation,
     check_loss_curve,
     check_parameters,
+    check_trained_loss,
     detrend,
     lowest_autocorrelation,
     periodicity,
@@ -144,7 +146,7 @@ def test_smooth_decreasing_curve_has_no_findings():
     assert outcome.metrics["window_steps"] == 20
     assert outcome.metrics["initial_loss"] == pytest.approx(sum(loss[:20]) / 20)
     assert outcome.metrics["final_loss"] == pytest.approx(sum(loss[-20:]) / 20)
-    assert outcome.metrics["oscillation_periodicity"] < T.oscillation_periodicity
+    assert outcome.metrics["oscillation_significance"] < T.oscillation_significance
 
 
 def test_short_runs_average_at_least_the_minimum_window():
@@ -244,6 +246,55 @@ def test_a_single_lucky_first_example_is_not_a_blow_up():
     assert not [f for f in outcome.findings if f.severity == "fail"]  # ...but within the noise of a single example
 
 
+def test_the_measured_sample_loss_decides_whether_training_ended_above_its_start():
+    """The lucky first example read alone would be a 200-fold rise; the doctor's own measurement on a
+    fixed sample says the model improved, and the curve's first step is then not judged."""
+    rng = random.Random(3)
+    loss = [0.006] + [math.exp(1.5 * rng.gauss(0, 1)) for _ in range(99)]
+    unmeasured = check_loss_curve(loss, [], Thresholds(start_rise_significance=0.0))
+    assert [f.check for f in unmeasured.findings if f.severity == "fail"] == ["train.divergence"]
+    measured = check_loss_curve(loss, [], Thresholds(start_rise_significance=0.0), SampleLoss(2.0, 1.6, 256))
+    assert [f for f in measured.findings if f.severity == "fail"] == []
+    assert measured.metrics["trained_loss_ratio"] == pytest.approx(0.8)
+    assert measured.metrics["start_ratio"] > 100  # still measured, for the calibration
+
+
+def test_a_trained_loss_far_above_the_untrained_one_is_a_blow_up():
+    finding = only(check_trained_loss(0.5, 0.5 * 1e6, 256, T), "train.trained_loss")
+    assert (finding.severity, finding.cause, finding.stage) == ("fail", "training-diverged", "train")
+    assert finding.value == pytest.approx(1e6)
+    assert "256 of its training examples" in finding.message
+
+
+@pytest.mark.parametrize("trained", [math.nan, math.inf])
+def test_a_nonfinite_trained_loss_is_a_blow_up(trained):
+    assert only(check_trained_loss(0.5, trained, 64, T), "train.trained_loss").severity == "fail"
+
+
+def test_a_moderate_rise_fails_only_when_the_curve_climbed_too():
+    """Between the warn and the fail limit: restarting an optimizer on a converged model can lift a tiny
+    loss that much, so the rise alone warns; with the logged loss climbing as well it is a fail."""
+    ratio = (T.trained_loss_warn_ratio + T.trained_loss_fail_ratio) / 2
+    alone = only(check_trained_loss(1.0, ratio, 256, T), "train.trained_loss")
+    assert (alone.severity, alone.cause) == ("warn", None)
+    climbed = only(check_trained_loss(1.0, ratio, 256, T, curve_climbed=True), "train.trained_loss")
+    assert (climbed.severity, climbed.cause) == ("fail", "training-diverged")
+    assert "logged loss climbed" in climbed.message
+
+
+def test_a_steady_ascent_measured_and_logged_is_diverged():
+    loss = [1.0 + 0.01 * t for t in range(60)]
+    outcome = check_loss_curve(loss, [], T, SampleLoss(1.0, 1.3, 256))
+    assert ("train.trained_loss", "fail") in [(f.check, f.severity) for f in outcome.findings]
+
+
+@pytest.mark.parametrize(("untrained", "trained"), [(1.0, 0.3), (1.0, 1.0 * 0.999), (math.nan, 5.0), (0.0, 5.0)])
+def test_a_trained_loss_at_or_below_the_untrained_one_is_fine(untrained, trained):
+    outcome = check_trained_loss(untrained, trained, 256, T)
+    assert outcome.findings == []
+    assert ("trained_loss_ratio" in outcome.metrics) == (math.isfinite(untrained) and untrained > 0)
+
+
 def test_a_flat_noiseless_loss_did_not_decrease():
     outcome = check_loss_curve([0.7] * 40, [], T)
     assert only(outcome, "train.loss_decreased").severity == "warn"
@@ -259,13 +310,23 @@ def test_a_slight_rise_within_the_noise_is_not_judged():
     assert "train.loss_decreased" not in checks_of(outcome)
 
 
-@pytest.mark.parametrize("steps", [20, 40, 60])
+def test_a_swing_over_ten_steps_cannot_be_told_from_noise():
+    """Ten second-half steps: eight noisy steps alone reach a periodicity of 0.8, so even a clean swing
+    stays below the derived significance (periodicity × √steps)."""
+    outcome = check_loss_curve(_oscillating(20), [], T)
+    strength = outcome.metrics["oscillation_periodicity"]
+    assert strength > 0.95
+    assert outcome.metrics["oscillation_significance"] == pytest.approx(strength * math.sqrt(10))
+    assert "train.oscillation" not in checks_of(outcome)
+
+
+@pytest.mark.parametrize("steps", [40, 60])
 def test_large_oscillation_is_flagged_on_short_runs(steps):
     outcome = check_loss_curve(_oscillating(steps), [], T)
     finding = only(outcome, "train.oscillation")
     assert finding.severity == "fail"
     assert finding.cause == "training-oscillating"
-    assert finding.value > T.oscillation_periodicity
+    assert finding.value >= T.oscillation_significance
     assert outcome.metrics["oscillation_period"] == 4
     assert outcome.metrics["oscillation_amplitude"] > T.oscillation_min_amplitude
     assert outcome.metrics["second_half_progress"] < T.oscillation_max_progress
@@ -297,7 +358,7 @@ def test_converging_full_batch_adam_with_late_bumps_is_healthy():
     assert max(b / a for a, b in itertools.pairwise(loss[20:])) > 1.05  # real bumps in the second half
     outcome = check_loss_curve(loss, [], T)
     assert outcome.findings == []
-    assert outcome.metrics["oscillation_periodicity"] < T.oscillation_periodicity
+    assert outcome.metrics["oscillation_significance"] < T.oscillation_significance
 
 
 def test_small_noise_at_convergence_is_not_oscillation():
@@ -326,17 +387,27 @@ def test_short_noisy_flat_curves_are_not_oscillation(seed):
 
 def test_validation_gap_warns():
     loss = _decaying()
-    outcome = check_loss_curve(loss, [None, 3.0, None, 2.5, None], T)
+    outcome = check_loss_curve(loss, [None, 1.2, None, 3.0, None], T)
     finding = only(outcome, "train.validation_gap")
     assert finding.severity == "warn"
     assert finding.subject == "validation_loss"
     start, end = outcome.metrics["initial_loss"], outcome.metrics["final_loss"]
+    assert start > 1.2  # the scale is the larger of the first training window and the first validation loss
     error = outcome.metrics["step_noise"] / math.sqrt(outcome.metrics["window_steps"])
-    assert finding.value == pytest.approx((2.5 - end - 2 * error) / start)
+    assert finding.value == pytest.approx((3.0 - end - 2 * error) / start)
     assert finding.value > T.max_generalization_gap
     healthy = check_loss_curve(loss, [0.15], T)
     assert healthy.metrics["generalization_gap"] == pytest.approx((0.15 - end - 2 * error) / start)
     assert healthy.findings == []
+
+
+def test_validation_gap_of_a_run_that_starts_converged_is_in_units_of_its_validation_loss():
+    """Fine-tuning a converged model: its first training loss is already tiny, so the gap is measured
+    against the first validation loss, not in thousands of a near-zero start."""
+    loss = [0.01 * (1 + 0.1 * math.sin(t)) for t in range(100)]
+    outcome = check_loss_curve(loss, [0.4, None, 0.45], T)
+    assert outcome.metrics["generalization_gap"] == pytest.approx((0.45 - 0.01) / 0.4, rel=0.05)
+    assert "train.validation_gap" not in checks_of(outcome)
 
 
 def test_validation_gap_stays_sane_when_the_training_loss_nears_zero():

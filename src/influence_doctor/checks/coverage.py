@@ -27,7 +27,6 @@ REPLACEABLE: dict[str, str] = {
 """Untracked module types whose parameters a tracked module could carry instead, with the one-line fix."""
 
 
-
 @dataclass
 class CoverageFacts:
     """Trainable parameters as kronfluence will see them (each parameter counted once)."""

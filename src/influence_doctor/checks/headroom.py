@@ -103,17 +103,17 @@ def crossing(headroom: Headroom) -> tuple[float, float]:
 def check_projected_headroom(
     headroom: Headroom,
     thresholds: Thresholds,
-    measured: tuple[int, int, int] | None = None,
+    measured: tuple[int, int, int, int] | None = None,
     not_measured: str = "",
     examples_full: int | None = None,
 ) -> CheckOutcome:
     """`<stage>.projected_headroom`: where the full run lands against the dtype's max.
 
     A projection is a hypothesis: past the max it is a `fail` only once measured — `measured` is
-    (non-finite entries, entries, examples) of the stage accumulated over all the data in the configured
-    dtype; finite there, the projection was wrong (`info`). Not measured (`not_measured` says why), it
-    is a `warn` giving the size at which the sum is projected to cross. Within `headroom_warn_fraction`
-    of the max: a `warn`.
+    (non-finite entries, entries, examples accumulated, all examples) of the stage accumulated over the
+    data in the configured dtype, stopped at the first non-finite sum; finite there, the projection was
+    wrong (`info`). Not measured (`not_measured` says why), it is a `warn` giving the size at which the
+    sum is projected to cross. Within `headroom_warn_fraction` of the max: a `warn`.
     """
     outcome = CheckOutcome(metrics={"projected_headroom": headroom.to_dict()})
     share = headroom.share_projected
@@ -139,8 +139,14 @@ def check_projected_headroom(
         )
         return outcome
     if measured is not None:
-        nonfinite, entries, examples = measured
-        outcome.metrics["measured_at_full_size"] = {"nonfinite": nonfinite, "entries": entries, "examples": examples}
+        nonfinite, entries, examples, total = measured
+        outcome.metrics["measured_at_full_size"] = {
+            "nonfinite": nonfinite,
+            "entries": entries,
+            "examples": examples,
+            "total_examples": total,
+        }
+        where = f"after {examples} of the {total} examples (the pass stopped there)" if examples < total else ""
         outcome.findings.append(
             Finding(
                 **finding,
@@ -149,11 +155,12 @@ def check_projected_headroom(
                 limit=0.0,
                 cause="fp16-overflow" if nonfinite else None,
                 message=f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}; measured: "
-                f"accumulated over all {examples} examples in {headroom.dtype}, "
+                f"accumulated in {headroom.dtype} over the training data in order, "
                 + (
-                    f"{nonfinite} of {entries} entries are inf/NaN: the full run overflows."
+                    f"{nonfinite} of {entries} entries are inf/NaN {where or f'over all {total} examples'}: "
+                    "the full run overflows."
                     if nonfinite
-                    else "every entry is finite: the projection overestimated."
+                    else f"every entry is finite over all {total} examples: the projection overestimated."
                 ),
             )
         )

@@ -62,7 +62,8 @@ def check_scores(
     )
     z = robust_z_max(scores)
     outcome.metrics["max_robust_z"] = z
-    if not math.isnan(z) and z > thresholds.outlier_mad:
+    limit = thresholds.self_outlier_mad if subject == "self" else thresholds.outlier_mad
+    if not math.isnan(z) and z > limit:
         outcome.findings.append(
             Finding(
                 check="scores.outliers",
@@ -70,7 +71,7 @@ def check_scores(
                 subject=subject,
                 severity="warn",
                 value=z,
-                limit=thresholds.outlier_mad,
+                limit=limit,
                 cause="score-outliers",
                 message=f"A {subject} score lies {fmt(z)} robust SDs from the median, beyond what healthy "
                 "pipelines produce: a few examples may dominate the rankings.",

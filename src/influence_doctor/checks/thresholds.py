@@ -113,17 +113,24 @@ class Thresholds:
     )
     # scores
     outlier_mad: float = field(
-        default=1e5,
+        default=69000.0,
         metadata={
-            "help": "Warn when a score lies this many robust SDs (1.4826·MAD) from the median; influence is "
-            "heavy-tailed (healthy self-influence reaches 1e8): 1.8% of 400 healthy pipelines reach 1e5."
+            "help": "Warn when a pairwise score lies this many robust SDs (1.4826·MAD) from the median; influence "
+            "is heavy-tailed (derived: healthy 99.5th percentile)."
+        },
+    )
+    self_outlier_mad: float = field(
+        default=330000.0,
+        metadata={
+            "help": "The same for self-influence, whose tail is heavier still: a few hard examples carry most of "
+            "it (derived: healthy 99.5th percentile)."
         },
     )
     query_scale_ratio: float = field(
-        default=30.0,
+        default=36.0,
         metadata={
-            "help": "Warn when one query's median |score| is this many times the median query's: 0.25% of 400 "
-            "healthy pipelines reach it (99th percentile 20, maximum 36)."
+            "help": "Warn when one query's median |score| is this many times the median query's (derived: "
+            "healthy 99.5th percentile)."
         },
     )
     negative_self_influence_eps: float = field(
@@ -131,10 +138,10 @@ class Thresholds:
         metadata={"help": "A self-influence below −this·eps·max|self| is negative for real: H was not PSD."},
     )
     module_dominance_share: float = field(
-        default=0.97,
+        default=0.98,
         metadata={
             "help": "Warn when one module carries more than this share of total |score| mass; the last layer of "
-            "a healthy MLP often carries 90%: 2.5% of 200 healthy per-module pipelines exceed 0.97."
+            "a healthy MLP often carries 90% (derived: healthy 99.5th percentile)."
         },
     )
     damping_sensitivity_min_spearman: float = field(
@@ -199,14 +206,14 @@ class Thresholds:
         },
     )
     divergence_significance: float = field(
-        default=8.5,
+        default=4.5,
         metadata={
             "help": "A climb above the lowest window counts as divergence only beyond this many standard errors "
             "of the step-to-step noise, log scale (derived: healthy maximum × 1.5)."
         },
     )
     loss_rise_fail_significance: float = field(
-        default=3.4,
+        default=3.6,
         metadata={
             "help": "Fail as diverged when the last window sits this many standard errors above the first: "
             "beyond every healthy run (derived: healthy maximum × 1.5)."
@@ -220,17 +227,32 @@ class Thresholds:
         },
     )
     start_rise_significance: float = field(
-        default=5.2,
+        default=13.0,
         metadata={
             "help": "...and that rise is this many standard errors of the second half's step-to-step noise, on a "
             "log scale (derived: healthy maximum × 1.5)."
         },
     )
-    oscillation_periodicity: float = field(
-        default=0.84,
+    trained_loss_warn_ratio: float = field(
+        default=1.1,
         metadata={
-            "help": "A second half whose detrended loss swings this regularly (min(−r(k), r(2k)), about the share "
-            "of its variance in the swing) oscillates (derived: healthy maximum × 1.5)."
+            "help": "Warn when the trained model's loss on a fixed sample of its training examples is this multiple "
+            "of the untrained model's: training did not lower it (derived: healthy 99.5th percentile)."
+        },
+    )
+    trained_loss_fail_ratio: float = field(
+        default=4.4,
+        metadata={
+            "help": "Fail as diverged at this multiple: training made the model worse at its own examples, beyond "
+            "every healthy run, fine-tuning from a converged model included (derived: healthy maximum × 3)."
+        },
+    )
+    oscillation_significance: float = field(
+        default=4.4,
+        metadata={
+            "help": "A second half whose detrended loss swings this regularly, periodicity × √steps (the "
+            "periodicity is min(−r(k), r(2k)), about the share of its variance in the swing), oscillates "
+            "(derived: healthy maximum × 1.5 over swings large enough to count)."
         },
     )
     oscillation_min_amplitude: float = field(
@@ -248,7 +270,7 @@ class Thresholds:
         },
     )
     max_generalization_gap: float = field(
-        default=0.92,
+        default=1.3,
         metadata={
             "help": "Warn when final validation loss exceeds the training loss (upper 2-SE bound) by more than "
             "this multiple of the initial training loss (derived: healthy 99.5th percentile)."

@@ -13,6 +13,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,15 @@ MIN_OSCILLATION_STEPS = 8
 """Fewest second-half steps in which a swing can be told from noise at all."""
 MIN_CYCLES = 2.5
 """Periods a swing must show in the second half before its regularity can be judged."""
+
+
+@dataclass(frozen=True)
+class SampleLoss:
+    """The loss on a fixed sample of training examples, measured by the doctor before and after training."""
+
+    untrained: float
+    trained: float
+    examples: int
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:
@@ -158,9 +168,29 @@ def _significance(difference: float, standard_error: float) -> float:
 
 
 def check_loss_curve(
-    loss: Sequence[float], validation_loss: Sequence[float | None], thresholds: Thresholds
+    loss: Sequence[float],
+    validation_loss: Sequence[float | None],
+    thresholds: Thresholds,
+    sample: SampleLoss | None = None,
 ) -> CheckOutcome:
-    """Finite, decreased, not diverging, not oscillating, and a sane train/validation gap."""
+    """Finite, decreased, not diverging, not oscillating, and a sane train/validation gap.
+
+    With a `sample` measurement the trained model's loss against the untrained one's decides whether
+    training ended above where it started; the curve's first step (one minibatch, which with a batch of
+    one may be a single easy example) is read for that only when nothing was measured.
+    """
+    outcome = _check_curve(loss, validation_loss, thresholds, judge_start=sample is None)
+    if sample is not None:
+        climbed = outcome.metrics.get("loss_rise_significance", -math.inf) >= thresholds.loss_rise_significance
+        measured = check_trained_loss(sample.untrained, sample.trained, sample.examples, thresholds, climbed)
+        outcome.findings += measured.findings
+        outcome.metrics.update(measured.metrics)
+    return outcome
+
+
+def _check_curve(
+    loss: Sequence[float], validation_loss: Sequence[float | None], thresholds: Thresholds, judge_start: bool
+) -> CheckOutcome:
     outcome = CheckOutcome(metrics={"steps": len(loss)})
     if not loss:
         return outcome
@@ -188,11 +218,12 @@ def check_loss_curve(
     outcome.metrics.update(initial_loss=start, final_loss=end, step_noise=noise, window_steps=width)
     if len(loss) >= 2 * width:
         _check_decrease(outcome, start, end, noise * math.sqrt(2.0 / width), thresholds)
-    _check_divergence(outcome, loss, width, thresholds)
+    _check_divergence(outcome, loss, width, thresholds, judge_start)
     _check_oscillation(outcome, loss, thresholds)
     validation = [value for value in validation_loss if value is not None and math.isfinite(value)]
-    if validation and start > 0:
-        _check_validation_gap(outcome, start, end, noise / math.sqrt(width), validation[-1], thresholds)
+    if validation and max(start, validation[0]) > 0:
+        scale = max(start, validation[0])
+        _check_validation_gap(outcome, scale, end, noise / math.sqrt(width), validation[-1], thresholds)
     return outcome
 
 
@@ -226,7 +257,9 @@ def _check_decrease(outcome: CheckOutcome, start: float, end: float, error: floa
         )
 
 
-def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> None:
+def _check_divergence(
+    outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds, judge_start: bool
+) -> None:
     """The loss climbed far above its lowest level, by much more than its step-to-step noise.
 
     Positive losses are compared on a log scale (geometric window means): minibatch noise is
@@ -244,7 +277,7 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
         ratio = final / lowest if lowest > 0.0 else math.nan
         lowest_loss = lowest
     outcome.metrics.update(lowest_loss=lowest_loss, divergence_ratio=ratio, divergence_significance=significance)
-    if _check_rise_from_start(outcome, loss, width, thresholds):
+    if _check_rise_from_start(outcome, loss, width, thresholds, judge_start):
         return  # one divergence finding per curve: ending far above the start says it already
     if ratio > thresholds.divergence_ratio and significance > thresholds.divergence_significance:
         outcome.findings.append(
@@ -260,8 +293,11 @@ def _check_divergence(outcome: CheckOutcome, loss: list[float], width: int, thre
         )
 
 
-def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds) -> bool:
-    """The loss ended far above the first loss recorded, beyond the noise of where it ended.
+def _check_rise_from_start(
+    outcome: CheckOutcome, loss: list[float], width: int, thresholds: Thresholds, judge: bool
+) -> bool:
+    """The loss ended far above the first loss recorded, beyond the noise of where it ended (measured
+    always, judged only when `judge`: the doctor's own before/after measurement is better evidence).
 
     The first step is the untrained model's loss; a run that ends orders of magnitude above it blew up,
     however flat it is now (an explosion that settles on a plateau never climbs above its own lowest
@@ -283,7 +319,7 @@ def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int,
     significance = _significance(rise, noise * math.sqrt(1.0 + math.pi / (2.0 * width)))
     ratio = math.exp(min(rise, 700.0))
     outcome.metrics.update(start_ratio=ratio, start_rise_significance=significance)
-    diverged = ratio > thresholds.start_rise_ratio and significance > thresholds.start_rise_significance
+    diverged = judge and ratio > thresholds.start_rise_ratio and significance > thresholds.start_rise_significance
     if diverged:
         outcome.findings.append(
             _finding(
@@ -300,8 +336,72 @@ def _check_rise_from_start(outcome: CheckOutcome, loss: list[float], width: int,
     return diverged
 
 
+def check_trained_loss(
+    untrained: float, trained: float, examples: int, thresholds: Thresholds, curve_climbed: bool = False
+) -> CheckOutcome:
+    """The trained model's loss on a fixed sample of its own training examples against the untrained model's.
+
+    Both are measured by the doctor on the same examples, in eval mode and without minibatch noise, so a
+    rise is a measured wrong result of training rather than a reading of a noisy curve: a run that blew
+    up and settled on a plateau ends far above where it started, however flat its last steps look.
+    A rise beyond every healthy run is a `fail`. A smaller one (fine-tuning a converged model with a
+    fresh optimizer can lift a near-zero loss severalfold) is a `fail` only when the logged curve also
+    climbed (`curve_climbed`: its last window measurably above its first), and a `warn` otherwise.
+    """
+    outcome = CheckOutcome(metrics={"untrained_sample_loss": untrained, "trained_sample_loss": trained})
+    on = f"on {examples} of its training examples"
+    if not math.isfinite(untrained) or untrained <= 0.0:
+        return outcome  # no scale to hold the trained loss to (an untrained model with a non-finite loss)
+    if not math.isfinite(trained):
+        outcome.findings.append(
+            _finding(
+                "train.trained_loss",
+                "fail",
+                trained,
+                untrained,
+                "training-diverged",
+                f"The trained model's loss {on} is {trained}, where the untrained model's was {fmt(untrained)}: "
+                "training blew up.",
+            )
+        )
+        return outcome
+    ratio = trained / untrained
+    outcome.metrics["trained_loss_ratio"] = ratio
+    comparison = (
+        f"The trained model's loss {on} is {fmt(trained)}, {fmt(ratio)}× the untrained model's ({fmt(untrained)})"
+    )
+    if ratio >= thresholds.trained_loss_fail_ratio or (ratio >= thresholds.trained_loss_warn_ratio and curve_climbed):
+        outcome.findings.append(
+            _finding(
+                "train.trained_loss",
+                "fail",
+                ratio,
+                thresholds.trained_loss_fail_ratio,
+                "training-diverged",
+                f"{comparison}{', and the logged loss climbed' if curve_climbed else ''}: training made the "
+                "model worse at its own data (it blew up, or climbed: a sign error, a step too large).",
+            )
+        )
+    elif ratio >= thresholds.trained_loss_warn_ratio:
+        outcome.findings.append(
+            _finding(
+                "train.trained_loss",
+                "warn",
+                ratio,
+                thresholds.trained_loss_warn_ratio,
+                None,
+                f"{comparison}: training did not lower the loss on its own examples.",
+            )
+        )
+    return outcome
+
+
 def _check_oscillation(outcome: CheckOutcome, loss: list[float], thresholds: Thresholds) -> None:
     """A regular back-and-forth swing in the second half of training, comparable to the loss level.
+
+    Regularity is judged as a significance, periodicity × √(steps): batch noise's autocorrelations
+    scatter by about 1/√n, so on white noise this reads alike at any length (its 99.5th percentile is
+    2.2-2.7 from 8 to 150 steps), where the periodicity alone reaches 0.8 on eight noisy steps.
 
     A `fail` when the second half is no better than the first (it oscillates instead of converging);
     a `warn` when the loss still descends underneath the swing.
@@ -316,13 +416,15 @@ def _check_oscillation(outcome: CheckOutcome, loss: list[float], thresholds: Thr
     amplitude = 2 * math.sqrt(2) * spread / abs(second_level) if second_level else math.inf
     progress = (first_level - second_level) / abs(first_level) if first_level else 0.0
     strength, half_period = periodicity(second, MIN_CYCLES)
+    significance = strength * math.sqrt(len(second))
     outcome.metrics.update(
         oscillation_periodicity=strength,
+        oscillation_significance=significance,
         oscillation_period=2 * half_period,
         oscillation_amplitude=amplitude,
         second_half_progress=progress,
     )
-    if strength < thresholds.oscillation_periodicity or not amplitude > thresholds.oscillation_min_amplitude:
+    if significance < thresholds.oscillation_significance or not amplitude > thresholds.oscillation_min_amplitude:
         return
     swing = f"The loss swings by {amplitude:.0%} of its level every ~{2 * half_period} steps"
     halves = f"(mean {fmt(first_level)} in the first half of training, {fmt(second_level)} in the second)"
@@ -334,18 +436,24 @@ def _check_oscillation(outcome: CheckOutcome, loss: list[float], thresholds: Thr
         message = f"{swing} while it descends {halves}: the learning rate may be near its stability limit."
     outcome.findings.append(
         _finding(
-            "train.oscillation", severity, strength, thresholds.oscillation_periodicity, "training-oscillating", message
+            "train.oscillation",
+            severity,
+            significance,
+            thresholds.oscillation_significance,
+            "training-oscillating",
+            message,
         )
     )
 
 
 def _check_validation_gap(
-    outcome: CheckOutcome, start: float, end: float, end_error: float, validation: float, thresholds: Thresholds
+    outcome: CheckOutcome, scale: float, end: float, end_error: float, validation: float, thresholds: Thresholds
 ) -> None:
-    """Validation loss far above the training loss, in units of the initial loss (stable when the
-    training loss nears zero); the training level is taken at its upper two-standard-error bound so
-    that a few lucky minibatches at the end do not read as overfitting."""
-    gap = (validation - (end + 2.0 * end_error)) / start
+    """Validation loss far above the training loss, in units of the larger of the initial training loss
+    and the first validation loss (stable when the training loss nears zero, and when training starts
+    from a converged model); the training level is taken at its upper two-standard-error bound so that a
+    few lucky minibatches at the end do not read as overfitting."""
+    gap = (validation - (end + 2.0 * end_error)) / scale
     outcome.metrics["generalization_gap"] = gap
     if gap > thresholds.max_generalization_gap:
         outcome.findings.append(

@@ -347,9 +347,7 @@ def _next_change(
                 rehearsal["fidelity_note"] = "it revealed another problem; the composed fix is held to the bar"
                 return change, rehearsal, skipped, rejected
             cost = _cost_text(fidelity)
-            skipped.append(
-                {"rung": rung, "reason": f"heals, but {cost}, below min_fix_spearman {min_fix_spearman:g}"}
-            )
+            skipped.append({"rung": rung, "reason": f"heals, but {cost}, below min_fix_spearman {min_fix_spearman:g}"})
             rejected.append({"rung": rung, "cause": problem.cause, "change": change, "fidelity": fidelity})
             continue
         return change, rehearsal, skipped, rejected

@@ -222,9 +222,11 @@ def fidelity_lines(document: dict[str, Any]) -> list[str]:
         if fix.get("queries")
         else f"{fix.get('examples', 0)} examples"
     )
-    method = " The method changed: the scores approximate another quantity than the one asked for." if fix.get(
-        "method_changed"
-    ) else ""
+    method = (
+        " The method changed: the scores approximate another quantity than the one asked for."
+        if fix.get("method_changed")
+        else ""
+    )
     return [
         *lines,
         f"Fidelity of the fix vs '{fix['reference']}' ({fix.get('reference_kind', 'reference')}, {where}): "

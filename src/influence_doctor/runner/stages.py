@@ -77,10 +77,13 @@ def run_train_stage(
         model.to(run.device)
         if pipeline.train is not None:
             record.calls.append("train")
+            sample = _loss_sample(run, train_dataset)
+            untrained = _sample_loss(run, model, sample)
             started = time.perf_counter()
             pipeline.train(model, train_dataset, run.monitor)
             record.metrics["training_seconds"] = time.perf_counter() - started  # the user's own loop
             record.metrics["trained"] = True
+            _record_sample_loss(record, untrained, _sample_loss(run, model, sample), len(sample))
         else:
             record.metrics["trained"] = False
             record.reason = "the pipeline gives no train function: the model is analysed as built"
@@ -92,6 +95,50 @@ def run_train_stage(
         if on_stage_done is not None:
             on_stage_done(record)
     return run
+
+
+LOSS_SAMPLE_EXAMPLES = 256
+"""Training examples on which the loss is measured before and after training: enough that one batch's
+luck does not decide, few enough to cost two forward passes."""
+
+
+def _loss_sample(run: Run, train_dataset: Any) -> Any:
+    """A fixed, seeded sample of training examples (the same before and after training)."""
+    from torch.utils.data import Subset
+
+    indices = _subsample(len(train_dataset), LOSS_SAMPLE_EXAMPLES, run.seed)
+    return Subset(train_dataset, indices)
+
+
+def _sample_loss(run: Run, model: Any, sample: Any) -> float | str:
+    """The Task's training loss summed over the sample, in eval mode, without gradients, leaving the
+    random state and the model's mode as they were (the user's training must see the same draws); the
+    error's first line when the Task cannot compute it here."""
+    import torch
+    from accelerate.utils import send_to_device
+    from torch.utils.data import DataLoader
+
+    devices = [torch.device(run.device).index or 0] if str(run.device).startswith("cuda") else []
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            total, device = 0.0, torch.device(run.device)
+            for batch in DataLoader(sample, batch_size=max(1, min(run.train_batch_size, len(sample)))):
+                loss = run.pipeline.task.compute_train_loss(send_to_device(batch, device), model, False)
+                total += float(loss.detach().double().sum().item())
+            return total
+    except Exception as exc:  # a report on the training, never a reason to stop the run
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    finally:
+        model.train(was_training)
+
+
+def _record_sample_loss(record: StageRecord, untrained: float | str, trained: float | str, examples: int) -> None:
+    if isinstance(untrained, str) or isinstance(trained, str):
+        record.metrics["sample_loss_error"] = untrained if isinstance(untrained, str) else trained
+        return
+    record.metrics["sample_loss"] = {"untrained": untrained, "trained": trained, "examples": examples}
 
 
 def _synchronise_ranks(record: StageRecord, model: Any) -> None:
