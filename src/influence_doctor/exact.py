@@ -242,12 +242,13 @@ def exact_pairwise(
             p.requires_grad_(flag)
 
 
-def single_example_batches(dataset: Any, count: int | None = None) -> list[Any]:
-    """Each example as a batch of one, the way a DataLoader would collate it."""
+def single_example_batches(dataset: Any, count: int | None = None, collate: Any = None) -> list[Any]:
+    """Each example as a batch of one, the way the user's DataLoader would collate it."""
     from torch.utils.data import default_collate
 
+    collate = collate or default_collate
     indices = range(len(dataset) if count is None else min(count, len(dataset)))
-    return [default_collate([dataset[i]]) for i in indices]
+    return [collate([dataset[i]]) for i in indices]
 
 
 def exact_fidelity(run: Any, train_columns: int = 256, samples: int = DEFAULT_SAMPLES) -> dict[str, Any]:
@@ -269,8 +270,9 @@ def exact_fidelity(run: Any, train_columns: int = 256, samples: int = DEFAULT_SA
     device = next(run.model.parameters()).device
     approx = total_scores(pairwise).double().cpu()
     columns = min(train_columns, approx.shape[1])
-    train_batches = [send_to_device(b, device) for b in single_example_batches(run.train_subset)]
-    query_batches = [send_to_device(b, device) for b in single_example_batches(run.query_subset)]
+    collate = run.pipeline.collate
+    train_batches = [send_to_device(b, device) for b in single_example_batches(run.train_subset, collate=collate)]
+    query_batches = [send_to_device(b, device) for b in single_example_batches(run.query_subset, collate=collate)]
     try:
         exact, dampings = exact_pairwise(
             run.model,

@@ -174,7 +174,9 @@ def _examine_scores(stage, artifacts, factor_args, score_args, thresholds, exam:
         )
     )
     total = total_scores(per_module)
-    exam.add(subject, check_scores(stage, subject, total, thresholds, overflow_prone=overflow))
+    tokens = total_scores(per_module, keep_tokens=True)
+    per_token = tokens if tokens.ndim > total.ndim else None
+    exam.add(subject, check_scores(stage, subject, total, thresholds, overflow_prone=overflow, per_token=per_token))
     if subject == "pairwise":
         exam.add(subject, check_query_scale(stage, total, thresholds))
     if "all_modules" not in per_module and len(per_module) > 1:

@@ -98,6 +98,14 @@ class Pipeline:
     train_labels: Sequence[str] | None = field(
         default=None, metadata={"help": "Optional human-readable text of each training example, for reports."}
     )
+    dataloader_kwargs: Any = field(
+        default=None,
+        metadata={
+            "help": "Optional kronfluence DataLoaderKwargs (or a dict of its fields), e.g. collate_fn="
+            "transformers.default_data_collator: given to the Analyzer, and its collate_fn to the doctor's own "
+            "passes over the data."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -114,6 +122,32 @@ class Pipeline:
                 self.factor_args = FactorArguments()
             if self.score_args is None:
                 self.score_args = ScoreArguments()
+        if self.dataloader_kwargs is not None:
+            self.dataloader_kwargs = _dataloader_kwargs(self.dataloader_kwargs)
+
+    @property
+    def collate(self) -> Callable[[list[Any]], Any]:
+        """How the user's batches are put together: their collate_fn, else torch's default."""
+        from torch.utils.data import default_collate
+
+        custom = getattr(self.dataloader_kwargs, "collate_fn", None)
+        return custom if custom is not None else default_collate
+
+
+def _dataloader_kwargs(value: Any) -> Any:
+    """A kronfluence DataLoaderKwargs as given, or built from a dict of its fields."""
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    if isinstance(value, DataLoaderKwargs):
+        return value
+    if isinstance(value, dict):
+        try:
+            return DataLoaderKwargs(**value)
+        except TypeError as exc:
+            raise ValueError(f"Pipeline.dataloader_kwargs: {exc}; see kronfluence's DataLoaderKwargs.") from None
+    raise ValueError(
+        f"Pipeline.dataloader_kwargs must be a kronfluence DataLoaderKwargs or a dict, not {type(value).__name__}."
+    )
 
 
 def resolve(value: Any) -> Any:

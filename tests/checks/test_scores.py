@@ -195,3 +195,19 @@ def test_findings_are_valid():
     assert severities == {"scores.finite": "fail", "scores.outliers": "warn", "scores.self_nonnegative": "fail"}
     assert_valid(outcome.findings)
     assert all(f.stage == "self_scores" for f in outcome.findings)
+
+
+def test_a_nonfinite_token_score_is_located_to_its_token():
+    import torch
+
+    from influence_doctor.checks.scores import check_scores
+    from influence_doctor.checks.thresholds import Thresholds
+
+    per_token = torch.ones(3, 5, 4)
+    per_token[1, 2, 3] = float("nan")
+    per_token[2, 4, 0] = 100.0
+    outcome = check_scores("pairwise_scores", "pairwise", per_token.sum(-1), Thresholds(), per_token=per_token)
+    (finding,) = [f for f in outcome.findings if f.check == "scores.finite"]
+    assert "1 of 60 pairwise scores are inf or NaN, the first at query 1, training example 2, token 3" in finding.message
+    assert outcome.metrics["per_token"]["largest_at"] == "query 2, training example 4, token 0"
+    assert outcome.metrics["per_token"]["largest"] == 100.0

@@ -30,7 +30,8 @@ def check_scores_finite(
     fraction = finite_fraction(scores)
     if fraction >= min_fraction:
         return []
-    bad = int((~torch.isfinite(scores)).sum().item())
+    broken = ~torch.isfinite(scores)
+    bad = int(broken.sum().item())
     return [
         Finding(
             check="scores.finite",
@@ -40,26 +41,53 @@ def check_scores_finite(
             value=fraction,
             limit=min_fraction,
             cause=cause,
-            message=f"{bad} of {scores.numel()} {subject} scores are inf or NaN.",
+            message=f"{bad} of {scores.numel()} {subject} scores are inf or NaN, the first at "
+            f"{_position(broken, scores.ndim)}.",
         )
     ]
 
 
+POSITION_NAMES = {1: ("training example",), 2: ("query", "training example"), 3: ("query", "training example", "token")}
+"""What each axis of a score tensor indexes (positions in the analysed subsets)."""
+
+
+def _position(mask: torch.Tensor, ndim: int) -> str:
+    """Where the first True of `mask` lies, named by axis: 'query 2, training example 17, token 5'."""
+    flat = int(mask.flatten().nonzero()[0].item())
+    index = []
+    for size in reversed(mask.shape):
+        index.append(flat % size)
+        flat //= size
+    names = POSITION_NAMES.get(ndim, tuple(f"axis {axis}" for axis in range(ndim)))
+    return ", ".join(f"{name} {value}" for name, value in zip(names, reversed(index), strict=True))
+
+
 def check_scores(
-    stage: str, subject: str, scores: torch.Tensor, thresholds: Thresholds, *, overflow_prone: bool = False
+    stage: str,
+    subject: str,
+    scores: torch.Tensor,
+    thresholds: Thresholds,
+    *,
+    overflow_prone: bool = False,
+    per_token: torch.Tensor | None = None,
 ) -> CheckOutcome:
     """Finite share, robust outliers (median/MAD) and, for self-influence, non-negativity.
 
     Non-finite and negative self-influence are measured wrong results (`fail`); outliers are a
     heuristic (`warn`): influence is heavy-tailed by nature, so its limit is calibrated on healthy
-    pipelines (`influence_doctor.calibration`)."""
-    outcome = CheckOutcome(metrics={"finite_fraction": finite_fraction(scores)})
+    pipelines (`influence_doctor.calibration`). `scores` is one score per example; with per-token
+    scores (`per_token`, queries × examples × tokens) finiteness is checked per token, so that the
+    message names the token, and the largest token score is located in the metrics."""
+    finest = scores if per_token is None else per_token
+    outcome = CheckOutcome(metrics={"finite_fraction": finite_fraction(finest)})
     outcome.findings += check_scores_finite(
         stage,
         subject,
-        scores,
-        cause="fp16-overflow" if overflow_prone and bool(torch.isinf(scores).any()) else None,
+        finest,
+        cause="fp16-overflow" if overflow_prone and bool(torch.isinf(finest).any()) else None,
     )
+    if per_token is not None:
+        outcome.metrics["per_token"] = _token_extremes(per_token)
     z = robust_z_max(scores)
     outcome.metrics["max_robust_z"] = z
     limit = thresholds.self_outlier_mad if subject == "self" else thresholds.outlier_mad
@@ -100,6 +128,22 @@ def check_scores(
                     )
                 )
     return outcome
+
+
+def _token_extremes(per_token: torch.Tensor) -> dict[str, object]:
+    """The largest |token score|, where it lies, and how many robust SDs it is from the median token score."""
+    values = as_float64(per_token)
+    finite = torch.isfinite(values)
+    if not bool(finite.any()):
+        return {"tokens": int(per_token.shape[-1])}
+    magnitude = values.abs().masked_fill(~finite, -1.0)
+    largest = magnitude == magnitude.max()
+    return {
+        "tokens": int(per_token.shape[-1]),
+        "largest": float(values[largest].flatten()[0].item()),
+        "largest_at": _position(largest, per_token.ndim),
+        "max_robust_z": robust_z_max(values),
+    }
 
 
 def check_query_scale(stage: str, scores: torch.Tensor, thresholds: Thresholds) -> CheckOutcome:

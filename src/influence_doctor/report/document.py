@@ -10,7 +10,7 @@ from influence_doctor import __version__
 from influence_doctor.diagnosis import Problem, relabel
 from influence_doctor.environment import describe_environment
 from influence_doctor.pipeline import STAGES
-from influence_doctor.report.scores import summarize_scores, total_scores
+from influence_doctor.report.scores import summarize_scores, tokens_of, total_scores
 from influence_doctor.runner.run import Run
 
 SCHEMA_VERSION = 1
@@ -139,6 +139,8 @@ def _scores_block(run: Run) -> dict[str, Any]:
         artifact = run.artifacts.get(stage)
         if artifact and run.stages[stage].completed:
             block[kind] = {**summarize_scores(total_scores(artifact)), "file": f"{SCORES_FILE}:{kind}"}
+            if (tokens := tokens_of(artifact)) is not None:
+                block[kind]["tokens"] = tokens  # per-token scores, summed over tokens above
     pairwise = run.artifacts.get("pairwise_scores")
     if pairwise and run.stages["pairwise_scores"].completed:
         block["top_influences"] = top_influences(run, total_scores(pairwise))

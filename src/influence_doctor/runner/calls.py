@@ -83,7 +83,7 @@ def pairwise_scores(
             train_dataset=train_dataset,
             per_device_query_batch_size=query_batch_size,
             per_device_train_batch_size=train_batch_size,
-            score_args=score_args,
+            score_args=_copy(score_args),
             overwrite_output_dir=True,
         )
 
@@ -97,9 +97,17 @@ def self_scores(
             factors_name=factors_name,
             train_dataset=train_dataset,
             per_device_train_batch_size=batch_size,
-            score_args=score_args,
+            score_args=_copy(score_args),
             overwrite_output_dir=True,
         )
+
+
+def _copy(arguments: Any) -> Any:
+    """kronfluence switches options off in the ScoreArguments it is given (per-token scores for
+    self-influence, aggregation it cannot do): it gets a copy, so the user's arguments stay as written."""
+    import copy
+
+    return copy.copy(arguments)
 
 
 def load(analyzer: Any, stage: str, name: str) -> Any:

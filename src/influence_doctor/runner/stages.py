@@ -124,7 +124,8 @@ def _sample_loss(run: Run, model: Any, sample: Any) -> float | str:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             model.eval()
             total, device = 0.0, torch.device(run.device)
-            for batch in DataLoader(sample, batch_size=max(1, min(run.train_batch_size, len(sample)))):
+            size = max(1, min(run.train_batch_size, len(sample)))
+            for batch in DataLoader(sample, batch_size=size, collate_fn=run.pipeline.collate):
                 loss = run.pipeline.task.compute_train_loss(send_to_device(batch, device), model, False)
                 total += float(loss.detach().double().sum().item())
             return total
@@ -189,6 +190,8 @@ def _prepare_analysis(run: Run, model: Any, train_dataset: Any, query_dataset: A
             log_level=logging.WARNING,
             output_dir=str(run.analysis_dir),
         )
+        if run.pipeline.dataloader_kwargs is not None:
+            run.analyzer.set_dataloader_kwargs(run.pipeline.dataloader_kwargs)
     run.stages["train"].metrics["tracked_modules"] = _tracked_module_names(run.model)
     run.stages["train"].metrics["coverage"] = _coverage(run, trainable).to_dict()
     run.stages["train"].metrics["examples_analysed"] = len(run.train_indices)
@@ -229,7 +232,8 @@ def _coverage(run: Run, trainable: set[int]) -> Any:
     ]
     error = None
     try:
-        batch = next(iter(DataLoader(Subset(run.train_subset, range(min(2, len(run.train_subset)))), batch_size=2)))
+        two = Subset(run.train_subset, range(min(2, len(run.train_subset))))
+        batch = next(iter(DataLoader(two, batch_size=2, collate_fn=run.pipeline.collate)))
         with torch.no_grad():
             run.pipeline.task.compute_train_loss(
                 send_to_device(batch, torch.device(run.device)), run.model, sample=False

@@ -1,0 +1,115 @@
+"""Hugging Face clients as their authors write them: a tokenised dataset without a torch format (dicts
+of python lists) batched by `transformers.default_data_collator` through `Pipeline.dataloader_kwargs`,
+a GPT-2 whose Conv1D layers are Linear (so kronfluence tracks them), per-token and per-module scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from torch.nn import functional as F
+
+from influence_doctor import Pipeline, diagnose
+from tests.test_coverage_hf import SEQUENCE, VOCAB, gpt2
+
+pytest.importorskip("transformers")
+
+
+class HFDataset(torch.utils.data.Dataset):
+    """What `datasets.Dataset.map(tokenize)` yields without `set_format("torch")`: dicts of python lists."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        ids = torch.randint(0, VOCAB, (count, SEQUENCE), generator=torch.Generator().manual_seed(seed))
+        self.rows = [{"input_ids": row.tolist(), "attention_mask": [1] * SEQUENCE} for row in ids]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.rows[index]
+
+
+class LanguageModelingTask:
+    """kronfluence's WikiText example, in short: summed next-token cross-entropy on the collated dict."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].reshape(-1, VOCAB).float()
+        targets = batch["input_ids"][:, 1:].reshape(-1)
+        if sample:
+            with torch.no_grad():
+                targets = torch.multinomial(F.softmax(logits.detach(), dim=-1), 1).squeeze(-1)
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self):
+        return None
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
+def _task():
+    from kronfluence.task import Task
+
+    return type("HFLanguageModeling", (LanguageModelingTask, Task), {})()
+
+
+def hf_pipeline(name: str = "hf-gpt2", **score_options) -> Pipeline:
+    from transformers import default_data_collator
+
+    return Pipeline(
+        name=name,
+        model=lambda: gpt2(linear=True),
+        task=_task(),
+        train_dataset=HFDataset(48, seed=0),
+        query_dataset=HFDataset(4, seed=1),
+        factor_args=FactorArguments(strategy="ekfac"),
+        score_args=ScoreArguments(**score_options),
+        scores=("pairwise",),
+        batch_size=16,
+        query_batch_size=4,
+        dataloader_kwargs={"collate_fn": default_data_collator},
+    )
+
+
+def test_a_tokenised_dataset_batched_by_the_users_collator_is_diagnosed(tmp_path):
+    report = diagnose(hf_pipeline(), out_dir=tmp_path, progress=False)
+    assert report.status == "healthy", [f.message for f in report.findings if f.severity != "info"]
+    assert report.document["scores"]["pairwise"]["shape"] == [4, 48]
+    coverage = next(s for s in report.document["stages"] if s["name"] == "train")["metrics"]["coverage"]
+    assert coverage.get("error") is None  # the doctor's own pass collated the dicts as the user does
+
+
+def test_a_pipeline_without_the_collator_fails_clearly_not_silently():
+    with pytest.raises(ValueError, match="DataLoaderKwargs"):
+        Pipeline(name="x", model=None, task=None, train_dataset=[], query_dataset=[], dataloader_kwargs=3)
+    with pytest.raises(ValueError, match="collate"):
+        Pipeline(name="x", model=None, task=None, train_dataset=[], query_dataset=[], dataloader_kwargs={"collate": 1})
+
+
+def test_per_token_scores_are_checked_and_reported(tmp_path):
+    """Per-token and per-module scores: rankings, checks and the report work on scores summed over tokens
+    and modules; the largest token score is located; the user's ScoreArguments stay as written (kronfluence
+    switches per-token off in the arguments it computes self-influence with)."""
+    pipeline = hf_pipeline("hf-gpt2-tokens", compute_per_token_scores=True, compute_per_module_scores=True)
+    pipeline.scores = ("pairwise", "self")
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False)
+    assert report.status == "healthy", [f.message for f in report.findings if f.severity != "info"]
+    assert pipeline.score_args.compute_per_token_scores is True
+    pairwise = report.document["scores"]["pairwise"]
+    assert pairwise["shape"] == [4, 48] and pairwise["tokens"] == 16
+    assert report.document["scores"]["self"]["shape"] == [48]
+    per_module = report.run.artifacts["pairwise_scores"]
+    assert len(per_module) > 1 and next(iter(per_module.values())).shape == (4, 48, 16)
+    top = report.document["scores"]["top_influences"][0]["top"][0]
+    from influence_doctor.report.scores import total_scores
+
+    summed = total_scores(per_module)
+    assert top["score"] == pytest.approx(float(summed[0].max()), rel=1e-5)
+    stage = next(s for s in report.document["stages"] if s["name"] == "pairwise_scores")
+    located = stage["metrics"]["checks"]["pairwise"]["per_token"]
+    assert located["tokens"] == 16 and located["largest_at"].startswith("query ")
+    assert report.document["fidelity"]["float64"]["pairwise"]["median_spearman"] > 0.99  # probes on summed scores
