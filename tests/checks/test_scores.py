@@ -208,6 +208,7 @@ def test_a_nonfinite_token_score_is_located_to_its_token():
     per_token[2, 4, 0] = 100.0
     outcome = check_scores("pairwise_scores", "pairwise", per_token.sum(-1), Thresholds(), per_token=per_token)
     (finding,) = [f for f in outcome.findings if f.check == "scores.finite"]
-    assert "1 of 60 pairwise scores are inf or NaN, the first at query 1, training example 2, token 3" in finding.message
+    expected = "1 of 60 pairwise scores are inf or NaN, the first at query 1, training example 2, token 3"
+    assert expected in finding.message
     assert outcome.metrics["per_token"]["largest_at"] == "query 2, training example 4, token 0"
     assert outcome.metrics["per_token"]["largest"] == 100.0
