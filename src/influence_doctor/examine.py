@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from influence_doctor.checks.conditioning import check_damped_spectrum
+from influence_doctor.checks.contract import check_examples_finite, check_task_contract
 from influence_doctor.checks.covariance import check_covariance_sum, check_examples_processed, overflow_prone
 from influence_doctor.checks.coverage import check_coverage
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
@@ -199,6 +200,10 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
         measured = record.metrics.get("sample_loss")
         sample = SampleLoss(**measured) if measured else None
         found.add("loss", check_loss_curve(run.monitor.loss, run.monitor.validation_loss, thresholds, sample))
+        if contract := record.metrics.get("task_contract"):
+            found.add("task", check_task_contract(contract, thresholds))
+        if alone := record.metrics.get("examples_alone"):
+            found.add("examples", check_examples_finite(alone.get("train"), alone.get("query")))
         if coverage := record.metrics.get("coverage"):
             found.add("coverage", check_coverage(coverage, thresholds))
         if run.model is not None:

@@ -25,6 +25,9 @@ CAUSES: tuple[str, ...] = (
     "training-oscillating",
     "out-of-memory",
     "untracked-modules",
+    "loss-not-summed",
+    "batch-dependent",
+    "nonfinite-examples",
 )
 """The fixed vocabulary of root-cause tags."""
 

@@ -204,25 +204,29 @@ class Lab:
         shift: tuple[str, float] | None = None,
         damping: Mapping[str, float] | None = None,
         kinds: tuple[str, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Trial:
         """Factors and the pipeline's scores under these settings; cached, so asking twice is free.
 
         `shift` = (mode, ε) adds a diagonal shift to the trial's covariances (a doctored copy) before
         the eigendecomposition. `damping` maps each tracked module to its own damping; kronfluence takes
         one damping for all modules, so modules sharing a value are scored together, the rest apart.
+        `batch_size` replaces the run's train batch size (a correct Task gives the same scores at any).
         """
         damping = dict(damping) if damping else None
         kinds = tuple(kinds) if kinds is not None else tuple(self.run.pipeline.scores)
-        key = settings_key(factor_args, score_args, shift=shift, damping=damping, kinds=kinds)
+        batch = None if batch_size == self.run.train_batch_size else batch_size
+        extra = {"batch": batch} if batch else {}
+        key = settings_key(factor_args, score_args, shift=shift, damping=damping, kinds=kinds, **extra)
         if key not in self._trials:
             started = time.perf_counter()
             trial = Trial(label, copy.deepcopy(factor_args), copy.deepcopy(score_args), self.examples, self.queries)
-            factors_name, artifacts, errors, seconds = self._fit_factors(factor_args, shift)
+            factors_name, artifacts, errors, seconds = self._fit_factors(factor_args, shift, batch)
             trial.artifacts.update(artifacts)
             trial.errors.update(errors)
             trial.stage_seconds.update(seconds)
             if not errors:
-                self._score(trial, factors_name, damping, kinds)
+                self._score(trial, factors_name, damping, kinds, batch)
             trial.damping, trial.shift = damping, shift
             trial.seconds = time.perf_counter() - started
             self.seconds += trial.seconds
@@ -230,11 +234,11 @@ class Lab:
         return self._trials[key]
 
     def _fit_factors(
-        self, factor_args: Any, shift: tuple[str, float] | None
+        self, factor_args: Any, shift: tuple[str, float] | None, batch_size: int | None = None
     ) -> tuple[str, dict[str, Any], dict[str, str], dict[str, float]]:
         from kronfluence.factor.config import FactorConfig
 
-        key = settings_key(factor_args, shift=shift)
+        key = settings_key(factor_args, shift=shift, **({"batch": batch_size} if batch_size else {}))
         if key in self._factors:
             return self._factors[key]
         analyzer = self.run.analyzer
@@ -243,7 +247,7 @@ class Lab:
         artifacts: dict[str, Any] = {}
         errors: dict[str, str] = {}
         seconds: dict[str, float] = {}
-        batch = self.run.train_batch_size
+        batch = batch_size or self.run.train_batch_size
         load_from: str | None = None
         steps = (
             ("covariance", strategy.requires_covariance_matrices),
@@ -280,24 +284,38 @@ class Lab:
         self._factors[key] = (name, artifacts, errors, seconds)
         return self._factors[key]
 
-    def _score(self, trial: Trial, factors_name: str, damping: dict[str, float] | None, kinds: tuple[str, ...]) -> None:
+    def _score(
+        self,
+        trial: Trial,
+        factors_name: str,
+        damping: dict[str, float] | None,
+        kinds: tuple[str, ...],
+        batch_size: int | None = None,
+    ) -> None:
         for kind in kinds:
             stage = SCORE_STAGE_OF[kind]
             seed_everything(self.run.seed + STAGES.index(stage))
             started = time.perf_counter()
             try:
-                trial.artifacts[stage] = self._scores_with_damping(kind, factors_name, trial.score_args, damping)
+                trial.artifacts[stage] = self._scores_with_damping(
+                    kind, factors_name, trial.score_args, damping, batch_size
+                )
             except Exception as exc:
                 trial.errors[stage] = _describe(exc)
             trial.stage_seconds[stage] = time.perf_counter() - started
 
     def _scores_with_damping(
-        self, kind: str, factors_name: str, score_args: Any, damping: dict[str, float] | None
+        self,
+        kind: str,
+        factors_name: str,
+        score_args: Any,
+        damping: dict[str, float] | None,
+        batch_size: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """kronfluence's scores; with per-module damping, one pass per distinct value, each module's
         own scores taken from the pass that used its damping."""
         if damping is None:
-            return self._kronfluence_scores(kind, factors_name, score_args)
+            return self._kronfluence_scores(kind, factors_name, score_args, batch_size)
         by_value: dict[float, list[str]] = {}
         for module, value in sorted(damping.items()):
             by_value.setdefault(float(value), []).append(module)
@@ -306,13 +324,15 @@ class Lab:
             args = copy.deepcopy(score_args)
             args.damping_factor = value
             args.compute_per_module_scores = True
-            per_module = self._kronfluence_scores(kind, factors_name, args)
+            per_module = self._kronfluence_scores(kind, factors_name, args, batch_size)
             combined.update({module: per_module[module] for module in modules if module in per_module})
         return combined
 
-    def _kronfluence_scores(self, kind: str, factors_name: str, score_args: Any) -> dict[str, torch.Tensor]:
-        analyzer, batch = self.run.analyzer, self.run.train_batch_size
-        name = f"{factors_name}-{kind}-{_short_hash(score_args)}"
+    def _kronfluence_scores(
+        self, kind: str, factors_name: str, score_args: Any, batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        analyzer, batch = self.run.analyzer, batch_size or self.run.train_batch_size
+        name = f"{factors_name}-{kind}-{_short_hash(score_args)}{f'-b{batch_size}' if batch_size else ''}"
         if kind == "pairwise":
             query_batch = self.run.pipeline.query_batch_size
             calls.pairwise_scores(analyzer, name, factors_name, self.query, self.train, query_batch, batch, score_args)

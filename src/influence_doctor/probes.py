@@ -78,6 +78,8 @@ def run_probes(run: Run, labs: Labs, thresholds: Thresholds | None = None, dampi
         summary["headroom"] = _timed(lambda: measure_headroom(run, labs, thresholds), labs)
         if damping:
             summary["damping"] = _timed(lambda: measure_damping_sensitivity(run, labs, thresholds), labs)
+        if _contract_broken(run):
+            summary["batch_size"] = _timed(lambda: measure_batch_sensitivity(run, labs), labs)
     finally:
         run.analyzer.disable_tqdm = bars
     summary.update(examples=labs.probe.examples, queries=labs.probe.queries)
@@ -268,6 +270,43 @@ def measure_damping_sensitivity(run: Run, labs: Labs, thresholds: Thresholds) ->
             check_damping_sensitivity(SCORE_STAGE_OF[kind], agreement, thresholds),
         )
     return result
+
+
+CONTRACT_CHECKS = frozenset({"task.loss_reduction", "task.batch_independence"})
+
+
+def _contract_broken(run: Run) -> bool:
+    return any(f.check in CONTRACT_CHECKS and f.severity == "fail" for f in run.stages["train"].findings)
+
+
+def measure_batch_sensitivity(run: Run, labs: Labs) -> dict[str, Any]:
+    """The effect of a Task that is not a sum over examples, measured: the rankings at the configured
+    train batch size against three quarters of it (a correct Task ranks alike at any batch size). The
+    number joins the contract's findings."""
+    lab = labs.probe
+    batch = run.train_batch_size
+    other = max(1, (3 * batch) // 4)
+    if other == batch:
+        return {"skipped": "a batch of one has no smaller size to compare with"}
+    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
+    base = lab.configured()
+    smaller = lab.trial(run.factor_args, run.score_args, label=f"train batch size {other}", batch_size=other)
+    before, after = base.scores(kind), smaller.scores(kind)
+    if before is None or after is None:
+        return {"skipped": "the scores did not complete at both batch sizes"}
+    agreement = score_agreement(after, before)
+    effect = (
+        f"; measured on {lab.examples} examples: {kind} rankings at train batch sizes {batch} and {other} agree at "
+        f"a median per-query Spearman of {agreement['median_spearman']:.4f}"
+    )
+    record = run.stages["train"]
+    record.findings = [
+        dataclasses.replace(f, message=f.message.rstrip(".") + effect + ".")
+        if f.check in CONTRACT_CHECKS and "measured on" not in f.message
+        else f
+        for f in record.findings
+    ]
+    return {"batch_sizes": [batch, other], kind: agreement}
 
 
 def _configured_storage(run: Run) -> dict[str, dict[str, str]]:

@@ -173,6 +173,15 @@ class Thresholds:
             "by rounding, not a wrong result."
         },
     )
+    # the Task's contract
+    contract_rtol_sqrt_eps: float = field(
+        default=1.0,
+        metadata={
+            "help": "Relative difference allowed between a batch's loss (and gradient) and the sum over its "
+            "examples alone, in √eps of the dtype it is measured in (float64 1.5e-8: a different summation "
+            "order stays far below; a batch mean is off by 1 − 1/B)."
+        },
+    )
     # coverage
     min_tracked_share: float = field(
         default=0.5,

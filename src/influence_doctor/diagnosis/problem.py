@@ -33,6 +33,9 @@ EXPLANATIONS: dict[str, str] = {
     "training-oscillating": "training oscillates instead of converging",
     "out-of-memory": "a stage ran out of memory",
     "untracked-modules": "parameters outside kronfluence's tracked modules are invisible to the scores",
+    "loss-not-summed": "the Task's loss or measurement is a batch mean, not a sum over examples",
+    "batch-dependent": "an example's loss or gradient depends on the other examples in its batch",
+    "nonfinite-examples": "some examples' loss is inf/NaN, and kronfluence scores them 0",
 }
 
 

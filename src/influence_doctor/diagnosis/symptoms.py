@@ -43,12 +43,21 @@ KIND_OF_CHECK: dict[str, str] = {
 }
 """Fail checks → symptom kind. Training fails are `training`, stage errors `raised` (or `oom`)."""
 
+TASK_CHECKS: dict[str, str] = {
+    "task.loss_reduction": "reduction",
+    "task.batch_independence": "reduction",
+    "task.examples_finite": "examples",
+}
+"""The Task's contract, measured in the train stage: symptoms of their own, apart from the curve."""
+
 PROPAGATING = frozenset({"nonfinite", "raised"})
 """Kinds that flow downstream: a stage fed inf/NaN or nothing fails in turn."""
 
 MEASUREMENTS: dict[str, str] = {
     "model": "non-finite parameters",
     "training": "the training curve",
+    "reduction": "the Task's loss of a batch against the sum over its examples alone",
+    "examples": "examples whose loss alone is inf/NaN",
     "nonfinite": "non-finite entries in {stage}",
     "raised": "{stage} raised",
     "undefined": "non-finite {stage} in float64 at the same damping",
@@ -100,6 +109,8 @@ def _kind(finding: Finding, view: StageView) -> str:
     if finding.check.endswith(".raised"):
         text = f"{(view.error or {}).get('type', '')} {(view.error or {}).get('message', '')}"
         return "oom" if OUT_OF_MEMORY.search(text) else "raised"
+    if finding.check in TASK_CHECKS:
+        return TASK_CHECKS[finding.check]
     if finding.stage == "train":
         return "model" if finding.cause == "nonfinite-model" else "training"
     return KIND_OF_CHECK.get(finding.check, "other")

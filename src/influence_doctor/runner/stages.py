@@ -91,7 +91,9 @@ def run_train_stage(
         record.metrics["steps"] = len(run.monitor.loss)
         record.metrics["parameters"] = sum(p.numel() for p in model.parameters())
         record.metrics["parameter_dtypes"] = sorted({_dtype_name(p.dtype) for p in model.parameters()})
+        record.metrics["task_contract"] = _measure_contract(run, model, train_dataset, query_dataset)
         _prepare_analysis(run, model, train_dataset, query_dataset, show_bars=progress.interactive)
+        record.metrics["examples_alone"] = _examples_alone(run)
         if on_stage_done is not None:
             on_stage_done(record)
     return run
@@ -140,6 +142,38 @@ def _record_sample_loss(record: StageRecord, untrained: float | str, trained: fl
         record.metrics["sample_loss_error"] = untrained if isinstance(untrained, str) else trained
         return
     record.metrics["sample_loss"] = {"untrained": untrained, "trained": trained, "examples": examples}
+
+
+def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: Any) -> dict[str, Any]:
+    """The Task on small batches against their examples alone (seeded examples; before kronfluence
+    wraps the model), without touching the random state."""
+    import torch
+    from torch.utils.data import Subset
+
+    from influence_doctor.runner.contract import CONTRACT_EXAMPLES, measure_contract
+
+    train = Subset(train_dataset, _subsample(len(train_dataset), CONTRACT_EXAMPLES, run.seed))
+    queries = Subset(query_dataset, range(min(CONTRACT_EXAMPLES, len(query_dataset))))
+    devices = [torch.device(run.device).index or 0] if str(run.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        return measure_contract(run.pipeline.task, model, train, queries, run.pipeline.collate, run.device)
+
+
+def _examples_alone(run: Run) -> dict[str, Any]:
+    """Each analysed training example and query alone, through the prepared model: the non-finite ones."""
+    import torch
+
+    from influence_doctor.runner.contract import nonfinite_examples
+
+    task, collate, device = run.pipeline.task, run.pipeline.collate, run.device
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        return {
+            "train": nonfinite_examples(task, run.model, run.train_subset, run.train_indices, collate, device),
+            "query": nonfinite_examples(
+                task, run.model, run.query_subset, run.query_indices, collate, device, measurement=True
+            ),
+        }
 
 
 def _synchronise_ranks(record: StageRecord, model: Any) -> None:
