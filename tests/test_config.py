@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.config import Gates, load_config
 from influence_doctor.errors import UsageError
 
@@ -18,7 +19,7 @@ def test_missing_table_gives_defaults(tmp_path):
     config = load_config(_write(tmp_path, "[project]\nname = 'x'\n"))
     assert config.reports_dir == "reports"
     assert config.gates == Gates()
-    assert config.make_thresholds().outlier_mad == 1e5
+    assert config.make_thresholds().outlier_mad == Thresholds().outlier_mad
 
 
 def test_spec_example_parses_and_thresholds_override(tmp_path):

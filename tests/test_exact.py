@@ -527,7 +527,7 @@ def test_exact_fidelity_reports_agreement_and_per_module_damping(kronfluence_sin
     source = kronfluence_single_example
     run = SimpleNamespace(
         model=source.model,
-        pipeline=SimpleNamespace(task=source.task),
+        pipeline=SimpleNamespace(task=source.task, collate=None),
         train_subset=source.train,
         query_subset=source.query,
         factor_args=FactorArguments(strategy="ekfac"),

@@ -33,7 +33,7 @@ from influence_doctor.report.html import render_html
 from influence_doctor.report.strict_json import dumps, strict
 from influence_doctor.report.text import render
 from influence_doctor.runner import Run, RunOptions, create_run, run_influence_stages, run_train_stage
-from influence_doctor.runner.stages import settle_status
+from influence_doctor.runner.stages import preflight_blocked, settle_status
 
 DEFAULT_PROBE_EXAMPLES = 64
 """Size of the pilot that times the stages when the probes themselves are off."""
@@ -145,11 +145,12 @@ def diagnose(
             run_train_stage(run, reporter, on_stage_done=examine)
             gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
             spent = options.prior_seconds + time.perf_counter() - started
-            probe = _size_rehearsal(run, reporter, spent) if options.examples == "auto" else None
+            blocked = preflight_blocked(run)  # nothing is fitted: not the pilots, the stages or the probes
+            probe = _size_rehearsal(run, reporter, spent) if options.examples == "auto" and not blocked else None
             run_influence_stages(run, reporter, on_stage_done=examine)
             labs = treatment.labs = Labs(
                 run,
-                options.probe_examples,
+                0 if blocked else options.probe_examples,
                 thresholds,
                 note=reporter.note,
                 probe=probe if options.probe_examples else None,

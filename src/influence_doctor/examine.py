@@ -21,6 +21,7 @@ from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.measures import spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
+from influence_doctor.checks.sizes import check_module_sizes
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import SampleLoss, check_loss_curve, check_parameters
 from influence_doctor.findings import Finding
@@ -202,6 +203,8 @@ def examine_stage(run: Run, record: StageRecord, thresholds: Thresholds | None =
         found.add("loss", check_loss_curve(run.monitor.loss, run.monitor.validation_loss, thresholds, sample))
         if contract := record.metrics.get("task_contract"):
             found.add("task", check_task_contract(contract, thresholds))
+        if (sizes := record.metrics.get("preflight")) and "modules" in sizes:
+            found.add("preflight", check_module_sizes(sizes, thresholds))
         if alone := record.metrics.get("examples_alone"):
             found.add("examples", check_examples_finite(alone.get("train"), alone.get("query")))
         if coverage := record.metrics.get("coverage"):

@@ -173,6 +173,14 @@ class Thresholds:
             "by rounding, not a wrong result."
         },
     )
+    # pre-flight sizes
+    preflight_eigh_seconds: float = field(
+        default=300.0,
+        metadata={
+            "help": "Warn before fitting when one module's eigendecomposition is projected (n³ from a measured "
+            "small eigh) past this many seconds: five minutes for one step of one module is past any rehearsal."
+        },
+    )
     # the Task's contract
     contract_rtol_sqrt_eps: float = field(
         default=1.0,

@@ -169,7 +169,7 @@ def _measured_directly(cause: str) -> Callable[[Symptom, Context], list[Hypothes
 
     def hypotheses(symptom: Symptom, context: Context) -> list[Hypothesis]:
         named = {f.cause for f in symptom.findings if f.cause}
-        if symptom.kind in ("training", "reduction", "examples") and cause not in named:
+        if symptom.kind in ("training", "reduction", "examples", "preflight") and cause not in named:
             return []
         return [Hypothesis(cause, symptom.stage, None, ())]
 
@@ -185,7 +185,7 @@ CAUSE_RULES: tuple[CauseRule, ...] = (
     CauseRule("loss-not-summed", frozenset({"reduction"}), _measured_directly("loss-not-summed"), treatable=False),
     CauseRule("batch-dependent", frozenset({"reduction"}), _measured_directly("batch-dependent"), treatable=False),
     CauseRule("nonfinite-examples", frozenset({"examples"}), _measured_directly("nonfinite-examples"), treatable=False),
-    CauseRule("out-of-memory", frozenset({"oom"}), _measured_directly("out-of-memory"), MEMORY_RUNGS),
+    CauseRule("out-of-memory", frozenset({"oom", "preflight"}), _measured_directly("out-of-memory"), MEMORY_RUNGS),
     CauseRule("fp16-overflow", frozenset({"nonfinite", "raised", "projected"}), _fp16_overflow, DTYPE_RUNGS),
     CauseRule("eigendecomposition-failed", frozenset({"nonfinite", "raised"}), _eigendecomposition_failed, EIGEN_RUNGS),
     CauseRule("dtype-drift", frozenset({"orthogonality"}), _dtype_drift, ("dtype:float32", "dtype:float64")),

@@ -47,6 +47,7 @@ TASK_CHECKS: dict[str, str] = {
     "task.loss_reduction": "reduction",
     "task.batch_independence": "reduction",
     "task.examples_finite": "examples",
+    "preflight.memory": "preflight",
 }
 """The Task's contract, measured in the train stage: symptoms of their own, apart from the curve."""
 
@@ -58,6 +59,7 @@ MEASUREMENTS: dict[str, str] = {
     "training": "the training curve",
     "reduction": "the Task's loss of a batch against the sum over its examples alone",
     "examples": "examples whose loss alone is inf/NaN",
+    "preflight": "bytes a module's eigendecomposition needs against the memory budget",
     "nonfinite": "non-finite entries in {stage}",
     "raised": "{stage} raised",
     "undefined": "non-finite {stage} in float64 at the same damping",

@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+_LOSS_DTYPES: set[torch.dtype] = set()
+"""Dtypes the Task returned its values in during one measurement (a Task may compute in float32 even
+on a float64 model: `logits.float()`), so that the tolerance follows the coarsest."""
+
 CONTRACT_EXAMPLES = 4
 """Training (and query) examples the contract is measured on: batches of 2 and of 4 tell a mean (1/B
 at both sizes) from a sum (1) and from anything else."""
@@ -34,6 +38,7 @@ def measure_contract(
     examples alone; a JSON-ready record, or {"error": ...} when the Task cannot be run this way."""
     try:
         subject, dtype = _subject_model(model)
+        _LOSS_DTYPES.clear()
         record: dict[str, Any] = {"dtype": str(dtype).replace("torch.", ""), "probes": []}
         parameters = [p for p in subject.parameters() if p.requires_grad] or list(subject.parameters())
         for name, dataset, quantity in (
@@ -49,6 +54,8 @@ def measure_contract(
                 alone = [_prepared(collate([example]), dtype, device) for example in chosen]
                 probe = _compare(quantity, batch, alone, parameters if name == "train loss" else None)
                 record["probes"].append({"quantity": name, "batch": size, **probe})
+        coarsest = max((torch.finfo(d).eps, str(d)) for d in {dtype, *_LOSS_DTYPES} if d.is_floating_point)
+        record["dtype"] = coarsest[1].replace("torch.", "")  # the tolerance follows the coarsest computation
         if subject is not model:
             del subject
         return record
@@ -119,8 +126,11 @@ def _evaluate(
 ) -> tuple[float, torch.Tensor | None]:
     if parameters is None:
         with torch.no_grad():
-            return float(quantity(batch).detach().double().sum()), None
+            value = quantity(batch)
+            _LOSS_DTYPES.add(value.dtype)
+            return float(value.detach().double().sum()), None
     value = quantity(batch)
+    _LOSS_DTYPES.add(value.dtype)
     gradients = torch.autograd.grad(value.sum(), parameters, allow_unused=True)
     flat = torch.cat(
         [

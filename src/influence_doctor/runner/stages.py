@@ -94,6 +94,7 @@ def run_train_stage(
         record.metrics["task_contract"] = _measure_contract(run, model, train_dataset, query_dataset)
         _prepare_analysis(run, model, train_dataset, query_dataset, show_bars=progress.interactive)
         record.metrics["examples_alone"] = _examples_alone(run)
+        record.metrics["preflight"] = _preflight(run)
         if on_stage_done is not None:
             on_stage_done(record)
     return run
@@ -157,6 +158,26 @@ def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: A
     devices = [torch.device(run.device).index or 0] if str(run.device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
         return measure_contract(run.pipeline.task, model, train, queries, run.pipeline.collate, run.device)
+
+
+def _preflight(run: Run) -> dict[str, Any]:
+    """Each tracked module's factor sizes and eigendecomposition cost, before anything is fitted."""
+    from influence_doctor.projection.preflight import preflight
+    from influence_doctor.runner.memory import device_memory_bytes
+
+    budget = run.options.memory_budget or device_memory_bytes(run.device)
+    try:
+        return preflight(run.model, run.factor_args, run.device, int(budget) if budget else None)
+    except Exception as exc:  # a report on sizes, never a reason to stop the run
+        return {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def preflight_blocked(run: Run) -> list[str]:
+    """Tracked modules the pre-flight found too large to factor within the memory budget."""
+    from influence_doctor.checks.sizes import over_budget
+
+    record = run.stages["train"].metrics.get("preflight") or {}
+    return over_budget(record) if "modules" in record else []
 
 
 def _examples_alone(run: Run) -> dict[str, Any]:
@@ -341,12 +362,17 @@ def run_influence_stages(
         "self_scores": "the pipeline does not ask for self scores",
     }
     start = INFLUENCE_STAGES.index(first_stage)
+    blocked = preflight_blocked(run)
     for index, name in enumerate(INFLUENCE_STAGES):
         if index < start:
             continue
         record = run.stages[name] = StageRecord(name)
         run.artifacts.pop(name, None)  # never let a stale result stand in for a stage that re-runs
         record.configured_dtypes = _configured_dtypes(run, name)
+        if blocked:
+            record.reason = f"pre-flight: {', '.join(blocked)} cannot be factored within the memory budget"
+            progress.end(name, "not-run", detail=record.reason)
+            continue
         if not needed[name]:
             record.status = "skipped"
             record.reason = reasons.get(name, f"strategy {run.factor_args.strategy!r} does not need it")

@@ -1,0 +1,90 @@
+"""Pre-flight sizes (`projection/preflight.py`), judged: a module too large to factor is named before
+its factors are fitted, with the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from influence_doctor.checks.outcome import CheckOutcome
+from influence_doctor.checks.thresholds import Thresholds
+from influence_doctor.findings import Finding
+
+FIX = (
+    "leave it out of the tracked modules (Task.get_influence_tracked_modules; an LM's output layer over its "
+    "vocabulary is the usual one), or use a smaller eigendecomposition_dtype; kronfluence's partitions do not "
+    "split one module's eigendecomposition"
+)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 2**30:.3g} GiB"
+
+
+def peak_bytes(record: Mapping[str, Any], module: str) -> int:
+    """What is held while `module` is eigendecomposed: every module's covariances and its working set."""
+    modules = record["modules"]
+    stored = sum(entry["covariance_bytes"] for entry in modules.values())
+    return stored + modules[module].get("eigendecomposition_bytes", 0)
+
+
+def over_budget(record: Mapping[str, Any]) -> list[str]:
+    """Modules whose eigendecomposition cannot fit the memory budget (exact bytes, not a projection)."""
+    budget = record.get("budget_bytes")
+    if not budget:
+        return []
+    return [module for module in record.get("modules", {}) if peak_bytes(record, module) > budget]
+
+
+def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> CheckOutcome:
+    """`preflight.memory` (fail: the bytes are counted, the budget is the device's) and
+    `preflight.eigendecomposition_time` (warn: the time is extrapolated from a measured small eigh)."""
+    outcome = CheckOutcome()
+    modules = record.get("modules") or {}
+    if not modules:
+        return outcome
+    dtype = record.get("eigendecomposition_dtype", "float64")
+    largest = max(modules, key=lambda m: max(modules[m]["activation"], modules[m]["gradient"]))
+    outcome.metrics["largest_module"] = {"module": largest, **modules[largest]}
+    budget = record.get("budget_bytes")
+    for module in over_budget(record):
+        entry = modules[module]
+        side = max(entry["activation"], entry["gradient"])
+        outcome.findings.append(
+            Finding(
+                check="preflight.memory",
+                stage="train",
+                subject=module,
+                severity="fail",
+                value=float(peak_bytes(record, module)),
+                limit=float(budget),
+                cause="out-of-memory",
+                message=f"{module} has a {side}×{side} covariance: its eigendecomposition in {dtype} needs "
+                f"{_gb(entry['eigendecomposition_bytes'])} (matrix, eigenvectors, workspace) beside "
+                f"{_gb(peak_bytes(record, module) - entry['eigendecomposition_bytes'])} of covariances, over the "
+                f"{_gb(budget)} budget; nothing was fitted. Fix: {FIX}.",
+            )
+        )
+    slow = [
+        m for m, e in modules.items() if e.get("eigendecomposition_seconds", 0.0) > thresholds.preflight_eigh_seconds
+    ]
+    for module in slow:
+        if module in over_budget(record):
+            continue
+        seconds = modules[module]["eigendecomposition_seconds"]
+        side = max(modules[module]["activation"], modules[module]["gradient"])
+        outcome.findings.append(
+            Finding(
+                check="preflight.eigendecomposition_time",
+                stage="train",
+                subject=module,
+                severity="warn",
+                value=seconds,
+                limit=thresholds.preflight_eigh_seconds,
+                cause="out-of-memory",
+                message=f"{module} has a {side}×{side} covariance: its eigendecomposition alone is projected at "
+                f"~{seconds:.3g} s (a measured {record['eigh_reference']['size']}² eigh × (n/"
+                f"{record['eigh_reference']['size']})³; not measured at this size). Fix: {FIX}.",
+            )
+        )
+    return outcome
