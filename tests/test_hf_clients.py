@@ -113,3 +113,15 @@ def test_per_token_scores_are_checked_and_reported(tmp_path):
     located = stage["metrics"]["checks"]["pairwise"]["per_token"]
     assert located["tokens"] == 16 and located["largest_at"].startswith("query ")
     assert report.document["fidelity"]["float64"]["pairwise"]["median_spearman"] > 0.99  # probes on summed scores
+
+
+def test_low_rank_query_gradients_report_their_cost_as_info(tmp_path):
+    """query_gradient_low_rank is the user's approximation: its cost against full rank, measured on the
+    probe, is `info` and never changes the verdict."""
+    pipeline = hf_pipeline("hf-gpt2-low-rank", query_gradient_low_rank=2)
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, fix=False)
+    (finding,) = [f for f in report.findings if f.check == "scores.low_rank_cost"]
+    assert not any("scores.low_rank_cost" in [f.check for f in p.evidence] for p in report.problems)
+    assert finding.severity == "info" and "at rank 2" in finding.message
+    measured = report.run.probes["low_rank"]["pairwise"]["median_spearman"]
+    assert finding.value == measured and -1.0 <= measured < 1.0  # rank 2 of 16-dimensional layers loses something

@@ -73,7 +73,7 @@ def _problems(report):
 
 
 def test_a_batch_mean_is_loss_not_summed_and_a_sum_passes(tmp_path):
-    mean = diagnose(_pipeline("mean", MeanClassification(), classifier), out_dir=tmp_path, progress=False)
+    mean = diagnose(_pipeline("mean", MeanClassification(), classifier), out_dir=tmp_path, progress=False, fix=False)
     assert ("loss-not-summed", "train") in _problems(mean)
     assert mean.status == "sick"
     (finding,) = [f for f in mean.findings if f.check == "task.loss_reduction" and f.subject == "train loss"]
@@ -141,3 +141,23 @@ def test_a_task_that_cannot_be_measured_gives_no_finding():
     many = {"checked": 100, "nonfinite": list(range(30))}
     (finding,) = check_examples_finite(many, None).findings
     assert "and 10 more" in finding.message and math.isclose(finding.value, 30.0)
+
+
+def test_a_batch_mean_is_healed_by_making_the_task_a_sum(tmp_path):
+    """The rung wraps the Task so each batch's loss is multiplied by its size: rehearsed on the probe, then
+    applied; the contract is measured again and holds, and the scores equal those of the correctly summed
+    Task (the fix's reference is float64 of what the user meant)."""
+    healed = diagnose(_pipeline("mean", MeanClassification(), classifier), out_dir=tmp_path, progress=False)
+    assert healed.status == "healed", [p.message for p in healed.problems]
+    (remedy,) = healed.remedies
+    assert (remedy["cause"], remedy["rung"], remedy["outcome"]) == ("loss-not-summed", "task:sum", "healed")
+    assert remedy["rehearsal"]["rehearsed"] is True
+    assert not [f for f in healed.findings if f.check == "task.loss_reduction" and f.severity == "fail"]
+    assert 'reduction="sum"' in healed.prescription["task"]
+    assert healed.document["fidelity"]["fix"]["median_spearman"] > 0.999
+    summed = diagnose(_pipeline("summed", SummedClassification(), classifier), out_dir=tmp_path, progress=False)
+    from influence_doctor.report.scores import total_scores
+
+    mine = total_scores(healed.run.artifacts["pairwise_scores"])
+    expected = total_scores(summed.run.artifacts["pairwise_scores"])
+    assert torch.allclose(mine, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

@@ -42,6 +42,7 @@ class Change:
     shift: tuple[str, float] | None = None  # ("mean" | "trace", epsilon) for doctored covariances
     batch_size: int | None = None
     module_damping: dict[str, float] | None = None  # per-module damping: experiments only (kronfluence takes one)
+    summed_task: bool | None = None  # the Task's batch mean made a sum (None: the Task as it is)
 
     @property
     def method_changed(self) -> bool:
@@ -76,6 +77,7 @@ class Settings:
     damping_floor: float | None = None  # largest over modules of eps(precondition dtype)·λmax
     artifacts: dict[str, Any] = field(default_factory=dict)  # factors measured with these settings
     module_damping: dict[str, float] | None = None  # a per-module damping already in force (experiments)
+    summed_task: bool = False  # whether the Task is already made a sum
 
 
 def plan(change_id: str, target: Any, settings: Settings) -> tuple[Change | None, str]:
@@ -247,6 +249,19 @@ def _batch(rung, argument, on, settings, fa, sa):
     return change, ""
 
 
+def _task(rung, argument, on, settings, fa, sa):
+    """`task:sum`: each batch's loss and measurement × the batch's size, for a Task whose loss is a batch
+    mean — exact, since a mean times its count is the sum kronfluence needs."""
+    if argument != "sum":
+        return None, f"unknown task change {argument!r}"
+    if settings.summed_task:
+        return None, "the Task is already made a sum"
+    change = _change(rung, {"task.loss": ("batch mean", "× batch size")}, "covariance", fa, sa)
+    change.summed_task = True
+    change.description = "each batch's loss and measurement × its size (the Task's mean made a sum)"
+    return change, ""
+
+
 def _strategy(rung, argument, on, settings, fa, sa):
     current = fa.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
@@ -269,6 +284,7 @@ PLANNERS = {
     "offload": _flag((("factor_args", "offload_activations_to_cpu"), ("score_args", "offload_activations_to_cpu"))),
     "iterative-lambda": _flag((("factor_args", "use_iterative_lambda_aggregation"),)),
     "batch": _batch,
+    "task": _task,
     "strategy": _strategy,
 }
 

@@ -249,7 +249,9 @@ def _fix_fidelity(run: Run, labs: Labs, treatment: _Treatment) -> dict[str, Any]
     result = treatment.result
     pair = None
     if not any(snapshot.trusted for snapshot in result.snapshots[:-1]):
-        reference, final = labs.reference(), labs.candidate(run.factor_args, run.score_args, run.shift)
+        summed = run.summed_task
+        reference = labs.reference(summed)
+        final = labs.candidate(run.factor_args, run.score_args, run.shift, summed)
         pair = (final, reference) if reference is not None and final is not None else None
     return fix_fidelity(result.snapshots, treatment.min_fix_spearman, pair, tuple(run.pipeline.scores))
 
@@ -281,6 +283,11 @@ def _advice(treatment: _Treatment) -> list[dict[str, Any]]:
         )
     return advice
 
+
+TASK_PRESCRIPTION = (
+    'in your Task, return the sum over examples (e.g. F.cross_entropy(logits, labels, reduction="sum")): '
+    "the doctor multiplied each batch's mean by its size"
+)
 
 FIDELITY_KEYS = ("reference", "median_spearman", "worst_spearman", "top_overlap", "examples", "queries")
 
@@ -358,6 +365,9 @@ def _write(run: Run, target: str | None, treatment: _Treatment, synchronise: boo
             run.score_args,
             None if batch == treatment.original_batch_size else (treatment.original_batch_size, batch),
         )
+        if run.summed_task:
+            prescription["task"] = TASK_PRESCRIPTION
+            prescription["python"] = f"{prescription['python']}\n# {TASK_PRESCRIPTION}".lstrip("\n")
         if treatment.fix is not None:
             fidelity["fix"] = treatment.fix
             _flag_costly_fix(run, fidelity["fix"])

@@ -276,7 +276,7 @@ def exact_fidelity(run: Any, train_columns: int = 256, samples: int = DEFAULT_SA
     try:
         exact, dampings = exact_pairwise(
             run.model,
-            run.pipeline.task,
+            getattr(run, "task", None) or run.pipeline.task,
             train_batches,
             query_batches,
             run.score_args.damping_factor,

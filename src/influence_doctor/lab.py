@@ -71,6 +71,7 @@ class Trial:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # how long each stage took here
     damping: dict[str, float] | None = None  # per-module damping override, when one was applied
     shift: tuple[str, float] | None = None  # diagonal shift of the covariances, when one was applied
+    summed_task: bool = False  # the Task's batch mean made a sum (the `task:sum` rung)
 
     def reached(self, stage: str) -> bool:
         return stage in self.artifacts
@@ -149,7 +150,7 @@ class Lab:
         }
         factor_errors = {name: text for name, text in errors.items() if name in FACTOR_STAGES}
         seconds = {name: record.seconds for name, record in run.stages.items() if record.seconds is not None}
-        self._factors[settings_key(run.factor_args, shift=run.shift)] = (
+        self._factors[settings_key(run.factor_args, shift=run.shift, **_extras(None, run.summed_task))] = (
             run.factors_name,
             artifacts,
             factor_errors,
@@ -169,29 +170,42 @@ class Lab:
             stage = SCORE_STAGE_OF[kind]
             if run.artifacts.get(stage):
                 trial.artifacts[stage] = run.artifacts[stage]
-        trial.shift = run.shift
+        trial.shift, trial.summed_task = run.shift, run.summed_task
         key = settings_key(
-            run.factor_args, run.score_args, shift=run.shift, damping=None, kinds=tuple(run.pipeline.scores)
+            run.factor_args,
+            run.score_args,
+            shift=run.shift,
+            damping=None,
+            kinds=tuple(run.pipeline.scores),
+            **_extras(None, run.summed_task),
         )
         self._trials[key] = trial
 
     def configured(self) -> Trial:
         """The run's current settings on this subsample (a covariance shift a remedy applied included)."""
-        return self.trial(self.run.factor_args, self.run.score_args, label="as configured", shift=self.run.shift)
+        return self.trial(
+            self.run.factor_args,
+            self.run.score_args,
+            label="as configured",
+            shift=self.run.shift,
+            summed_task=self.run.summed_task,
+        )
 
     def reference(self, score_args: Any | None = None) -> Trial:
         """Every dtype float64 with the run's (or the given) damping: the counterfactual of precision."""
         factor_args, scores = float64_settings(self.run.factor_args, score_args or self.run.score_args)
-        return self.trial(factor_args, scores, label="float64 end to end, same damping")
+        summed = self.run.summed_task  # a Task made a sum is what the user meant: its float64 is the reference
+        return self.trial(factor_args, scores, label="float64 end to end, same damping", summed_task=summed)
 
     def measured(self) -> tuple[Trial | None, Trial | None]:
         """The (configured, float64) trials if the probes already ran them; never runs anything."""
         factor_args, score_args = self.run.factor_args, self.run.score_args
         kinds = tuple(self.run.pipeline.scores)
         float64_factors, float64_scores = float64_settings(factor_args, score_args)
-        key = settings_key(factor_args, score_args, shift=self.run.shift, damping=None, kinds=kinds)
+        extra = _extras(None, self.run.summed_task)
+        key = settings_key(factor_args, score_args, shift=self.run.shift, damping=None, kinds=kinds, **extra)
         configured = self._trials.get(key)
-        float64_key = settings_key(float64_factors, float64_scores, shift=None, damping=None, kinds=kinds)
+        float64_key = settings_key(float64_factors, float64_scores, shift=None, damping=None, kinds=kinds, **extra)
         reference = self._trials.get(float64_key)
         return configured, reference
 
@@ -205,6 +219,7 @@ class Lab:
         damping: Mapping[str, float] | None = None,
         kinds: tuple[str, ...] | None = None,
         batch_size: int | None = None,
+        summed_task: bool = False,
     ) -> Trial:
         """Factors and the pipeline's scores under these settings; cached, so asking twice is free.
 
@@ -216,29 +231,31 @@ class Lab:
         damping = dict(damping) if damping else None
         kinds = tuple(kinds) if kinds is not None else tuple(self.run.pipeline.scores)
         batch = None if batch_size == self.run.train_batch_size else batch_size
-        extra = {"batch": batch} if batch else {}
+        extra = _extras(batch, summed_task)
         key = settings_key(factor_args, score_args, shift=shift, damping=damping, kinds=kinds, **extra)
         if key not in self._trials:
             started = time.perf_counter()
             trial = Trial(label, copy.deepcopy(factor_args), copy.deepcopy(score_args), self.examples, self.queries)
-            factors_name, artifacts, errors, seconds = self._fit_factors(factor_args, shift, batch)
-            trial.artifacts.update(artifacts)
-            trial.errors.update(errors)
-            trial.stage_seconds.update(seconds)
-            if not errors:
-                self._score(trial, factors_name, damping, kinds, batch)
-            trial.damping, trial.shift = damping, shift
+            task = self.run.task if summed_task == self.run.summed_task else _task(self.run, summed_task)
+            with calls.task_in_force(self.run.analyzer, task):
+                factors_name, artifacts, errors, seconds = self._fit_factors(factor_args, shift, batch, summed_task)
+                trial.artifacts.update(artifacts)
+                trial.errors.update(errors)
+                trial.stage_seconds.update(seconds)
+                if not errors:
+                    self._score(trial, factors_name, damping, kinds, batch)
+            trial.damping, trial.shift, trial.summed_task = damping, shift, summed_task
             trial.seconds = time.perf_counter() - started
             self.seconds += trial.seconds
             self._trials[key] = trial
         return self._trials[key]
 
     def _fit_factors(
-        self, factor_args: Any, shift: tuple[str, float] | None, batch_size: int | None = None
+        self, factor_args: Any, shift: tuple[str, float] | None, batch_size: int | None = None, summed: bool = False
     ) -> tuple[str, dict[str, Any], dict[str, str], dict[str, float]]:
         from kronfluence.factor.config import FactorConfig
 
-        key = settings_key(factor_args, shift=shift, **({"batch": batch_size} if batch_size else {}))
+        key = settings_key(factor_args, shift=shift, **_extras(batch_size, summed))
         if key in self._factors:
             return self._factors[key]
         analyzer = self.run.analyzer
@@ -339,6 +356,17 @@ class Lab:
             return calls.load(analyzer, "pairwise_scores", name)
         calls.self_scores(analyzer, name, factors_name, self.train, batch, score_args)
         return calls.load(analyzer, "self_scores", name)
+
+
+def _extras(batch_size: int | None, summed_task: bool) -> dict[str, Any]:
+    """What a trial changes besides kronfluence's arguments, for its cache key."""
+    return {**({"batch": batch_size} if batch_size else {}), **({"summed_task": True} if summed_task else {})}
+
+
+def _task(run: Run, summed: bool) -> Any:
+    from influence_doctor.runner.contract import summed_task
+
+    return summed_task(run.pipeline.task) if summed else run.pipeline.task
 
 
 def _short_hash(score_args: Any) -> str:

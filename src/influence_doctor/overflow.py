@@ -66,7 +66,7 @@ class FullSizeCovariance:
         return self.run.train_examples_total
 
     def measure(self, factor_args: Any) -> FullSizeCount:
-        key = settings_key(factor_args)
+        key = settings_key(factor_args, summed_task=self.run.summed_task)
         if key not in self.counts:
             self.counts[key] = self._accumulate(factor_args, f"full-covariance-{len(self.counts) + 1}")
         return self.counts[key]
@@ -85,7 +85,8 @@ class FullSizeCovariance:
         for index, start in enumerate(range(0, total, width)):
             part = Subset(dataset, range(start, min(total, start + width)))
             try:
-                calls.fit_covariance(run.analyzer, f"{name}-{index + 1}", part, run.train_batch_size, factor_args)
+                with calls.task_in_force(run.analyzer, run.task):
+                    calls.fit_covariance(run.analyzer, f"{name}-{index + 1}", part, run.train_batch_size, factor_args)
                 artifact = calls.load(run.analyzer, "covariance", f"{name}-{index + 1}")
             except Exception as exc:  # an allocator or kronfluence failure: the measurement did not happen
                 text = str(exc).strip().splitlines()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from influence_doctor.changes import Target
-from influence_doctor.checks.damping import check_damping_sensitivity
+from influence_doctor.checks.damping import check_damping_sensitivity, check_low_rank_cost
 from influence_doctor.checks.headroom import accumulated_maxima, check_projected_headroom, project_headroom
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.precision import (
@@ -46,6 +46,7 @@ PROBE_CHECKS = frozenset(
         "scores.precision",
         "scores.reference_finite",
         "scores.damping_sensitivity",
+        "scores.low_rank_cost",
         "covariance.dtype_drift",
         "lambda.dtype_drift",
     }
@@ -78,6 +79,8 @@ def run_probes(run: Run, labs: Labs, thresholds: Thresholds | None = None, dampi
         summary["headroom"] = _timed(lambda: measure_headroom(run, labs, thresholds), labs)
         if damping:
             summary["damping"] = _timed(lambda: measure_damping_sensitivity(run, labs, thresholds), labs)
+        if getattr(run.score_args, "query_gradient_low_rank", None) and "pairwise" in run.pipeline.scores:
+            summary["low_rank"] = _timed(lambda: measure_low_rank_cost(run, labs), labs)
         if _contract_broken(run):
             summary["batch_size"] = _timed(lambda: measure_batch_sensitivity(run, labs), labs)
     finally:
@@ -270,6 +273,25 @@ def measure_damping_sensitivity(run: Run, labs: Labs, thresholds: Thresholds) ->
             check_damping_sensitivity(SCORE_STAGE_OF[kind], agreement, thresholds),
         )
     return result
+
+
+def measure_low_rank_cost(run: Run, labs: Labs) -> dict[str, Any]:
+    """Pairwise rankings with the configured low-rank query gradients against full rank, as `info`."""
+    lab = labs.probe
+    base = lab.configured()
+    if base.errors:
+        return {"skipped": "the configured settings did not complete on the probe"}
+    full_args = dataclasses.replace(run.score_args, query_gradient_low_rank=None)
+    full = lab.trial(
+        run.factor_args, full_args, label="full-rank query gradients", shift=run.shift, kinds=("pairwise",)
+    )
+    low, exact = base.scores("pairwise"), full.scores("pairwise")
+    if low is None or exact is None:
+        return {"skipped": "the pairwise scores did not complete at both ranks"}
+    agreement = score_agreement(low, exact)
+    rank = int(run.score_args.query_gradient_low_rank)
+    attach(run.stages["pairwise_scores"], "low_rank", check_low_rank_cost("pairwise_scores", rank, agreement))
+    return {"rank": rank, "pairwise": agreement}
 
 
 CONTRACT_CHECKS = frozenset({"task.loss_reduction", "task.batch_independence"})

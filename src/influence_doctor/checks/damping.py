@@ -44,3 +44,30 @@ def check_damping_sensitivity(stage: str, agreement: Mapping[str, float], thresh
         )
     )
     return outcome
+
+
+def check_low_rank_cost(stage: str, rank: int, agreement: Mapping[str, float]) -> CheckOutcome:
+    """`scores.low_rank_cost` (info): per-query rank agreement of the low-rank query gradients with full
+    rank. Like damping, `query_gradient_low_rank` is an approximation the user chose; the doctor says
+    what it costs, in the rankings a person reads."""
+    spearman = agreement.get("median_spearman", math.nan)
+    worst, overlap = agreement.get("worst_spearman", math.nan), agreement.get("top_overlap", math.nan)
+    outcome = CheckOutcome(metrics={"low_rank_vs_full": {"rank": rank, **dict(agreement)}})
+    if math.isnan(spearman):
+        return outcome
+    outcome.findings.append(
+        Finding(
+            check="scores.low_rank_cost",
+            stage=stage,
+            subject="",
+            severity="info",
+            value=spearman,
+            limit=None,
+            cause=None,
+            message=f"Query gradients at rank {rank} (query_gradient_low_rank) rank the training examples as full "
+            f"rank does at a median per-query Spearman of {spearman:.3f} (worst query {worst:.3f}, top-10 overlap "
+            f"{overlap:.2f}): "
+            "the approximation's cost, your choice to weigh.",
+        )
+    )
+    return outcome

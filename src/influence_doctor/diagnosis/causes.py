@@ -182,7 +182,7 @@ CAUSE_RULES: tuple[CauseRule, ...] = (
     CauseRule(
         "training-oscillating", frozenset({"training"}), _measured_directly("training-oscillating"), treatable=False
     ),
-    CauseRule("loss-not-summed", frozenset({"reduction"}), _measured_directly("loss-not-summed"), treatable=False),
+    CauseRule("loss-not-summed", frozenset({"reduction"}), _measured_directly("loss-not-summed"), ("task:sum",)),
     CauseRule("batch-dependent", frozenset({"reduction"}), _measured_directly("batch-dependent"), treatable=False),
     CauseRule("nonfinite-examples", frozenset({"examples"}), _measured_directly("nonfinite-examples"), treatable=False),
     CauseRule("out-of-memory", frozenset({"oom", "preflight"}), _measured_directly("out-of-memory"), MEMORY_RUNGS),
@@ -229,4 +229,10 @@ def ladder_for(cause: str | None, overrides: Mapping[str, list[str]] | None = No
     if cause is None:
         return STRATEGY_FALLBACK
     rungs = tuple((overrides or {}).get(cause, ladders().get(cause, ())))
+    if cause in TASK_CAUSES:  # the Task, not the factors, is wrong: no other method computes it right
+        return rungs
     return rungs + tuple(r for r in STRATEGY_FALLBACK if r not in rungs)
+
+
+TASK_CAUSES = frozenset({"loss-not-summed"})
+"""Causes in the user's Task that a rung can fix (by wrapping the Task), before any factor."""

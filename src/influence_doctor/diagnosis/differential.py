@@ -110,19 +110,24 @@ class Labs:
             self._fidelity_lab = Lab(run, DEFAULT_FIDELITY_EXAMPLES, PROBE_QUERIES, name="fidelity")
         return self._fidelity_lab
 
-    def reference(self) -> Trial | None:
+    def reference(self, summed_task: bool = False) -> Trial | None:
         """The reference that always exists: float64 end to end of the configuration as the user gave it
-        (same strategy, damping and task; no remedy), on the fidelity lab."""
+        (same strategy, damping and task; no remedy), on the fidelity lab. With `summed_task` the Task's
+        batch mean is made the sum the user meant: a fix of the Task is measured against what it fixes to."""
         lab = self.fidelity_lab()
         if lab is None:
             return None
         factor_args, score_args = float64_settings(*self.asked)
-        return lab.trial(factor_args, score_args, label="float64 as configured")
+        return lab.trial(factor_args, score_args, label="float64 as configured", summed_task=summed_task)
 
-    def candidate(self, factor_args: Any, score_args: Any, shift: tuple[str, float] | None) -> Trial | None:
+    def candidate(
+        self, factor_args: Any, score_args: Any, shift: tuple[str, float] | None, summed_task: bool = False
+    ) -> Trial | None:
         """A configuration (a rung on top of the current settings, or the final one) on the fidelity lab."""
         lab = self.fidelity_lab()
-        return None if lab is None else lab.trial(factor_args, score_args, label="candidate", shift=shift)
+        if lab is None:
+            return None
+        return lab.trial(factor_args, score_args, label="candidate", shift=shift, summed_task=summed_task)
 
     def reproduce(self, symptom: Symptom) -> tuple[Lab, Trial, Any] | None:
         """The smallest lab whose trial of the current settings shows the symptom, with that trial."""
@@ -154,6 +159,7 @@ def counterfactual_trial(
         shift=change.shift or base.shift,
         damping=damping,
         kinds=kinds,
+        summed_task=base.summed_task if change.summed_task is None else change.summed_task,
     )
     return trial, change.description
 
@@ -171,6 +177,7 @@ def trial_settings(lab: Lab, base: Trial) -> Settings:
         damping_floor=floor,
         artifacts=base.artifacts,
         module_damping=base.damping,
+        summed_task=base.summed_task,
     )
 
 
@@ -212,6 +219,8 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
         dtype = score_path_dtype(trial.factor_args, trial.score_args)
         wrong, _ = agreement_verdict(agreement, dtype, thresholds)
         return agreement["median_spearman"], wrong
+    if symptom.kind == "reduction":
+        return task_contract_measured(lab.run, trial.summed_task, thresholds)
     if failure:
         return failure, True
     if symptom.kind == "projected":
@@ -237,6 +246,21 @@ def measured_at_full_size(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[flo
         return count.error, True
     nonfinite = count.total({f.subject for f in symptom.findings})
     return float(nonfinite), nonfinite > 0
+
+
+def task_contract_measured(run: Any, summed: bool, thresholds: Thresholds) -> tuple[float | str | None, bool]:
+    """The Task's contract measured again with the Task as a trial runs it (made a sum, or not): the
+    training loss's ratio to the sum over examples alone on the largest batch, and whether it still fails."""
+    from influence_doctor.checks.contract import check_task_contract
+    from influence_doctor.runner.stages import measure_contract_of
+
+    record = measure_contract_of(run, summed)
+    if "error" in record:
+        return record["error"], True
+    outcome = check_task_contract(record, thresholds)
+    probes = [p for p in record["probes"] if p["quantity"] == "train loss" and p.get("alone_sum")]
+    ratio = probes[-1]["batch_value"] / probes[-1]["alone_sum"] if probes else None
+    return ratio, any(f.severity == "fail" for f in outcome.findings)
 
 
 def _trial_findings(trial: Trial, stage: str, thresholds: Thresholds) -> list:

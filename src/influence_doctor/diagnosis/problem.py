@@ -97,7 +97,7 @@ class Problem:
     def treatable(self) -> bool:
         """Whether a factor or score setting can fix it (the remedies' ladders apply): not a broken
         model, and not a failure to build or train the model at all."""
-        return self.cause not in UNTREATABLE and self.stage != "train"
+        return self.cause not in UNTREATABLE and (self.stage != "train" or self.cause == "loss-not-summed")
 
     def to_dict(self) -> dict[str, Any]:
         return {

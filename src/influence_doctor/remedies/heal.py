@@ -28,7 +28,7 @@ from influence_doctor.probes import run_probes
 from influence_doctor.progress import StageProgress
 from influence_doctor.remedies.doctored import doctor_covariances, write_factors
 from influence_doctor.runner.run import Run
-from influence_doctor.runner.stages import run_influence_stages
+from influence_doctor.runner.stages import measure_contract_of, run_influence_stages
 
 MAX_RUNGS = 12
 """Rungs tried before the doctor gives up: every ladder is shorter, so this only stops pathologies
@@ -293,6 +293,7 @@ def _next_change(
         score_stage="pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores",
         heuristic_damping=heuristic,
         damping_floor=floor,
+        summed_task=run.summed_task,
     )
     skipped: list[dict[str, str]] = []
     rejected: list[dict[str, Any]] = []
@@ -308,6 +309,8 @@ def _next_change(
             skipped.append({"rung": rung, "reason": "a per-module damping is an experiment: kronfluence takes one"})
             continue
         lab = labs.named(problem.lab)
+        if lab is None and change.summed_task and labs.enabled:
+            lab = labs.probe  # the Task's contract is the run's own; its effect shows on any subsample
         memory = change.batch_size is not None or problem.cause == "out-of-memory"
         if lab is None or memory or not problem.symptoms:
             why = (
@@ -322,7 +325,8 @@ def _next_change(
         base = lab.configured()
         # The rung's own shift, or the one the run carries unless the rung recomputes the covariances.
         shift = change.shift or (run.shift if change.first_stage != "covariance" else None)
-        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=shift)
+        summed = run.summed_task if change.summed_task is None else change.summed_task
+        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=shift, summed_task=summed)
         verdict = judge_change(problem, base, trial, lab, thresholds)
         rehearsal = {
             "rehearsed": True,
@@ -356,8 +360,9 @@ def _next_change(
 
 def _fidelity_on_probe(labs: Labs, change: Change, shift: tuple[str, float] | None) -> dict[str, Any] | None:
     """The rung's rankings against float64 of the configuration as given, on the probe."""
-    reference = labs.reference()
-    candidate = labs.candidate(change.factor_args, change.score_args, shift)
+    summed = labs.run.summed_task if change.summed_task is None else change.summed_task
+    reference = labs.reference(summed)
+    candidate = labs.candidate(change.factor_args, change.score_args, shift, summed)
     if reference is None or candidate is None:
         return None
     return rankings_against(candidate, reference, tuple(labs.run.pipeline.scores), FLOAT64_REFERENCE)
@@ -399,6 +404,8 @@ def _apply(
     updates: dict[str, Any] = {"factor_args": change.factor_args, "score_args": change.score_args, "scores_tag": ""}
     if change.batch_size is not None:
         updates["batch_size"] = change.batch_size
+    if change.summed_task is not None:
+        updates["summed_task"] = change.summed_task
     if change.shift is not None:
         if base_covariance is None:
             raise RuntimeError("no covariance to shift")
@@ -419,7 +426,11 @@ def _apply(
     run.configuration = replace(run.configuration, **updates)
     examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
     run_influence_stages(run, progress, first_stage=first, load_covariance_from=covariance_from, on_stage_done=examine)
-    reexamine(run, [name for name in STAGES[1:] if STAGES.index(name) < STAGES.index(first)], thresholds)
+    earlier = [name for name in STAGES[1:] if STAGES.index(name) < STAGES.index(first)]
+    if change.summed_task is not None:  # the Task itself changed: its contract is measured again
+        run.stages["train"].metrics["task_contract"] = measure_contract_of(run, run.summed_task)
+        earlier = ["train", *earlier]
+    reexamine(run, earlier, thresholds)
 
 
 def snapshot(run: Run, label: str) -> Snapshot:

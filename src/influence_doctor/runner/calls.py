@@ -102,6 +102,17 @@ def self_scores(
         )
 
 
+@contextmanager
+def task_in_force(analyzer: Any, task: Any) -> Iterator[None]:
+    """kronfluence's Analyzer reads its Task at every call: the configuration's Task for the calls inside."""
+    previous = analyzer.task
+    analyzer.task = task
+    try:
+        yield
+    finally:
+        analyzer.task = previous
+
+
 def _copy(arguments: Any) -> Any:
     """kronfluence switches options off in the ScoreArguments it is given (per-token scores for
     self-influence, aggregation it cannot do): it gets a copy, so the user's arguments stay as written."""

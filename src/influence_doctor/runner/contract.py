@@ -171,3 +171,44 @@ def nonfinite_examples(
         text = str(exc).strip().splitlines()
         return {"checked": checked, "error": f"{type(exc).__name__}: {text[0] if text else ''}"}
     return {"checked": checked, "total": len(dataset), "nonfinite": bad}
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a collated batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+        if isinstance(value, Mapping | tuple | list):
+            return batch_size_of(value)
+    raise ValueError("no tensor in the batch to count its examples by")
+
+
+def summed_task(task: Any) -> Any:
+    """The user's Task with each batch's loss and measurement multiplied by the batch's size: exact for a
+    batch mean, which it makes the sum over examples kronfluence needs (the `task:sum` rung)."""
+    from kronfluence.task import Task
+
+    class BatchSummedTask(Task):
+        enable_post_process_per_sample_gradient = getattr(task, "enable_post_process_per_sample_gradient", False)
+
+        def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
+            return task.compute_train_loss(batch, model, sample) * batch_size_of(batch)
+
+        def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
+            return task.compute_measurement(batch, model) * batch_size_of(batch)
+
+        def get_influence_tracked_modules(self) -> Any:
+            return task.get_influence_tracked_modules()
+
+        def get_attention_mask(self, batch: Any) -> Any:
+            return task.get_attention_mask(batch)
+
+        def post_process_per_sample_gradient(self, module_name: str, gradient: torch.Tensor) -> torch.Tensor:
+            return task.post_process_per_sample_gradient(module_name, gradient)
+
+    wrapped = BatchSummedTask()
+    wrapped.user_task = task  # type: ignore[attr-defined]
+    return wrapped

@@ -71,6 +71,7 @@ class Configuration:
     scores_tag: str = ""  # suffix that keeps each remedy's scores in their own folders
     shift: tuple[str, float] | None = None  # the diagonal shift (mode, ε) the current covariances carry
     covariance_shift: str | None = None  # the same shift, as a person reads it
+    summed_task: bool = False  # the Task's batch mean multiplied by the batch size (the `task:sum` rung)
 
 
 def _configured(name: str) -> property:
@@ -124,6 +125,14 @@ class Run:
     scores_tag = _configured("scores_tag")
     shift = _configured("shift")
     covariance_shift = _configured("covariance_shift")
+    summed_task = _configured("summed_task")
+
+    @property
+    def task(self) -> Any:
+        """The Task kronfluence is given: the user's, or the user's made a sum over examples."""
+        from influence_doctor.runner.contract import summed_task
+
+        return summed_task(self.pipeline.task) if self.summed_task else self.pipeline.task
 
     @property
     def train_batch_size(self) -> int:

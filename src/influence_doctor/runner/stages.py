@@ -145,9 +145,9 @@ def _record_sample_loss(record: StageRecord, untrained: float | str, trained: fl
     record.metrics["sample_loss"] = {"untrained": untrained, "trained": trained, "examples": examples}
 
 
-def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: Any) -> dict[str, Any]:
-    """The Task on small batches against their examples alone (seeded examples; before kronfluence
-    wraps the model), without touching the random state."""
+def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: Any, task: Any = None) -> dict[str, Any]:
+    """The Task on small batches against their examples alone (seeded examples), without touching the
+    random state."""
     import torch
     from torch.utils.data import Subset
 
@@ -157,7 +157,16 @@ def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: A
     queries = Subset(query_dataset, range(min(CONTRACT_EXAMPLES, len(query_dataset))))
     devices = [torch.device(run.device).index or 0] if str(run.device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
-        return measure_contract(run.pipeline.task, model, train, queries, run.pipeline.collate, run.device)
+        task = task if task is not None else run.pipeline.task
+        return measure_contract(task, model, train, queries, run.pipeline.collate, run.device)
+
+
+def measure_contract_of(run: Run, summed: bool) -> dict[str, Any]:
+    """The contract measured again on the trained model, with the Task as given or made a sum."""
+    from influence_doctor.runner.contract import summed_task
+
+    task = summed_task(run.pipeline.task) if summed else run.pipeline.task
+    return _measure_contract(run, run.model, run.train_subset.dataset, run.query_subset.dataset, task)
 
 
 def _preflight(run: Run) -> dict[str, Any]:
@@ -390,7 +399,12 @@ def run_influence_stages(
             seed_everything(run.seed + STAGES.index(name))
             record.calls.append(calls.CALL_NAMES[name])
             started = time.perf_counter()
-            with quiet_kronfluence(), PeakMemory(run.device) as peak, ForwardClock(run.model) as clock:
+            with (
+                quiet_kronfluence(),
+                calls.task_in_force(run.analyzer, run.task),
+                PeakMemory(run.device) as peak,
+                ForwardClock(run.model) as clock,
+            ):
                 _CALLS[name](run, load_covariance_from)
             record.seconds = time.perf_counter() - started
             record.metrics["memory"] = peak.to_dict()
