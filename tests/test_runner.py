@@ -153,7 +153,9 @@ VOLATILE = {"seconds", "training_seconds", "run_id", "run_dir", "analysis_dir", 
 
 def _without_timings(value):
     if isinstance(value, dict):
-        return {key: _without_timings(v) for key, v in value.items() if key not in VOLATILE}
+        return {
+            key: _without_timings(v) for key, v in value.items() if key not in VOLATILE and not key.endswith("_seconds")
+        }
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
