@@ -53,6 +53,19 @@ def cli():
     return run_cli
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, each worker's torch (and the processes it starts) gets its share of the cores: two
+    workers of two threads each on two cores spin against each other, and tiny tensors pay for it many
+    times over."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        import torch
+
+        torch.set_num_threads(share)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every report.json the suite wrote (API, CLI subprocesses, pytester runs, partial reports) must
     follow the shipped JSON Schema: a schema no test holds reports to is a promise nobody checks. And

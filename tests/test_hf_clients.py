@@ -125,3 +125,31 @@ def test_low_rank_query_gradients_report_their_cost_as_info(tmp_path):
     assert finding.severity == "info" and "at rank 2" in finding.message
     measured = report.run.probes["low_rank"]["pairwise"]["median_spearman"]
     assert finding.value == measured and -1.0 <= measured < 1.0  # rank 2 of 16-dimensional layers loses something
+
+
+class MaskedMeanLanguageModeling(LanguageModelingTask):
+    """A causal-LM loss averaged over each example's unmasked tokens, summed over examples: 0/0 = NaN for
+    an example whose mask is empty."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        mask = batch["attention_mask"].float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.reshape(-1, VOCAB), batch["input_ids"][:, 1:].reshape(-1), reduction="none")
+        losses = losses.view(len(mask), -1) * mask[:, 1:]
+        return (losses.sum(dim=1) / mask[:, 1:].sum(dim=1)).sum()
+
+
+def test_fully_masked_examples_are_named_with_the_fix(tmp_path):
+    from kronfluence.task import Task
+
+    dataset = HFDataset(32, seed=0)
+    for index in (3, 7):
+        dataset.rows[index]["attention_mask"] = [0] * SEQUENCE
+    pipeline = hf_pipeline("hf-gpt2-masked")
+    pipeline.task = type("Masked", (MaskedMeanLanguageModeling, Task), {})()
+    pipeline.train_dataset = dataset
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, fix=False, probe_examples=0)
+    (finding,) = [f for f in report.findings if f.check == "task.examples_finite"]
+    assert (finding.severity, finding.cause, finding.value) == ("fail", "nonfinite-examples", 2.0)
+    assert "indices 3, 7" in finding.message and "scores them 0" in finding.message
+    assert ("nonfinite-examples", "train") in {(p.cause, p.stage) for p in report.problems}
