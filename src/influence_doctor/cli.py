@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from influence_doctor import __version__
 from influence_doctor.errors import UsageError
@@ -156,8 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(report.json files or the folders holding them) and list what differs between the two, timings "
         "aside; exit 0 when every gate passes, 1 otherwise.",
     )
-    compare.add_argument("baseline", metavar="BASELINE", help="baseline report.json or its folder")
-    compare.add_argument("current", metavar="CURRENT", help="current report.json or its folder")
+    compare.add_argument(
+        "baseline",
+        metavar="BASELINE",
+        help="baseline report.json, its run folder, an --out folder or a baselines folder",
+    )
+    compare.add_argument("current", metavar="CURRENT", help="current report.json, its run folder or an --out folder")
     compare.add_argument("--format", choices=("text", "json"), default="text", help="what goes to stdout")
     compare.set_defaults(handler=_compare)
 
@@ -220,14 +226,61 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     """Exit 1 when any gate fails: the current run may not replace the baseline. Differences alone
-    (a new warning, another remedy) are printed for a person to judge; the gates decide the exit code."""
+    (a new warning, another remedy) are printed for a person to judge; the gates decide the exit code.
+    Given folders (an --out folder, a baselines folder), reports are paired by pipeline, the latest run
+    of each, and every pair is held to the gates."""
     from influence_doctor.config import load_config
+    from influence_doctor.gates import collect_reports, single_report
+
+    gates = load_config().gates
+    if single_report(args.baseline) and single_report(args.current):
+        passed, document, text = _compare_pair(Path(args.baseline), Path(args.current), gates)
+        if args.format == "json":
+            sys.stdout.write(dumps(document))
+        else:
+            sys.stdout.write(text + f"\n{'PASS' if passed else 'FAIL'}: {args.current} against {args.baseline}\n")
+        return EXIT_OK if passed else EXIT_SICK
+    baselines = {"(the one report)": Path(args.baseline)} if single_report(args.baseline) else None
+    currents = {"(the one report)": Path(args.current)} if single_report(args.current) else None
+    baselines = baselines or collect_reports(args.baseline)
+    currents = currents or collect_reports(args.current)
+    if len(baselines) == 1 and len(currents) == 1:  # one report against a folder of one pipeline
+        baselines = {next(iter(currents)): next(iter(baselines.values()))}
+    paired = sorted(set(baselines) & set(currents))
+    if not paired:
+        raise UsageError(
+            f"no pipeline has a report on both sides: {', '.join(sorted(baselines))} against "
+            f"{', '.join(sorted(currents))}."
+        )
+    results, texts = [], []
+    for name in paired:
+        passed, document, text = _compare_pair(baselines[name], currents[name], gates)
+        results.append({"pipeline": name, "baseline": str(baselines[name]), "current": str(currents[name]), **document})
+        texts.append(f"== {name}: {currents[name]} against {baselines[name]}\n{text}")
+    unpaired = {
+        "baseline_only": sorted(set(baselines) - set(currents)),
+        "current_only": sorted(set(currents) - set(baselines)),
+    }
+    passed = all(result["passed"] for result in results)
+    if args.format == "json":
+        sys.stdout.write(dumps({"passed": passed, "pairs": results, "unpaired": unpaired}))
+    else:
+        sys.stdout.write("\n".join(texts))
+        for side, names in unpaired.items():
+            if names:
+                sys.stdout.write(f"\nnot paired ({side.replace('_', ' ')}): {', '.join(names)}\n")
+        verdicts = ", ".join(f"{r['pipeline']} {'pass' if r['passed'] else 'FAIL'}" for r in results)
+        sys.stdout.write(f"\n{'PASS' if passed else 'FAIL'}: {len(results)} pipeline(s) paired ({verdicts})\n")
+    return EXIT_OK if passed else EXIT_SICK
+
+
+def _compare_pair(baseline_path: Path, current_path: Path, gates: Any) -> tuple[bool, dict[str, Any], str]:
+    """One report against its baseline: whether every gate passed, the JSON document, the text."""
     from influence_doctor.gates import evaluate, load_report, render_gates, score_rank_agreement
     from influence_doctor.report.diff import differences, render_differences
 
-    gates = load_config().gates
-    baseline, baseline_dir = load_report(args.baseline)
-    current, current_dir = load_report(args.current)
+    baseline, baseline_dir = load_report(baseline_path)
+    current, current_dir = load_report(current_path)
     results = evaluate(current, gates, baseline, current_dir, baseline_dir)
     found = differences(baseline, current)
     if any(entry["section"] == "scores" and entry["path"].endswith(".digest") for entry in found):
@@ -243,19 +296,13 @@ def _compare(args: argparse.Namespace) -> int:
                 }
             )
     passed = all(r.passed for r in results)
-    if args.format == "json":
-        document = {
-            "passed": passed,
-            "identical_apart_from_timings": not found,
-            "differences": found,
-            "gates": [r.to_dict() for r in results],
-        }
-        sys.stdout.write(dumps(document))
-    else:
-        sys.stdout.write(render_gates(results) + "\n\n")
-        sys.stdout.write(render_differences(found) + "\n")
-        sys.stdout.write(f"\n{'PASS' if passed else 'FAIL'}: {args.current} against {args.baseline}\n")
-    return EXIT_OK if passed else EXIT_SICK
+    document = {
+        "passed": passed,
+        "identical_apart_from_timings": not found,
+        "differences": found,
+        "gates": [r.to_dict() for r in results],
+    }
+    return passed, document, render_gates(results) + "\n\n" + render_differences(found) + "\n"
 
 
 def _schema(args: argparse.Namespace) -> int:

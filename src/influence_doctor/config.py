@@ -23,7 +23,23 @@ class Gates:
         default=1e12, metadata={"help": "Largest damped condition number any factor may have."}
     )
     min_score_spearman: float = field(default=0.95, metadata={"help": "Scores vs baseline scores, Spearman."})
-    max_seconds_ratio: float = field(default=2.0, metadata={"help": "Stage time vs baseline stage time."})
+    max_seconds_ratio: float = field(
+        default=2.0, metadata={"help": "Stage time vs baseline stage time, on the same machine..."}
+    )
+    min_seconds_difference: float = field(
+        default=2.0,
+        metadata={
+            "help": "...and only when the stage is also this many seconds slower: a busy neighbour on a shared "
+            "runner moves a stage by up to ~1 s (benchmarks/timing_noise.py)."
+        },
+    )
+    max_overhead_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "The doctor's own seconds over the run's kronfluence seconds (machine-independent); "
+            "unset: not gated."
+        },
+    )
     min_fix_spearman: float = field(
         default=0.9,
         metadata={

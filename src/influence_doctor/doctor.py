@@ -133,6 +133,7 @@ def diagnose(
     )
     reporter = StageProgress(enabled=progress)
     run = create_run(pipeline, options, reporter)
+    run.started = started
     treatment = _Treatment(
         original_factor_args=copy.deepcopy(pipeline.factor_args),
         original_score_args=copy.deepcopy(pipeline.score_args),

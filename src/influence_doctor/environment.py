@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import random
 import subprocess
@@ -69,6 +70,7 @@ def describe_environment(device: str, seed: int) -> dict[str, Any]:
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
         **_world(),
+        "speed": speed_calibration(device),
     }
 
 
@@ -85,7 +87,65 @@ def _process_facts(cwd: str) -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
         "git": git_commit(Path(cwd)),
+        "machine": machine_identity(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_identity() -> dict[str, Any]:
+    """What decides how fast a stage runs: the CPU model and cores, the GPU and its memory. Two reports
+    whose identities differ were timed on different machines."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
+        "gpu_memory_bytes": int(torch.cuda.get_device_properties(0).total_memory) if gpu else None,
+    }
+
+
+SPEED_MATMUL_SIZE = 256
+SPEED_EIGH_SIZE = 128
+
+
+def speed_calibration(device: str) -> dict[str, float]:
+    """A few milliseconds of fixed work on the run's device, measured in every run: the fastest of five
+    float32 256² matmuls and of five float64 128² eighs (the factor stages' two kinds of work), in ms.
+    Recorded beside the timings so a reader sees how fast the machine was when it ran."""
+    import time
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(SPEED_MATMUL_SIZE, SPEED_MATMUL_SIZE, generator=generator).to(device)
+    s = torch.randn(SPEED_EIGH_SIZE, SPEED_EIGH_SIZE, generator=generator, dtype=torch.float64)
+    s = (s @ s.T).to(device)
+
+    def fastest(work: Any) -> float:
+        best = float("inf")
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            work()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - started)
+        return 1000.0 * best
+
+    return {"matmul_ms": fastest(lambda: a @ a), "eigh_ms": fastest(lambda: torch.linalg.eigh(s))}
 
 
 def _world() -> dict[str, Any]:

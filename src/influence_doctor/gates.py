@@ -55,6 +55,31 @@ def load_report(path: str | Path) -> tuple[dict[str, Any], Path]:
     return document, file.parent
 
 
+def collect_reports(path: str | Path) -> dict[str, Path]:
+    """Pipeline name → its latest report.json under a folder `--out` wrote (<pipeline>/<run-id>/) or a
+    baselines folder (<pipeline>/); the latest run is the most recently written report."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{path} is not a report.json, a run folder, an --out folder or a baselines folder.")
+    latest: dict[str, Path] = {}
+    for file in sorted(root.glob("*/report.json")) + sorted(root.glob("*/*/report.json")):
+        try:
+            name = json.loads(file.read_text(encoding="utf-8"))["pipeline"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a report of ours: a folder may hold other things
+        if name not in latest or file.stat().st_mtime > latest[name].stat().st_mtime:
+            latest[name] = file
+    if not latest:
+        raise UsageError(f"{path} holds no influence-doctor report (looked for */report.json and */*/report.json).")
+    return latest
+
+
+def single_report(path: str | Path) -> bool:
+    """Whether `path` names one report (a report.json, or a run folder holding one)."""
+    path = Path(path)
+    return path.is_file() or (path / "report.json").is_file()
+
+
 def evaluate(
     current: dict[str, Any],
     gates: Gates,
@@ -68,6 +93,7 @@ def evaluate(
         _remedies(current, gates),
         _condition(current, gates),
         _fix_fidelity(current, gates),
+        _overhead(current, gates),
     ]
     if baseline is not None:
         results.append(_spearman(current, baseline, gates, current_dir, baseline_dir))
@@ -191,28 +217,75 @@ def _scores(directory: Path | None) -> dict[str, Any]:
         raise UsageError(f"{directory / 'scores.safetensors'} cannot be read: {exc}.") from None
 
 
+MACHINE_FIELDS = ("cpu_model", "cpu_cores", "gpu_name", "gpu_memory_bytes")
+"""What makes two timings comparable: the same CPU model and cores, the same GPU."""
+
+
+def machine_of(document: dict[str, Any]) -> dict[str, Any] | None:
+    machine = (document.get("environment") or {}).get("machine")
+    return {key: machine.get(key) for key in MACHINE_FIELDS} if isinstance(machine, dict) else None
+
+
+def describe_machine(machine: dict[str, Any] | None) -> str:
+    if machine is None:
+        return "a machine the report does not record"
+    gpu = f", {machine['gpu_name']}" if machine.get("gpu_name") else ""
+    return f"{machine.get('cpu_model')} ({machine.get('cpu_cores')} cores{gpu})"
+
+
 def _seconds(current: dict[str, Any], baseline: dict[str, Any], gates: Gates) -> GateResult:
+    """Stage seconds against the baseline's, like with like: on another machine (or one a report does
+    not name) raw seconds say nothing about the code, and the verdict says so instead of failing; on the
+    same machine a stage fails only when it is both `max_seconds_ratio` times and `min_seconds_difference`
+    seconds slower, so scheduler noise on a short stage cannot fail it."""
+    name, limit = "max_seconds_ratio", gates.max_seconds_ratio
+    mine, theirs = machine_of(current), machine_of(baseline)
+    if mine is None or theirs is None or mine != theirs:
+        return GateResult(
+            name,
+            "not comparable",
+            limit,
+            True,
+            f"not comparable: baseline from {describe_machine(theirs)}, this "
+            f"run on {describe_machine(mine)}; stage seconds are compared on one machine only",
+        )
     before = {s["name"]: s.get("seconds") for s in baseline["stages"]}
-    ratios = {
-        s["name"]: s["seconds"] / before[s["name"]]
+    timed = {
+        s["name"]: (s["seconds"] / before[s["name"]], s["seconds"] - before[s["name"]])
         for s in current["stages"]
         if s.get("seconds") and before.get(s["name"]) and before[s["name"]] >= MIN_TIMED_SECONDS
     }
-    if not ratios:
-        return GateResult(
-            "max_seconds_ratio",
-            None,
-            gates.max_seconds_ratio,
-            True,
-            f"no baseline stage took {MIN_TIMED_SECONDS:g} s or more",
-        )
-    stage, worst = max(ratios.items(), key=lambda item: item[1])
+    if not timed:
+        return GateResult(name, None, limit, True, f"no baseline stage took {MIN_TIMED_SECONDS:g} s or more")
+    slower = {
+        stage: (ratio, gap)
+        for stage, (ratio, gap) in timed.items()
+        if ratio > limit and gap > gates.min_seconds_difference
+    }
+    stage, (ratio, gap) = max((slower or timed).items(), key=lambda item: item[1][0])
     return GateResult(
-        "max_seconds_ratio",
-        worst,
-        gates.max_seconds_ratio,
-        worst <= gates.max_seconds_ratio,
-        f"slowest relative to baseline: {stage}",
+        name,
+        ratio,
+        limit,
+        not slower,
+        f"slowest relative to baseline: {stage}, ×{ratio:.3g} and {gap:+.3g} s (fails past ×{limit:g} and "
+        f"+{gates.min_seconds_difference:g} s together; same machine)",
+    )
+
+
+def _overhead(current: dict[str, Any], gates: Gates) -> GateResult:
+    """The doctor's own seconds over the run's kronfluence seconds: the same on any machine."""
+    timing = (current.get("pipeline") or {}).get("timing") or {}
+    ratio = timing.get("overhead_ratio")
+    if gates.max_overhead_ratio is None or ratio is None:
+        why = "not set (max_overhead_ratio)" if gates.max_overhead_ratio is None else "the report records no timing"
+        return GateResult("max_overhead_ratio", ratio, gates.max_overhead_ratio, True, why)
+    return GateResult(
+        "max_overhead_ratio",
+        ratio,
+        gates.max_overhead_ratio,
+        ratio <= gates.max_overhead_ratio,
+        f"doctor {timing.get('doctor_seconds', 0):.3g} s over kronfluence {timing.get('kronfluence_seconds', 0):.3g} s",
     )
 
 

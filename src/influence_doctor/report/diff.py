@@ -36,6 +36,8 @@ VOLATILE_KEYS = frozenset(
         "analysis_dir",
         "gates",  # held to limits by compare itself
         "executable",
+        "speed",  # the machine's speed calibration, measured in every run
+        "timing",  # where a run's seconds went, and their ratio
     }
 )
 """Keys whose values are clock or allocator readings, or the run's own identity, at any depth."""

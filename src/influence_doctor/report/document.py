@@ -71,6 +71,7 @@ def build_report(
             "partial": run.interrupted_in is not None,
             "interrupted_in": run.interrupted_in,
             "diagnosis": [p.to_dict() for p in initial_problems or problems],
+            "timing": _timing(run),
         },
         "status": status,
         "environment": describe_environment(run.device, run.seed),
@@ -126,6 +127,25 @@ def _stage_entry(run: Run, name: str, problems: list[Problem]) -> dict[str, Any]
         "error": record.error,
         "reason": record.reason,
         "calls": record.calls,
+    }
+
+
+def _timing(run: Run) -> dict[str, Any]:
+    """Where the time went: the user's training, kronfluence's stages for the run, and the doctor's own
+    work around them (checks, probes, experiments, remedies, reports); their ratio is the same on any
+    machine, so a CI gate can hold it where stage seconds cannot be compared."""
+    import time
+
+    total = run.options.prior_seconds + (time.perf_counter() - run.started if run.started is not None else 0.0)
+    training = float(run.stages["train"].metrics.get("training_seconds") or 0.0)
+    kronfluence = sum(record.seconds or 0.0 for name, record in run.stages.items() if name != "train")
+    doctor = max(total - training - kronfluence, 0.0)
+    return {
+        "total_seconds": total,
+        "training_seconds": training,
+        "kronfluence_seconds": kronfluence,
+        "doctor_seconds": doctor,
+        "overhead_ratio": doctor / kronfluence if kronfluence > 0 else None,
     }
 
 

@@ -117,6 +117,7 @@ class Run:
     full_size: Any = None  # overflow.FullSizeCovariance: covariance passes over all the data, when one was measured
     exact_pairwise: Any = None  # (final, exact) pairwise scores when exact influence was computed, for the plots
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
+    started: float | None = None  # time.perf_counter() when the diagnosis began, for the report's timing
 
     factor_args = _configured("factor_args")
     score_args = _configured("score_args")
