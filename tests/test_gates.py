@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from influence_doctor import diagnose
 from influence_doctor.config import Gates
 from influence_doctor.errors import UsageError
-from influence_doctor.gates import MIN_TIMED_SECONDS, evaluate, load_report, write_baseline
+from influence_doctor.gates import evaluate, load_report, write_baseline
 from tests.pipelines import small_pipeline
 
 
@@ -119,8 +119,8 @@ def test_stage_time_fails_only_when_both_ratio_and_difference_exceed_their_limit
     baseline = copy.deepcopy(two_runs[0].document)
     current = copy.deepcopy(baseline)
     assert _by_gate(evaluate(current, Gates(), baseline))["max_seconds_ratio"].passed
-    baseline["stages"][1]["seconds"] = MIN_TIMED_SECONDS * 2
-    current["stages"][1]["seconds"] = MIN_TIMED_SECONDS * 5
+    baseline["stages"][1]["seconds"] = 2.0
+    current["stages"][1]["seconds"] = 5.0
     gates = Gates(max_seconds_ratio=2.0, min_seconds_difference=2.0)
     assert _by_gate(evaluate(current, Gates(), baseline))["max_seconds_ratio"].passed  # +3 s: within the default
     result = _by_gate(evaluate(current, gates, baseline))["max_seconds_ratio"]
