@@ -18,7 +18,6 @@ from influence_doctor.findings import SEVERITY_RANK
 from influence_doctor.report.strict_json import number
 
 
-
 @dataclass
 class GateResult:
     gate: str
@@ -255,9 +254,7 @@ def _seconds(current: dict[str, Any], baseline: dict[str, Any], gates: Gates) ->
     timed = {
         s["name"]: (s["seconds"] / before[s["name"]], s["seconds"] - before[s["name"]])
         for s in current["stages"]
-        if s["name"] in TIMED_STAGES
-        and s.get("seconds")
-        and before.get(s["name"])
+        if s["name"] in TIMED_STAGES and s.get("seconds") and before.get(s["name"])
     }
     if not timed:
         return GateResult(name, None, limit, True, "no kronfluence stage was timed in both reports")
