@@ -77,13 +77,21 @@ def test_a_slow_eigendecomposition_is_a_projected_warning():
     assert check_module_sizes(record, Thresholds(preflight_eigh_seconds=1000.0)).findings == []
 
 
-@pytest.mark.parametrize(("budget", "blocked"), [(10**9, []), (1000, ["head"])])
-def test_over_budget_counts_every_modules_covariances_and_the_working_set(budget, blocked):
+@pytest.mark.parametrize(
+    ("budget", "blocked", "projected"), [(10**9, [], []), (800, ["head"], []), (1000, [], ["head"])]
+)
+def test_over_budget_counts_every_modules_covariances_and_the_working_set(budget, blocked, projected):
+    """Counted for head: 600 bytes of covariances + its matrix and eigenvectors (250) = 850; with its
+    estimated workspace (250 more), 1100. A fail rests on counted bytes only; the estimate is a warning."""
     record = {
         "modules": {
             "head": {"activation": 9, "gradient": 10, "covariance_bytes": 400, "eigendecomposition_bytes": 500},
             "body": {"activation": 3, "gradient": 3, "covariance_bytes": 200, "eigendecomposition_bytes": 50},
         },
         "budget_bytes": budget,
+        "eigendecomposition_dtype": "float64",
     }
     assert over_budget(record) == blocked
+    findings = check_module_sizes(record, Thresholds()).findings
+    expected = [(m, "fail") for m in blocked] + [(m, "warn") for m in projected]
+    assert [(f.subject, f.severity) for f in findings] == expected

@@ -28,17 +28,32 @@ def peak_bytes(record: Mapping[str, Any], module: str) -> int:
     return stored + modules[module].get("eigendecomposition_bytes", 0)
 
 
+def certain_bytes(record: Mapping[str, Any], module: str) -> int:
+    """The part of `peak_bytes` that is counted, not estimated: every module's covariances, the matrix eigh
+    works on and its eigenvectors (half the working set; the other half is LAPACK's workspace, estimated)."""
+    return peak_bytes(record, module) - record["modules"][module].get("eigendecomposition_bytes", 0) // 2
+
+
 def over_budget(record: Mapping[str, Any]) -> list[str]:
-    """Modules whose eigendecomposition cannot fit the memory budget (exact bytes, not a projection)."""
+    """Modules whose eigendecomposition cannot fit the memory budget on counted bytes alone."""
     budget = record.get("budget_bytes")
     if not budget:
         return []
-    return [module for module in record.get("modules", {}) if peak_bytes(record, module) > budget]
+    return [module for module in record.get("modules", {}) if certain_bytes(record, module) > budget]
+
+
+def near_budget(record: Mapping[str, Any]) -> list[str]:
+    """Modules that fit on counted bytes but not once the estimated workspace is added: a projection."""
+    budget = record.get("budget_bytes")
+    if not budget:
+        return []
+    return [m for m in record.get("modules", {}) if certain_bytes(record, m) <= budget < peak_bytes(record, m)]
 
 
 def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> CheckOutcome:
-    """`preflight.memory` (fail: the bytes are counted, the budget is the device's) and
-    `preflight.eigendecomposition_time` (warn: the time is extrapolated from a measured small eigh)."""
+    """`preflight.memory` (fail when the counted bytes alone exceed the budget, the device's memory; warn
+    when only the estimated workspace tips it over) and `preflight.eigendecomposition_time` (warn: the
+    time is extrapolated from a measured small eigh)."""
     outcome = CheckOutcome()
     modules = record.get("modules") or {}
     if not modules:
@@ -64,6 +79,23 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
                 f"{_gb(entry['eigendecomposition_bytes'])} (matrix, eigenvectors, workspace) beside "
                 f"{_gb(peak_bytes(record, module) - entry['eigendecomposition_bytes'])} of covariances, over the "
                 f"{_gb(budget)} budget; nothing was fitted. Fix: {FIX}.",
+            )
+        )
+    for module in near_budget(record):
+        entry = modules[module]
+        side = max(entry["activation"], entry["gradient"])
+        outcome.findings.append(
+            Finding(
+                check="preflight.memory",
+                stage="train",
+                subject=module,
+                severity="warn",
+                value=float(peak_bytes(record, module)),
+                limit=float(budget),
+                cause="out-of-memory",
+                message=f"{module} has a {side}×{side} covariance: with an estimated eigh workspace its "
+                f"eigendecomposition in {dtype} would need {_gb(peak_bytes(record, module))}, over the {_gb(budget)} "
+                f"budget (projected, not measured; the counted bytes fit). Fix if it fails: {FIX}.",
             )
         )
     slow = [
