@@ -18,10 +18,6 @@ from typing import Any
 
 import torch
 
-_LOSS_DTYPES: set[torch.dtype] = set()
-"""Dtypes the Task returned its values in during one measurement (a Task may compute in float32 even
-on a float64 model: `logits.float()`), so that the tolerance follows the coarsest."""
-
 CONTRACT_EXAMPLES = 4
 """Training (and query) examples the contract is measured on: batches of 2 and of 4 tell a mean (1/B
 at both sizes) from a sum (1) and from anything else."""
@@ -38,7 +34,7 @@ def measure_contract(
     examples alone; a JSON-ready record, or {"error": ...} when the Task cannot be run this way."""
     try:
         subject, dtype = _subject_model(model)
-        _LOSS_DTYPES.clear()
+        returned: set[torch.dtype] = set()  # a Task may compute in float32 on a float64 model (`logits.float()`)
         record: dict[str, Any] = {"dtype": str(dtype).replace("torch.", ""), "probes": []}
         parameters = [p for p in subject.parameters() if p.requires_grad] or list(subject.parameters())
         for name, dataset, quantity in (
@@ -52,9 +48,9 @@ def measure_contract(
                 chosen = examples[:size]
                 batch = _prepared(collate(chosen), dtype, device)
                 alone = [_prepared(collate([example]), dtype, device) for example in chosen]
-                probe = _compare(quantity, batch, alone, parameters if name == "train loss" else None)
+                probe = _compare(quantity, batch, alone, parameters if name == "train loss" else None, returned)
                 record["probes"].append({"quantity": name, "batch": size, **probe})
-        coarsest = max((torch.finfo(d).eps, str(d)) for d in {dtype, *_LOSS_DTYPES} if d.is_floating_point)
+        coarsest = max((torch.finfo(d).eps, str(d)) for d in {dtype, *returned} if d.is_floating_point)
         record["dtype"] = coarsest[1].replace("torch.", "")  # the tolerance follows the coarsest computation
         if subject is not model:
             del subject
@@ -94,15 +90,19 @@ def _map_tensors(value: Any, dtype: torch.dtype) -> Any:
 
 
 def _compare(
-    quantity: Callable[[Any], torch.Tensor], batch: Any, alone: Sequence[Any], parameters: list[torch.Tensor] | None
+    quantity: Callable[[Any], torch.Tensor],
+    batch: Any,
+    alone: Sequence[Any],
+    parameters: list[torch.Tensor] | None,
+    returned: set[torch.dtype],
 ) -> dict[str, Any]:
     """The batch's value against the sum of the examples' values alone; with `parameters`, the same for
     the gradient (relative distance of the batch's gradient from the sum of the examples')."""
-    batch_value, batch_gradient = _evaluate(quantity, batch, parameters)
+    batch_value, batch_gradient = _evaluate(quantity, batch, parameters, returned)
     alone_values, alone_gradient = [], None
     for example in alone:
         try:
-            value, gradient = _evaluate(quantity, example, parameters)
+            value, gradient = _evaluate(quantity, example, parameters, returned)
         except Exception as exc:  # the batch ran, an example alone does not: it needs its batch
             text = str(exc).strip().splitlines()
             return {"batch_value": batch_value, "alone_error": f"{type(exc).__name__}: {text[0] if text else ''}"}
@@ -122,15 +122,19 @@ def _compare(
 
 
 def _evaluate(
-    quantity: Callable[[Any], torch.Tensor], batch: Any, parameters: list[torch.Tensor] | None
+    quantity: Callable[[Any], torch.Tensor],
+    batch: Any,
+    parameters: list[torch.Tensor] | None,
+    returned: set[torch.dtype],
 ) -> tuple[float, torch.Tensor | None]:
+    """The quantity's value on the batch (and its gradient, with `parameters`); notes the dtype it came in."""
     if parameters is None:
         with torch.no_grad():
             value = quantity(batch)
-            _LOSS_DTYPES.add(value.dtype)
+            returned.add(value.dtype)
             return float(value.detach().double().sum()), None
     value = quantity(batch)
-    _LOSS_DTYPES.add(value.dtype)
+    returned.add(value.dtype)
     gradients = torch.autograd.grad(value.sum(), parameters, allow_unused=True)
     flat = torch.cat(
         [
