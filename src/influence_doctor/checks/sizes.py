@@ -50,6 +50,24 @@ def near_budget(record: Mapping[str, Any]) -> list[str]:
     return [m for m in record.get("modules", {}) if certain_bytes(record, m) <= budget < peak_bytes(record, m)]
 
 
+def _side(entry: Mapping[str, Any]) -> int:
+    """The larger covariance dimension of a module: the one its eigendecomposition is sized by."""
+    return max(entry["activation"], entry["gradient"])
+
+
+def _memory_finding(module: str, severity: str, peak: int, budget: int, message: str) -> Finding:
+    return Finding(
+        check="preflight.memory",
+        stage="train",
+        subject=module,
+        severity=severity,  # type: ignore[arg-type]
+        value=float(peak),
+        limit=float(budget),
+        cause="out-of-memory",
+        message=message,
+    )
+
+
 def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> CheckOutcome:
     """`preflight.memory` (fail when the counted bytes alone exceed the budget, the device's memory; warn
     when only the estimated workspace tips it over) and `preflight.eigendecomposition_time` (warn: the
@@ -59,43 +77,35 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
     if not modules:
         return outcome
     dtype = record.get("eigendecomposition_dtype", "float64")
-    largest = max(modules, key=lambda m: max(modules[m]["activation"], modules[m]["gradient"]))
+    largest = max(modules, key=lambda m: _side(modules[m]))
     sizes = {key: value for key, value in modules[largest].items() if not key.endswith("seconds")}  # no timings:
     outcome.metrics["largest_module"] = {"module": largest, **sizes}  # ranks compare these numbers
     budget = record.get("budget_bytes")
     for module in over_budget(record):
-        entry = modules[module]
-        side = max(entry["activation"], entry["gradient"])
+        side, peak = _side(modules[module]), peak_bytes(record, module)
+        working = modules[module]["eigendecomposition_bytes"]
         outcome.findings.append(
-            Finding(
-                check="preflight.memory",
-                stage="train",
-                subject=module,
-                severity="fail",
-                value=float(peak_bytes(record, module)),
-                limit=float(budget),
-                cause="out-of-memory",
-                message=f"{module} has a {side}×{side} covariance: its eigendecomposition in {dtype} needs "
-                f"{_gb(entry['eigendecomposition_bytes'])} (matrix, eigenvectors, workspace) beside "
-                f"{_gb(peak_bytes(record, module) - entry['eigendecomposition_bytes'])} of covariances, over the "
+            _memory_finding(
+                module,
+                "fail",
+                peak,
+                budget,
+                f"{module} has a {side}×{side} covariance: its eigendecomposition in {dtype} needs {_gb(working)} "
+                f"(matrix, eigenvectors, workspace) beside {_gb(peak - working)} of covariances, over the "
                 f"{_gb(budget)} budget; nothing was fitted. Fix: {FIX}.",
             )
         )
     for module in near_budget(record):
-        entry = modules[module]
-        side = max(entry["activation"], entry["gradient"])
+        side, peak = _side(modules[module]), peak_bytes(record, module)
         outcome.findings.append(
-            Finding(
-                check="preflight.memory",
-                stage="train",
-                subject=module,
-                severity="warn",
-                value=float(peak_bytes(record, module)),
-                limit=float(budget),
-                cause="out-of-memory",
-                message=f"{module} has a {side}×{side} covariance: with an estimated eigh workspace its "
-                f"eigendecomposition in {dtype} would need {_gb(peak_bytes(record, module))}, over the {_gb(budget)} "
-                f"budget (projected, not measured; the counted bytes fit). Fix if it fails: {FIX}.",
+            _memory_finding(
+                module,
+                "warn",
+                peak,
+                budget,
+                f"{module} has a {side}×{side} covariance: with an estimated eigh workspace its eigendecomposition "
+                f"in {dtype} would need {_gb(peak)}, over the {_gb(budget)} budget (projected, not measured; the "
+                f"counted bytes fit). Fix if it fails: {FIX}.",
             )
         )
     slow = [
@@ -105,7 +115,7 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
         if module in over_budget(record):
             continue
         seconds = modules[module]["eigendecomposition_seconds"]
-        side = max(modules[module]["activation"], modules[module]["gradient"])
+        side = _side(modules[module])
         outcome.findings.append(
             Finding(
                 check="preflight.eigendecomposition_time",
