@@ -42,7 +42,10 @@ TRAINING_MARGINS: tuple[tuple[str, str, str], ...] = (
     ("start_ratio", "start_rise_ratio", "train.divergence"),
     ("oscillation_significance", "oscillation_significance", "train.oscillation"),
     ("generalization_gap", "max_generalization_gap", "train.validation_gap"),
-    ("trained_loss_ratio", "trained_loss_fail_ratio", "train.trained_loss"),
+    ("trained_loss_ratio", "trained_loss_warn_ratio", "train.trained_loss"),
+    ("reference_loss_ratio", "trained_loss_fail_ratio", "train.trained_loss"),
+    ("uphill_cosine", "uphill_cosine", "train.uphill"),
+    ("explosion_height", "explosion_height", "train.explosion"),
 )
 """(metric of check_loss_curve, threshold it is held to, check)."""
 
@@ -74,6 +77,7 @@ def sick_fixtures(names: Sequence[str]) -> dict[str, Any]:
     from fixtures import load_fixture
     from influence_doctor import diagnose
     from influence_doctor.calibration import HealthyCurve, HealthyScores, score_metrics
+    from influence_doctor.checks.train import SampleLoss
 
     results = {}
     for name in names:
@@ -86,7 +90,7 @@ def sick_fixtures(names: Sequence[str]) -> dict[str, Any]:
             name,
             run.monitor.loss,
             run.monitor.validation_loss,
-            None if sample is None else (sample["untrained"], sample["trained"]),
+            None if sample is None else SampleLoss(**sample),
         )
         scores = HealthyScores(
             name, dict(run.artifacts.get("pairwise_scores") or {}), dict(run.artifacts.get("self_scores") or {})

@@ -113,7 +113,7 @@ def test_healthy_curves_are_real_varied_and_trained(curves):
     assert 0.1 * len(curves) <= len(continued) <= 0.4 * len(curves)  # fine-tuning a converged model, too
     improved = [curve for curve in scratch if _first(curve.validation_loss) > _last(curve.validation_loss)]
     assert len(improved) >= 0.95 * len(scratch)  # the models learned: their held-out loss went down
-    assert all(curve.sample_loss[1] < curve.sample_loss[0] for curve in scratch)  # measured, not logged
+    assert all(curve.sample.trained < curve.sample.untrained for curve in scratch)  # measured, not logged
 
 
 @pytest.fixture(scope="module")
@@ -121,21 +121,16 @@ def sick():
     return {family: sick_loss_curves(family, 60, seed=HELD_OUT_SEED) for family in SICK_FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["explosion-nan", "oscillation"])
+@pytest.mark.parametrize("family", list(SICK_FAMILIES))
 def test_sick_families_are_detected_at_the_spec_rate(sick, family):
+    """SPEC 4.1: at least 99% of each family's runs fail with its cause. Explosions that recover to below
+    their start are set aside (the loss is no longer wrong)."""
     outcome = family_outcome(sick[family], family)
-    assert outcome.members == outcome.runs == len(sick[family])
+    if family == "explosion-plateau":
+        assert outcome.members >= 0.7 * outcome.runs
+    else:
+        assert outcome.members == outcome.runs == len(sick[family])
     assert outcome.detected >= 0.99 * outcome.members
-
-
-@pytest.mark.parametrize(("family", "floor"), [("explosion-plateau", 0.9), ("steady-rise", 0.9)])
-def test_sick_families_below_the_spec_rate_do_not_lose_ground(sick, family, floor):
-    """Not yet at the SPEC's 99%: the benchmark measured 95% and 97% on 200 held-out runs each (seed 2).
-    Explosions that recover to below their start are set aside (the loss is no longer wrong); what is
-    missed rises less than every healthy fine-tuning run can, while its logged loss stays in its noise."""
-    outcome = family_outcome(sick[family], family)
-    assert outcome.members >= 0.7 * outcome.runs
-    assert outcome.detected >= floor * outcome.members
 
 
 def test_the_issues_diverged_run_is_sick_with_no_remedy(tmp_path):

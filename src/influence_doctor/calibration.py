@@ -30,6 +30,7 @@ from influence_doctor.checks.train import SampleLoss, check_loss_curve
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
 from influence_doctor.report.scores import total_scores
+from influence_doctor.runner.sample_loss import measure_end, measure_start
 
 BATCH_SIZES: tuple[int | None, ...] = (1, 2, 8, 32, None)
 """Minibatch sizes the curves cycle through; None is full batch."""
@@ -42,9 +43,11 @@ TRAINING_CHECKS: tuple[str, ...] = (
     "train.oscillation",
     "train.validation_gap",
     "train.trained_loss",
+    "train.uphill",
+    "train.explosion",
 )
-"""The training checks; validation_gap applies only to curves with validation losses, trained_loss only
-to runs whose loss on a sample was measured before and after training."""
+"""The training checks; validation_gap applies only to curves with validation losses, the last three only
+to runs whose loss on a sample was measured before and after training (uphill: where the gradient was)."""
 SAMPLE_EXAMPLES = 256
 """Training examples on which a run's loss is measured before and after training, as the doctor does."""
 
@@ -85,8 +88,9 @@ class HealthyCurve:
     name: str
     loss: list[float]
     validation_loss: list[float | None]
-    sample_loss: tuple[float, float] | None = None
-    """Mean loss on the first `SAMPLE_EXAMPLES` training examples before and after the recorded run."""
+    sample: SampleLoss | None = None
+    """The doctor's measurement on the first `SAMPLE_EXAMPLES` training examples before and after the
+    recorded run (`runner.sample_loss`: the losses, a fresh copy's loss, the uphill cosine)."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,8 @@ def _train_steps(
 
 def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
     """Train the recipe's model for real; log every step's loss and, ten times a run, validation loss;
-    measure the loss on a fixed sample of training examples before and after the recorded steps."""
+    measure the loss on a fixed sample of training examples before and after the recorded steps, as the
+    doctor measures it."""
     generator = torch.Generator().manual_seed(recipe.seed)
     train, validation, outputs = synthetic_task(recipe, generator)
     torch.manual_seed(recipe.seed)
@@ -271,13 +276,12 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
     if recipe.warm_steps:
         for _loss in _train_steps(model, train, replace(recipe, steps=recipe.warm_steps), generator):
             pass
-    sample = [tensor[:SAMPLE_EXAMPLES] for tensor in train.tensors]
+    inputs, targets = (tensor[:SAMPLE_EXAMPLES] for tensor in train.tensors)
 
-    def sample_loss() -> float:
-        with torch.no_grad():
-            return float(loss_fn(model(sample[0]), sample[1]).item())
+    def batch_losses(network: nn.Module) -> list[torch.Tensor]:
+        return [loss_fn(network(inputs), targets)]
 
-    before = sample_loss()
+    start = measure_start(model, batch_losses)
     every = max(1, recipe.steps // 10)
     losses: list[float] = []
     validation_losses: list[float | None] = []
@@ -288,7 +292,7 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
                 validation_losses.append(float(loss_fn(model(validation.tensors[0]), validation.tensors[1]).item()))
         else:
             validation_losses.append(None)
-    return HealthyCurve(recipe.name, losses, validation_losses, (before, sample_loss()))
+    return HealthyCurve(recipe.name, losses, validation_losses, measure_end(start, model, batch_losses, len(inputs)))
 
 
 def healthy_loss_curves(count: int = 120, seed: int = 0) -> list[HealthyCurve]:
@@ -304,13 +308,16 @@ def healthy_loss_curves(count: int = 120, seed: int = 0) -> list[HealthyCurve]:
 
 def training_findings(curve: HealthyCurve, thresholds: Thresholds) -> tuple[list[Finding], dict[str, Any], list[str]]:
     """The training checks exactly as the doctor applies them to a run: findings, metrics, checks applied."""
-    sample = None if curve.sample_loss is None else SampleLoss(*curve.sample_loss, SAMPLE_EXAMPLES)
+    sample = curve.sample
     outcome = check_loss_curve(curve.loss, curve.validation_loss, thresholds, sample)
     checked = list(TRAINING_CHECKS)
     if not any(value is not None for value in curve.validation_loss):
         checked.remove("train.validation_gap")
     if sample is None:
         checked.remove("train.trained_loss")
+        checked.remove("train.explosion")
+    if sample is None or sample.uphill_cosine is None:
+        checked.remove("train.uphill")
     return list(outcome.findings), dict(outcome.metrics), checked
 
 
@@ -363,12 +370,14 @@ LIMIT_RULES: tuple[LimitRule, ...] = (
         1.5,
         gate=("oscillation_amplitude", "oscillation_min_amplitude"),
     ),
-    # the trained-loss ratio alone: ×3, as restarting an optimizer on a converged model has a heavy tail
-    LimitRule("trained_loss_fail_ratio", "trained_loss_ratio", 1.0, 3.0),
+    LimitRule("trained_loss_fail_ratio", "reference_loss_ratio", 1.0, 1.5),
+    LimitRule("uphill_cosine", "uphill_cosine", 1.0, 1.5),
+    LimitRule("explosion_height", "explosion_height", 1.0, 1.5),
 )
 """The training limits the calibration derives from healthy curves. The rest are definitions, stated:
-`divergence_ratio` (3× the lowest level), `start_rise_ratio` (2× the first loss), the oscillation's
-amplitude and progress, the window sizes."""
+`divergence_ratio` (3× the lowest level), `start_rise_ratio` (2× the first loss), `divergence_min_share`
+(a climb undoing 1% of an untrained model's loss), the oscillation's amplitude and progress, the window
+sizes."""
 
 DERIVATION_CURVES = 600
 DERIVATION_SEED = 0
@@ -476,7 +485,7 @@ def sick_loss_curves(family: str, count: int, seed: int) -> list[HealthyCurve]:
 def recovered(curve: HealthyCurve) -> bool:
     """The run ended below where it started, by the loss measured on its training sample: an explosion
     that recovered is not an explosion that plateaus above its start (the family's defining trait)."""
-    return curve.sample_loss is not None and curve.sample_loss[1] < curve.sample_loss[0]
+    return curve.sample is not None and curve.sample.trained < curve.sample.untrained
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def test_the_measured_sample_loss_decides_whether_training_ended_above_its_start
 
 
 def test_a_trained_loss_far_above_the_untrained_one_is_a_blow_up():
-    finding = only(check_trained_loss(0.5, 0.5 * 1e6, 256, T), "train.trained_loss")
+    finding = only(check_trained_loss(SampleLoss(0.5, 0.5 * 1e6, 256), T), "train.trained_loss")
     assert (finding.severity, finding.cause, finding.stage) == ("fail", "training-diverged", "train")
     assert finding.value == pytest.approx(1e6)
     assert "256 of its training examples" in finding.message
@@ -268,18 +268,62 @@ def test_a_trained_loss_far_above_the_untrained_one_is_a_blow_up():
 
 @pytest.mark.parametrize("trained", [math.nan, math.inf])
 def test_a_nonfinite_trained_loss_is_a_blow_up(trained):
-    assert only(check_trained_loss(0.5, trained, 64, T), "train.trained_loss").severity == "fail"
+    assert only(check_trained_loss(SampleLoss(0.5, trained, 64), T), "train.trained_loss").severity == "fail"
 
 
 def test_a_moderate_rise_fails_only_when_the_curve_climbed_too():
-    """Between the warn and the fail limit: restarting an optimizer on a converged model can lift a tiny
-    loss that much, so the rise alone warns; with the logged loss climbing as well it is a fail."""
+    """Between the warn and the fail limit the rise alone warns; with the logged loss climbing as well it
+    is a fail."""
     ratio = (T.trained_loss_warn_ratio + T.trained_loss_fail_ratio) / 2
-    alone = only(check_trained_loss(1.0, ratio, 256, T), "train.trained_loss")
+    alone = only(check_trained_loss(SampleLoss(1.0, ratio, 256), T), "train.trained_loss")
     assert (alone.severity, alone.cause) == ("warn", None)
-    climbed = only(check_trained_loss(1.0, ratio, 256, T, curve_climbed=True), "train.trained_loss")
+    curve = {"loss_rise_significance": T.loss_rise_significance}
+    climbed = only(check_trained_loss(SampleLoss(1.0, ratio, 256), T, curve), "train.trained_loss")
     assert (climbed.severity, climbed.cause) == ("fail", "training-diverged")
     assert "logged loss climbed" in climbed.message
+
+
+def test_a_fine_tuned_model_is_judged_against_a_fresh_models_loss():
+    """A converged model restarted with a fresh optimizer: 4e-5 → 7e-3 is 180× its start and nothing
+    beside the loss of a freshly initialised copy (0.9), so it warns and fails nothing."""
+    sample = SampleLoss(4e-5, 7e-3, 256, reference=0.9)
+    assert sample.scale == 0.9
+    outcome = check_trained_loss(sample, T, {"loss_rise_significance": 10.0, "peak_loss": 0.03, "final_loss": 0.007})
+    assert [(f.check, f.severity) for f in outcome.findings] == [("train.trained_loss", "warn")]
+    assert outcome.metrics["reference_loss_ratio"] == pytest.approx(7e-3 / 0.9)
+    worse = only(check_trained_loss(SampleLoss(4e-5, 2.0, 256, reference=0.9), T), "train.trained_loss")
+    assert worse.severity == "fail" and "freshly initialised copy" in worse.message
+
+
+def test_a_fresh_copy_never_lowers_the_scale_below_the_start():
+    assert SampleLoss(1.0, 1.2, 256, reference=0.7).scale == 1.0
+    assert SampleLoss(1.0, 1.2, 256, reference=math.nan).scale == 1.0
+
+
+@pytest.mark.parametrize(("cosine", "severity"), [(0.9, "fail"), (0.05, None), (-0.8, None)])
+def test_a_rise_along_the_starting_gradient_is_a_sign_error(cosine, severity):
+    outcome = check_trained_loss(SampleLoss(1.0, 1.05, 256, reference=1.0, uphill_cosine=cosine), T)
+    found = [f for f in outcome.findings if f.check == "train.uphill"]
+    assert [f.severity for f in found] == ([severity] if severity else [])
+    if severity:
+        assert found[0].cause == "training-diverged" and "+0.90" in found[0].message
+
+
+def test_uphill_needs_the_loss_to_have_risen():
+    outcome = check_trained_loss(SampleLoss(1.0, 0.9, 256, uphill_cosine=0.9), T)
+    assert outcome.findings == []
+
+
+def test_a_blow_up_that_settles_back_at_its_start_is_an_explosion():
+    """The measured loss ended where it started (ratio 1.02), and the logged loss peaked 10⁵× above its
+    end on the way: in untrained units, 10⁵ × 1.02."""
+    curve = {"peak_loss": 1e5, "final_loss": 1.0}
+    finding = only(check_trained_loss(SampleLoss(1.0, 1.02, 256), T, curve), "train.explosion")
+    assert (finding.severity, finding.cause) == ("fail", "training-diverged")
+    assert finding.value == pytest.approx(1.02e5)
+    recovered = check_trained_loss(SampleLoss(1.0, 0.5, 256), T, curve)
+    assert recovered.findings == []  # it blew up and then learned: no wrong number left
+    assert recovered.metrics["explosion_height"] == pytest.approx(0.5e5)
 
 
 def test_a_steady_ascent_measured_and_logged_is_diverged():
@@ -288,9 +332,24 @@ def test_a_steady_ascent_measured_and_logged_is_diverged():
     assert ("train.trained_loss", "fail") in [(f.check, f.severity) for f in outcome.findings]
 
 
+def test_a_climb_near_zero_loss_is_not_divergence():
+    """The curve climbs 5× above its lowest level (a fail on the curve alone), but the climb is a
+    hundredth of a percent of an untrained model's loss: a warn."""
+    loss = [1e-3] * 30 + [1e-4] * 30 + [5e-4] * 30
+    alone = check_loss_curve(loss, [], T)
+    assert only(alone, "train.divergence").severity == "fail"
+    near_zero = check_loss_curve(loss, [], T, SampleLoss(1e-3, 5e-4, 256, reference=2.0))
+    finding = only(near_zero, "train.divergence")
+    assert (finding.severity, finding.cause) == ("warn", None)
+    assert near_zero.metrics["climb_share"] < T.divergence_min_share
+    assert "too small to call divergence" in finding.message
+    material = check_loss_curve([1.0] * 30 + [0.01] * 30 + [0.5] * 30, [], T, SampleLoss(1.0, 0.5, 256, reference=1.0))
+    assert only(material, "train.divergence").severity == "fail"
+
+
 @pytest.mark.parametrize(("untrained", "trained"), [(1.0, 0.3), (1.0, 1.0 * 0.999), (math.nan, 5.0), (0.0, 5.0)])
 def test_a_trained_loss_at_or_below_the_untrained_one_is_fine(untrained, trained):
-    outcome = check_trained_loss(untrained, trained, 256, T)
+    outcome = check_trained_loss(SampleLoss(untrained, trained, 256), T)
     assert outcome.findings == []
     assert ("trained_loss_ratio" in outcome.metrics) == (math.isfinite(untrained) and untrained > 0)
 

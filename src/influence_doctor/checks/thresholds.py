@@ -258,10 +258,34 @@ class Thresholds:
         },
     )
     trained_loss_fail_ratio: float = field(
-        default=4.4,
+        default=1.5,
         metadata={
-            "help": "Fail as diverged at this multiple: training made the model worse at its own examples, beyond "
-            "every healthy run, fine-tuning from a converged model included (derived: healthy maximum × 3)."
+            "help": "Fail as diverged when the trained model's sample loss is this multiple of an untrained "
+            "model's (the larger of its own start and a freshly initialised copy's): worse than knowing nothing, "
+            "beyond every healthy run (derived: healthy maximum × 1.5)."
+        },
+    )
+    uphill_cosine: float = field(
+        default=0.19,
+        metadata={
+            "help": "Fail as diverged when the sample loss rose and the change training made to the parameters "
+            "has at least this cosine with the loss's gradient at the start: it climbed the loss, a sign error "
+            "(derived: healthy maximum × 1.5)."
+        },
+    )
+    explosion_height: float = field(
+        default=8.9,
+        metadata={
+            "help": "Fail as diverged when the sample loss ended no lower than it started and the logged loss "
+            "peaked at this multiple of the untrained level on the way: it blew up and never recovered "
+            "(derived: healthy maximum × 1.5)."
+        },
+    )
+    divergence_min_share: float = field(
+        default=0.01,
+        metadata={
+            "help": "A climb on the curve is divergence (a fail) only when it undoes at least this share of an "
+            "untrained model's sample loss; smaller ones near zero loss are a fitted model wandering (a warn)."
         },
     )
     oscillation_significance: float = field(

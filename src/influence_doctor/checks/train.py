@@ -13,7 +13,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,11 +31,24 @@ MIN_CYCLES = 2.5
 
 @dataclass(frozen=True)
 class SampleLoss:
-    """The loss on a fixed sample of training examples, measured by the doctor before and after training."""
+    """The loss on a fixed sample of training examples, measured by the doctor before and after training
+    (`runner.sample_loss`), with the evidence measured beside it where the model's size allowed."""
 
     untrained: float
     trained: float
     examples: int
+    reference: float | None = None
+    """The same loss for a freshly initialised copy of the model: the loss of knowing nothing."""
+    uphill_cosine: float | None = None
+    """cos(gradient of the sample loss at the start, the change training made to the parameters)."""
+
+    @property
+    def scale(self) -> float:
+        """The loss on which "worse" is judged: the larger of the untrained and the fresh model's (a
+        fine-tuned model starts near zero, where any ratio to its start is large and means nothing)."""
+        if self.reference is not None and math.isfinite(self.reference) and self.reference > self.untrained:
+            return self.reference
+        return self.untrained
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:
@@ -177,15 +190,46 @@ def check_loss_curve(
 
     With a `sample` measurement the trained model's loss against the untrained one's decides whether
     training ended above where it started; the curve's first step (one minibatch, which with a batch of
-    one may be a single easy example) is read for that only when nothing was measured.
+    one may be a single easy example) is read for that only when nothing was measured. A climb the
+    curve shows must also be material on the measured scale (`_settle_climbs`).
     """
     outcome = _check_curve(loss, validation_loss, thresholds, judge_start=sample is None)
     if sample is not None:
-        climbed = outcome.metrics.get("loss_rise_significance", -math.inf) >= thresholds.loss_rise_significance
-        measured = check_trained_loss(sample.untrained, sample.trained, sample.examples, thresholds, climbed)
+        measured = check_trained_loss(sample, thresholds, outcome.metrics)
         outcome.findings += measured.findings
         outcome.metrics.update(measured.metrics)
+        _settle_climbs(outcome, sample, thresholds)
     return outcome
+
+
+def _settle_climbs(outcome: CheckOutcome, sample: SampleLoss, thresholds: Thresholds) -> None:
+    """A climb on the curve is divergence only when it undoes a material share of the loss scale
+    (`SampleLoss.scale`): a converged model's loss that wanders from 0.0004 to 0.002 is "4× its lowest"
+    and nothing at all beside the loss of an untrained model. Such a `fail` becomes a `warn`."""
+    if not (math.isfinite(sample.trained) and sample.scale > 0.0):
+        return
+    level = sample.trained / sample.scale
+    metrics = outcome.metrics
+    shares = {
+        "train.divergence": 1.0 - 1.0 / metrics["divergence_ratio"] if metrics.get("divergence_ratio", 0) > 0 else 0,
+        "train.loss_decreased": 1.0 - metrics["initial_loss"] / metrics["final_loss"]
+        if metrics.get("final_loss", 0) > 0
+        else 0,
+    }
+    for index, finding in enumerate(outcome.findings):
+        if finding.severity != "fail" or finding.check not in shares:
+            continue
+        share = max(0.0, shares[finding.check]) * level
+        metrics["climb_share"] = share
+        if share < thresholds.divergence_min_share:
+            outcome.findings[index] = replace(
+                finding,
+                severity="warn",
+                cause=None,
+                message=f"{finding.message.rsplit(': ', 1)[0]}; the climb is {share:.2%} of an untrained model's "
+                f"loss on {sample.examples} training examples, too small to call divergence (a fitted model "
+                "wandering near zero loss).",
+            )
 
 
 def _check_curve(
@@ -215,7 +259,9 @@ def _check_curve(
     levels = window_means(loss, width)
     start, end = levels[0], levels[-1]
     noise = step_noise(loss)
-    outcome.metrics.update(initial_loss=start, final_loss=end, step_noise=noise, window_steps=width)
+    outcome.metrics.update(
+        initial_loss=start, final_loss=end, peak_loss=max(levels), step_noise=noise, window_steps=width
+    )
     if len(loss) >= 2 * width:
         _check_decrease(outcome, start, end, noise * math.sqrt(2.0 / width), thresholds)
     _check_divergence(outcome, loss, width, thresholds, judge_start)
@@ -337,19 +383,29 @@ def _check_rise_from_start(
 
 
 def check_trained_loss(
-    untrained: float, trained: float, examples: int, thresholds: Thresholds, curve_climbed: bool = False
+    sample: SampleLoss, thresholds: Thresholds, curve: Mapping[str, float] | None = None
 ) -> CheckOutcome:
-    """The trained model's loss on a fixed sample of its own training examples against the untrained model's.
+    """The trained model's loss on a fixed sample of its own training examples against the untrained one's.
 
     Both are measured by the doctor on the same examples, in eval mode and without minibatch noise, so a
-    rise is a measured wrong result of training rather than a reading of a noisy curve: a run that blew
-    up and settled on a plateau ends far above where it started, however flat its last steps look.
-    A rise beyond every healthy run is a `fail`. A smaller one (fine-tuning a converged model with a
-    fresh optimizer can lift a near-zero loss severalfold) is a `fail` only when the logged curve also
-    climbed (`curve_climbed`: its last window measurably above its first), and a `warn` otherwise.
+    rise is a measured wrong result of training rather than a reading of a noisy curve. A `fail` rests on
+    the rise plus one more measurement that says what went wrong:
+
+    - `train.trained_loss`: the trained model is worse than an untrained one (`SampleLoss.scale`) by more
+      than any healthy run, or worse at all while the logged curve also climbed;
+    - `train.uphill`: the loss rose and training moved the parameters along the gradient of the loss at
+      the start (a sign error: a loss maximised, or negated);
+    - `train.explosion`: the loss ended no lower than it started and the curve peaked far above the
+      untrained level on the way (`curve`'s `peak_loss` over its `final_loss`, times the measured ratio:
+      the peak in units of the untrained loss, whatever unit the user's loop logs in).
+
+    Otherwise a rise is a `warn` (fine-tuning a converged model with a fresh optimizer can lift a
+    near-zero loss severalfold).
     """
+    untrained, trained = sample.untrained, sample.trained
+    curve = curve or {}
     outcome = CheckOutcome(metrics={"untrained_sample_loss": untrained, "trained_sample_loss": trained})
-    on = f"on {examples} of its training examples"
+    on = f"on {sample.examples} of its training examples"
     if not math.isfinite(untrained) or untrained <= 0.0:
         return outcome  # no scale to hold the trained loss to (an untrained model with a non-finite loss)
     if not math.isfinite(trained):
@@ -365,24 +421,64 @@ def check_trained_loss(
             )
         )
         return outcome
-    ratio = trained / untrained
-    outcome.metrics["trained_loss_ratio"] = ratio
+    ratio, level = trained / untrained, trained / sample.scale
+    outcome.metrics.update(trained_loss_ratio=ratio, reference_loss_ratio=level)
+    fresh = sample.scale != untrained
     comparison = (
         f"The trained model's loss {on} is {fmt(trained)}, {fmt(ratio)}× the untrained model's ({fmt(untrained)})"
     )
-    if ratio >= thresholds.trained_loss_fail_ratio or (ratio >= thresholds.trained_loss_warn_ratio and curve_climbed):
+    climbed = curve.get("loss_rise_significance", -math.inf) >= thresholds.loss_rise_significance
+    cosine = sample.uphill_cosine
+    if cosine is not None:
+        outcome.metrics["uphill_cosine"] = cosine
+    height = None
+    if curve.get("final_loss", 0.0) > 0.0 and math.isfinite(curve.get("peak_loss", math.nan)):
+        height = curve["peak_loss"] / curve["final_loss"] * level
+        outcome.metrics["explosion_height"] = height
+    found = False
+    if level >= thresholds.trained_loss_fail_ratio or (level >= thresholds.trained_loss_warn_ratio and climbed):
+        found = True
+        worse = f", {fmt(level)}× a freshly initialised copy's ({fmt(sample.scale)})" if fresh else ""
         outcome.findings.append(
             _finding(
                 "train.trained_loss",
                 "fail",
-                ratio,
+                level,
                 thresholds.trained_loss_fail_ratio,
                 "training-diverged",
-                f"{comparison}{', and the logged loss climbed' if curve_climbed else ''}: training made the "
+                f"{comparison}{worse}{', and the logged loss climbed' if climbed else ''}: training made the "
                 "model worse at its own data (it blew up, or climbed: a sign error, a step too large).",
             )
         )
-    elif ratio >= thresholds.trained_loss_warn_ratio:
+    if ratio > 1.0 and cosine is not None and cosine >= thresholds.uphill_cosine:
+        found = True
+        outcome.findings.append(
+            _finding(
+                "train.uphill",
+                "fail",
+                cosine,
+                thresholds.uphill_cosine,
+                "training-diverged",
+                f"{comparison}, and training moved the parameters uphill: the change it made has cosine "
+                f"{cosine:+.2f} with the gradient of the loss at the start, where descent moves against it. "
+                "The loss is maximised (a sign error: `maximize=True`, a negated loss).",
+            )
+        )
+    if ratio >= 1.0 and height is not None and height >= thresholds.explosion_height:
+        found = True
+        outcome.findings.append(
+            _finding(
+                "train.explosion",
+                "fail",
+                height,
+                thresholds.explosion_height,
+                "training-diverged",
+                f"{comparison}, and on the way the logged loss peaked at {fmt(height)}× the untrained level "
+                "(its highest window against its last, times the measured ratio): training blew up and "
+                "never recovered (a step far too large).",
+            )
+        )
+    if not found and ratio >= thresholds.trained_loss_warn_ratio:
         outcome.findings.append(
             _finding(
                 "train.trained_loss",

@@ -78,12 +78,12 @@ def run_train_stage(
         if pipeline.train is not None:
             record.calls.append("train")
             sample = _loss_sample(run, train_dataset)
-            untrained = _sample_loss(run, model, sample)
+            start = _measure_start(run, model, sample)
             started = time.perf_counter()
             pipeline.train(model, train_dataset, run.monitor)
             record.metrics["training_seconds"] = time.perf_counter() - started  # the user's own loop
             record.metrics["trained"] = True
-            _record_sample_loss(record, untrained, _sample_loss(run, model, sample), len(sample))
+            _record_sample_loss(record, run, model, sample, start)
         else:
             record.metrics["trained"] = False
             record.reason = "the pipeline gives no train function: the model is analysed as built"
@@ -113,36 +113,48 @@ def _loss_sample(run: Run, train_dataset: Any) -> Any:
     return Subset(train_dataset, indices)
 
 
-def _sample_loss(run: Run, model: Any, sample: Any) -> float | str:
-    """The Task's training loss summed over the sample, in eval mode, without gradients, leaving the
-    random state and the model's mode as they were (the user's training must see the same draws); the
-    error's first line when the Task cannot compute it here."""
-    import torch
+def _batch_losses(run: Run, sample: Any) -> Callable[[Any], Iterator[Any]]:
+    """The Task's training loss of each batch of the sample, at the run's train batch size, on its device."""
     from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
-    devices = [torch.device(run.device).index or 0] if str(run.device).startswith("cuda") else []
-    was_training = model.training
+    size = max(1, min(run.train_batch_size, len(sample)))
+
+    def batch_losses(model: Any) -> Iterator[Any]:
+        import torch
+
+        device = torch.device(run.device)
+        for batch in DataLoader(sample, batch_size=size, collate_fn=run.pipeline.collate):
+            yield run.pipeline.task.compute_train_loss(send_to_device(batch, device), model, False)
+
+    return batch_losses
+
+
+def _measure_start(run: Run, model: Any, sample: Any) -> Any:
+    """The sample loss and the evidence on the untrained model (`runner.sample_loss`); the error's first
+    line when the Task cannot compute it here (a report on the training, never a reason to stop the run)."""
+    from influence_doctor.runner.sample_loss import measure_start
+
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model.eval()
-            total, device = 0.0, torch.device(run.device)
-            size = max(1, min(run.train_batch_size, len(sample)))
-            for batch in DataLoader(sample, batch_size=size, collate_fn=run.pipeline.collate):
-                loss = run.pipeline.task.compute_train_loss(send_to_device(batch, device), model, False)
-                total += float(loss.detach().double().sum().item())
-            return total
-    except Exception as exc:  # a report on the training, never a reason to stop the run
+        return measure_start(model, _batch_losses(run, sample))
+    except Exception as exc:
         return f"{type(exc).__name__}: {_first_line(exc)}"
-    finally:
-        model.train(was_training)
 
 
-def _record_sample_loss(record: StageRecord, untrained: float | str, trained: float | str, examples: int) -> None:
-    if isinstance(untrained, str) or isinstance(trained, str):
-        record.metrics["sample_loss_error"] = untrained if isinstance(untrained, str) else trained
+def _record_sample_loss(record: StageRecord, run: Run, model: Any, sample: Any, start: Any) -> None:
+    from dataclasses import asdict
+
+    from influence_doctor.runner.sample_loss import measure_end
+
+    if isinstance(start, str):
+        record.metrics["sample_loss_error"] = start
         return
-    record.metrics["sample_loss"] = {"untrained": untrained, "trained": trained, "examples": examples}
+    try:
+        measured = measure_end(start, model, _batch_losses(run, sample), len(sample))
+    except Exception as exc:
+        record.metrics["sample_loss_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+        return
+    record.metrics["sample_loss"] = asdict(measured)
 
 
 def _measure_contract(run: Run, model: Any, train_dataset: Any, query_dataset: Any, task: Any = None) -> dict[str, Any]:
