@@ -121,7 +121,7 @@ def measure_start(model: nn.Module, batch_losses: BatchLosses, budget_bytes: int
             start.reference = None
         try:
             start.gradient = _gradient(model, batch_losses)
-        except RuntimeError:  # a Task whose loss is not differentiable here
+        except Exception:  # a Task whose loss is not differentiable here: judged without the cosine
             start.gradient = None
         if start.gradient is not None:
             start.parameters = {name: p.detach().float().cpu().clone() for name, p in _trainable(model).items()}
