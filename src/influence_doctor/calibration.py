@@ -371,6 +371,9 @@ LIMIT_RULES: tuple[LimitRule, ...] = (
         gate=("oscillation_amplitude", "oscillation_min_amplitude"),
     ),
     LimitRule("trained_loss_fail_ratio", "reference_loss_ratio", 1.0, 1.5),
+    # against the start alone (no fresh copy measured): ×3, as restarting an optimizer on a converged
+    # model lifts a near-zero loss severalfold
+    LimitRule("trained_loss_unreferenced_fail_ratio", "trained_loss_ratio", 1.0, 3.0),
     LimitRule("uphill_cosine", "uphill_cosine", 1.0, 1.5),
     LimitRule("explosion_height", "explosion_height", 1.0, 1.5),
 )

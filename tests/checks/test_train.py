@@ -295,6 +295,18 @@ def test_a_fine_tuned_model_is_judged_against_a_fresh_models_loss():
     assert worse.severity == "fail" and "freshly initialised copy" in worse.message
 
 
+def test_without_a_fresh_copy_the_start_alone_is_held_to_a_wider_limit():
+    """A model beyond the evidence budget: its start may be a converged checkpoint, so 2× its start only
+    warns; the same rise measured against a fresh copy's loss is worse than knowing nothing."""
+    assert T.trained_loss_fail_ratio < 2.0 < T.trained_loss_unreferenced_fail_ratio
+    alone = only(check_trained_loss(SampleLoss(1.0, 2.0, 256), T), "train.trained_loss")
+    assert alone.severity == "warn"
+    referenced = only(check_trained_loss(SampleLoss(1.0, 2.0, 256, reference=1.0), T), "train.trained_loss")
+    assert (referenced.severity, referenced.limit) == ("fail", T.trained_loss_fail_ratio)
+    far = only(check_trained_loss(SampleLoss(1.0, 5.0, 256), T), "train.trained_loss")
+    assert (far.severity, far.limit) == ("fail", T.trained_loss_unreferenced_fail_ratio)
+
+
 def test_a_fresh_copy_never_lowers_the_scale_below_the_start():
     assert SampleLoss(1.0, 1.2, 256, reference=0.7).scale == 1.0
     assert SampleLoss(1.0, 1.2, 256, reference=math.nan).scale == 1.0

@@ -265,6 +265,14 @@ class Thresholds:
             "beyond every healthy run (derived: healthy maximum × 1.5)."
         },
     )
+    trained_loss_unreferenced_fail_ratio: float = field(
+        default=4.4,
+        metadata={
+            "help": "The same against the untrained model's loss alone, where no fresh copy was measured (a model "
+            "beyond the evidence budget): a fine-tuned start can be near zero, hence the wider margin (derived: "
+            "healthy maximum × 3)."
+        },
+    )
     uphill_cosine: float = field(
         default=0.19,
         metadata={

@@ -392,7 +392,8 @@ def check_trained_loss(
     the rise plus one more measurement that says what went wrong:
 
     - `train.trained_loss`: the trained model is worse than an untrained one (`SampleLoss.scale`) by more
-      than any healthy run, or worse at all while the logged curve also climbed;
+      than any healthy run, or worse at all while the logged curve also climbed (without a fresh copy's
+      loss the scale is the start alone, held to a wider limit);
     - `train.uphill`: the loss rose and training moved the parameters along the gradient of the loss at
       the start (a sign error: a loss maximised, or negated);
     - `train.explosion`: the loss ended no lower than it started and the curve peaked far above the
@@ -435,8 +436,10 @@ def check_trained_loss(
     if curve.get("final_loss", 0.0) > 0.0 and math.isfinite(curve.get("peak_loss", math.nan)):
         height = curve["peak_loss"] / curve["final_loss"] * level
         outcome.metrics["explosion_height"] = height
+    referenced = sample.reference is not None and math.isfinite(sample.reference)
+    fail_ratio = thresholds.trained_loss_fail_ratio if referenced else thresholds.trained_loss_unreferenced_fail_ratio
     found = False
-    if level >= thresholds.trained_loss_fail_ratio or (level >= thresholds.trained_loss_warn_ratio and climbed):
+    if level >= fail_ratio or (level >= thresholds.trained_loss_warn_ratio and climbed):
         found = True
         worse = f", {fmt(level)}× a freshly initialised copy's ({fmt(sample.scale)})" if fresh else ""
         outcome.findings.append(
@@ -444,7 +447,7 @@ def check_trained_loss(
                 "train.trained_loss",
                 "fail",
                 level,
-                thresholds.trained_loss_fail_ratio,
+                fail_ratio,
                 "training-diverged",
                 f"{comparison}{worse}{', and the logged loss climbed' if climbed else ''}: training made the "
                 "model worse at its own data (it blew up, or climbed: a sign error, a step too large).",
