@@ -93,6 +93,14 @@ def test_a_model_beyond_the_budget_gets_only_its_losses():
     assert math.isfinite(sample.trained)
 
 
+def test_a_model_that_fits_one_copy_gets_its_reference_but_no_cosine():
+    inputs, targets = _data()
+    model = _model()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    start = measure_start(model, _losses(inputs, targets), budget_bytes=size)
+    assert start.reference is not None and start.gradient is None
+
+
 def test_no_movement_has_no_cosine():
     inputs, targets = _data()
     model = _model()

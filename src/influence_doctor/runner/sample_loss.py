@@ -30,8 +30,8 @@ BatchLosses = Callable[[nn.Module], Iterable[torch.Tensor]]
 """Yields the Task's summed training loss of each batch of the sample for the given model."""
 
 EVIDENCE_BUDGET_BYTES = 1 << 30
-"""Largest copy of the model's parameters (start point, gradient, fresh copy) kept for the evidence:
-beyond it only the losses are measured."""
+"""Most bytes of parameter copies the evidence may hold: the fresh copy (one, freed once measured), or
+the start point and its gradient (two, kept through training). Beyond it only the losses are measured."""
 REFERENCE_SEED = 0
 """Seed of the fresh initialisation: the reference is the same on every run of the same model."""
 
@@ -109,16 +109,18 @@ def fresh_copy(model: nn.Module, seed: int = REFERENCE_SEED) -> nn.Module:
 
 
 def measure_start(model: nn.Module, batch_losses: BatchLosses, budget_bytes: int = EVIDENCE_BUDGET_BYTES) -> StartPoint:
-    """Before training: the sample loss and, when a copy of the parameters fits the budget, the gradient
-    there, the parameters themselves and the loss of a freshly initialised copy."""
+    """Before training: the sample loss; the loss of a freshly initialised copy when one copy of the
+    parameters fits the budget; the gradient there and the parameters themselves when two do."""
     with _quietly(model):
         start = StartPoint(total_loss(model, batch_losses))
-        if 3 * _bytes(model) > budget_bytes:
+        if _bytes(model) > budget_bytes:
             return start
         try:
             start.reference = total_loss(fresh_copy(model), batch_losses)
         except Exception:  # an architecture that cannot be re-initialised: judged on its start alone
             start.reference = None
+        if 2 * _bytes(model) > budget_bytes:
+            return start
         try:
             start.gradient = _gradient(model, batch_losses)
         except Exception:  # a Task whose loss is not differentiable here: judged without the cosine
