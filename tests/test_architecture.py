@@ -106,14 +106,13 @@ def test_only_the_stage_module_calls_kronfluences_stages():
 
 def test_experiments_and_rungs_share_one_vocabulary_of_changes():
     """Every experiment step in the cause table and every rung of every ladder plans with one registry."""
+    from influence_doctor.causes import CAUSES, STRATEGY_FALLBACK, default_ladders
     from influence_doctor.changes import PLANNERS
-    from influence_doctor.diagnosis.causes import CAUSE_RULES, ladders
-    from influence_doctor.remedies.ladders import STRATEGY_FALLBACK
 
-    rungs = {rung for ladder in ladders().values() for rung in ladder} | set(STRATEGY_FALLBACK)
+    rungs = {rung for ladder in default_ladders().values() for rung in ladder} | set(STRATEGY_FALLBACK)
     assert {rung.partition(":")[0] for rung in rungs} <= set(PLANNERS)
     # every change an experiment names in the cause table: "kind:argument" literals and f-strings
-    tree = ast.parse(Path(SRC / PACKAGE / "diagnosis" / "causes.py").read_text(encoding="utf-8"))
+    tree = ast.parse(Path(SRC / PACKAGE / "causes.py").read_text(encoding="utf-8"))
     named = set()
     for node in ast.walk(tree):
         literal = isinstance(node, ast.Constant) and isinstance(node.value, str)
@@ -125,4 +124,4 @@ def test_experiments_and_rungs_share_one_vocabulary_of_changes():
                 named.add(head[:-1])
     assert {"dtype", "float64", "damping", "shift"} <= named
     assert named <= set(PLANNERS), named - set(PLANNERS)
-    assert CAUSE_RULES
+    assert CAUSES

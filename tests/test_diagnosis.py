@@ -8,11 +8,12 @@ import torch
 from kronfluence.arguments import FactorArguments, ScoreArguments
 
 from influence_doctor import diagnose
+from influence_doctor.causes import CAUSES, TAGS, Context
+from influence_doctor.causes import suspects as rows_for
 from influence_doctor.demos.uci_mlp import RegressionTask
 from influence_doctor.diagnosis import StageView, diagnose_findings
-from influence_doctor.diagnosis.causes import CAUSE_RULES, Context, rules_for
 from influence_doctor.diagnosis.symptoms import OUT_OF_MEMORY, Symptom, find_symptoms
-from influence_doctor.findings import CAUSES, Finding
+from influence_doctor.findings import Finding
 from tests.pipelines import small_pipeline
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -74,9 +75,9 @@ def test_stage_errors_are_raised_or_out_of_memory_on_cpu_and_gpu(error, kind):
 def test_every_rule_names_a_known_cause_and_suggests_known_kinds():
     from influence_doctor.diagnosis.symptoms import MEASUREMENTS
 
-    for rule in CAUSE_RULES:
-        assert rule.cause in CAUSES
-        assert rule.suggested_by <= set(MEASUREMENTS)
+    for row in CAUSES:
+        assert row.tag in TAGS
+        assert row.suggested_by <= set(MEASUREMENTS)
 
 
 def context(fa=None, sa=None, score_stage="pairwise_scores"):
@@ -85,7 +86,7 @@ def context(fa=None, sa=None, score_stage="pairwise_scores"):
 
 def suspects(kind, stage, ctx):
     symptom = Symptom(kind, stage, (fail(f"{stage}.x", stage),))
-    return [(h.cause, h.stage, h.setting) for rule in rules_for(kind) for h in rule.hypotheses(symptom, ctx)]
+    return [(h.cause, h.stage, h.setting) for row in rows_for(kind) for h in row.hypotheses_for(symptom, ctx)]
 
 
 def test_overflow_is_suspected_only_where_a_float16_setting_feeds_the_stage_upstream_first():
@@ -111,8 +112,8 @@ def test_damping_is_suspected_only_for_scores_and_only_after_float64_keeps_the_f
     assert score == [("tiny-damping", "pairwise_scores", "damping")]
     assert not [s for s in suspects("nonfinite", "covariance", context()) if s[0] == "tiny-damping"]
     symptom = Symptom("nonfinite", "pairwise_scores", ())
-    (rule,) = [r for r in rules_for("nonfinite") if r.cause == "tiny-damping"]
-    (hypothesis,) = rule.hypotheses(symptom, context())
+    (row,) = [r for r in rows_for("nonfinite") if r.tag == "tiny-damping"]
+    (hypothesis,) = row.hypotheses_for(symptom, context())
     assert list(hypothesis.steps) == [("float64:end-to-end", "persists"), ("damping:x10", "clears")]
     assert not [s for s in suspects("disagreement", "pairwise_scores", context()) if s[0] == "tiny-damping"]
 

@@ -16,7 +16,7 @@ HEALTHY = sorted(name for name in FIXTURES if load_fixture(name)[1]["cause"] is 
 
 
 def test_the_harness_has_both_kinds_and_every_expected_rung_is_a_rung():
-    from influence_doctor.diagnosis.causes import ladder_for
+    from influence_doctor.causes import ladder_for
 
     assert len(SICK) >= 8 and len(HEALTHY) >= 3
     for name in SICK:

@@ -24,8 +24,8 @@ from scipy.stats import spearmanr
 from fixtures import FIXTURES, load_fixture
 from fixtures.healthy_conv_default_damping import healthy_conv_default_damping
 from influence_doctor import STAGES, Pipeline, diagnose
+from influence_doctor.causes import TAGS as CAUSES
 from influence_doctor.doctor import Report
-from influence_doctor.findings import CAUSES
 from tests.pipelines import small_pipeline
 
 FP16_MAX = torch.finfo(torch.float16).max

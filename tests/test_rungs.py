@@ -12,13 +12,13 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.covariance import covariance_matrices_exist, load_covariance_matrices
 from safetensors.torch import load_file
 
+from influence_doctor.causes import STRATEGY_FALLBACK, default_ladders, ladder_for
+from influence_doctor.causes import TAGS as CAUSES
 from influence_doctor.changes import Settings, damping_reference_points, plan
 from influence_doctor.diagnosis import Problem
-from influence_doctor.diagnosis.causes import default_ladders, ladder_for
-from influence_doctor.findings import CAUSES, Finding
+from influence_doctor.findings import Finding
 from influence_doctor.lab import module_damping, rounding_floors, scaled_damping
 from influence_doctor.remedies.doctored import doctor_covariances, shifted, write_factors
-from influence_doctor.remedies.ladders import STRATEGY_FALLBACK
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 

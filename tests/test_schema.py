@@ -9,7 +9,8 @@ import json
 import pytest
 
 from influence_doctor import diagnose
-from influence_doctor.findings import CAUSES, SEVERITY_RANK
+from influence_doctor.causes import TAGS as CAUSES
+from influence_doctor.findings import SEVERITY_RANK
 from influence_doctor.pipeline import STAGES
 from influence_doctor.report.document import TOP_LEVEL_KEYS
 from influence_doctor.report.schema import load_schema, schema_errors
@@ -91,3 +92,11 @@ def test_the_session_hook_tells_a_truncated_report_of_the_doctor_from_a_tests_ba
     assert written_by_the_doctor(real[: len(real) // 2])  # cut in the middle: still ours
     assert not written_by_the_doctor('{"hello": 1}')
     assert not written_by_the_doctor("not json at all")
+
+
+def test_the_shipped_schema_is_generated_from_the_cause_table():
+    """The cause enum and the stage names are written from the code (`python -m influence_doctor.report.schema`)."""
+    from influence_doctor.report.schema import generated_schema_text, schema_text
+
+    assert schema_text() == generated_schema_text()
+    assert generated_schema_text(schema_text().replace('"fp16-overflow", ', "")) == schema_text()

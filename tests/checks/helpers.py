@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from influence_doctor.causes import TAGS as CAUSES
 from influence_doctor.checks.outcome import CheckOutcome
-from influence_doctor.findings import CAUSES, SEVERITY_RANK, Finding
+from influence_doctor.findings import SEVERITY_RANK, Finding
 
 
 def checks_of(outcome: CheckOutcome) -> list[str]:

@@ -1,17 +1,14 @@
 """From measured wrong results to root causes.
 
 - `symptoms`: fail findings and stage errors, grouped into what an experiment can measure;
-- `causes`: the table of causes — the symptoms that suggest each, the experiments that confirm it, its ladder;
-- `differential`: runs those experiments on a subsample and convicts one cause per symptom;
+- `differential`: runs those experiments on a subsample and convicts one cause per symptom, its suspects
+  taken from the cause table (`influence_doctor.causes`);
 - `presumptive`: the same naming without experiments, for `inspect`, which has no model to re-run;
 - `problem`: the Problem and Experiment records the report carries.
 """
 
 from influence_doctor.diagnosis.presumptive import diagnose_findings
 from influence_doctor.diagnosis.problem import (
-    EXPLANATIONS,
-    TRAINING_ADVICE,
-    UNTREATABLE,
     Experiment,
     Problem,
     StageView,
@@ -20,9 +17,6 @@ from influence_doctor.diagnosis.problem import (
 )
 
 __all__ = [
-    "EXPLANATIONS",
-    "TRAINING_ADVICE",
-    "UNTREATABLE",
     "Experiment",
     "Problem",
     "StageView",

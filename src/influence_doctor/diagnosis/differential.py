@@ -18,18 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
+from influence_doctor.causes import RANK_DEFICIENT, Context, Hypothesis, cause, suspects
 from influence_doctor.changes import Settings, Target, damping_reference_points, plan
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.diagnosis.causes import Context, Hypothesis, rules_for
-from influence_doctor.diagnosis.problem import (
-    EXPLANATIONS,
-    TRAINING_ADVICE,
-    UNTREATABLE,
-    Experiment,
-    Problem,
-    stage_views,
-)
+from influence_doctor.diagnosis.problem import Experiment, Problem, stage_views
 from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms
 from influence_doctor.dtypes import score_path_dtype
 from influence_doctor.lab import FACTOR_STAGES, Lab, Trial, float64_settings
@@ -362,7 +355,7 @@ def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds |
         factor_args=run.factor_args,
         score_args=run.score_args,
         score_stage="pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores",
-        rank_deficient=any(f.cause == "rank-deficient" for view in views for f in view.findings),
+        rank_deficient=any(f.cause == RANK_DEFICIENT.tag for view in views for f in view.findings),
     )
     problems: list[Problem] = []
     for symptom in find_symptoms(views):
@@ -387,9 +380,6 @@ def differential_diagnosis(run: Any, labs: Labs | None, thresholds: Thresholds |
 COMPARISONS = frozenset({"undefined", "disagreement"})
 """Symptoms measured against float64 on the probe."""
 
-BROKEN_MODEL = frozenset({"nonfinite-model", "training-diverged"})
-"""A model that is itself broken explains everything computed from it."""
-
 
 def _same_problem(first: Problem, second: Problem) -> bool:
     """One cause acting through one setting is one problem, wherever it shows (pairwise and self scores)."""
@@ -405,7 +395,8 @@ def _explained_upstream(problems: Iterable[Problem], symptom: Symptom) -> Proble
         origin = problem.symptoms[0] if problem.symptoms else None
         if origin is None:
             continue
-        if problem.cause in BROKEN_MODEL and origin.stage == "train":
+        row = cause(problem.cause)
+        if row is not None and row.explains_downstream and origin.stage == "train":
             return problem
         if (
             symptom.kind in PROPAGATING
@@ -424,9 +415,9 @@ def _explained_upstream(problems: Iterable[Problem], symptom: Symptom) -> Proble
 
 def investigate(symptom: Symptom, context: Context, labs: Labs | None, thresholds: Thresholds) -> Problem:
     """Test the symptom's suspects in table order; the first confirmed hypothesis names the cause."""
-    rules = rules_for(symptom.kind)
+    rules = suspects(symptom.kind)
     for rule in rules:
-        for hypothesis in rule.hypotheses(symptom, context):
+        for hypothesis in rule.hypotheses_for(symptom, context):
             if not hypothesis.steps:  # measured directly: the symptom is the proof
                 return _problem(hypothesis, symptom, [], confirmed=True, lab=None)
     located = labs.reproduce(symptom) if labs is not None else None
@@ -447,7 +438,7 @@ def investigate(symptom: Symptom, context: Context, labs: Labs | None, threshold
     lab, base, before = located
     experiments: list[Experiment] = []
     for rule in rules:
-        for hypothesis in rule.hypotheses(symptom, context):
+        for hypothesis in rule.hypotheses_for(symptom, context):
             labs.note(f"testing {hypothesis.cause} at {hypothesis.stage} on {lab.examples} examples")
             if _test(hypothesis, symptom, lab, base, before, experiments, thresholds):
                 return _problem(hypothesis, symptom, experiments, confirmed=True, lab=lab.name)
@@ -523,14 +514,14 @@ def _symptom_text(symptom: Symptom) -> str:
 def _message(hypothesis: Hypothesis, symptom: Symptom, experiments: list[Experiment]) -> str:
     """The symptom as the check saw it, the cause when it says more than the check did, and the
     experiment that convicted it, in numbers."""
-    cause = hypothesis.cause
+    row = cause(hypothesis.cause)
     text = _symptom_text(symptom)
-    if all(f.cause != cause for f in symptom.findings):
-        text += f" ({cause}: {EXPLANATIONS.get(cause, cause)})"
-    if cause in UNTREATABLE:
-        return f"{text}. Influence of a broken model is meaningless: {TRAINING_ADVICE}"
-    if cause == "low-precision-loss":
-        text += " (a higher precision keeps your damping; a larger damping, your modeling choice, would also do)"
+    if all(f.cause != row.tag for f in symptom.findings):
+        text += f" ({row.tag}: {row.explanation})"
+    if row.advice:
+        return f"{text}. {row.advice}"
+    if row.note:
+        text += f" ({row.note})"
     confirming = [e for e in experiments if e.verdict.startswith("confirms")]
     if confirming:
         last = confirming[-1]

@@ -9,19 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from influence_doctor.diagnosis.problem import EXPLANATIONS, Problem, StageView
+from influence_doctor.causes import cause, presumed
+from influence_doctor.diagnosis.problem import Problem, StageView
 from influence_doctor.diagnosis.symptoms import PROPAGATING, find_symptoms
 from influence_doctor.pipeline import STAGES
-
-PRESUMED_BY_KIND = {
-    "oom": "out-of-memory",
-    "raised": None,
-    "orthogonality": "eigendecomposition-inaccurate",
-    "reconstruction": "eigendecomposition-inaccurate",
-    "negative": "not-psd",
-    "disagreement": "low-precision-loss",
-    "undefined": "tiny-damping",
-}
 
 
 def diagnose_findings(stages: Iterable[StageView]) -> list[Problem]:
@@ -42,11 +33,10 @@ def diagnose_findings(stages: Iterable[StageView]) -> list[Problem]:
             origin.evidence.extend(symptom.findings)
             origin.symptoms.append(symptom)
             continue
-        suspected = next((f.cause for f in symptom.findings if f.cause), PRESUMED_BY_KIND.get(symptom.kind))
-        if suspected is None and symptom.kind == "raised" and symptom.stage == "eigendecomposition":
-            suspected = "eigendecomposition-failed"
+        suspected = next((f.cause for f in symptom.findings if f.cause), None) or presumed(symptom.kind, symptom.stage)
         first = symptom.findings[0].message.rstrip(".") if symptom.findings else symptom.measurement
-        explanation = f": presumably {EXPLANATIONS[suspected]}" if suspected in EXPLANATIONS else ""
+        row = cause(suspected)
+        explanation = f": presumably {row.explanation}" if row is not None else ""
         problems.append(
             Problem(
                 cause=suspected,

@@ -6,37 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from influence_doctor import causes
 from influence_doctor.findings import Finding, json_number
-
-UNTREATABLE = frozenset({"nonfinite-model", "training-diverged", "training-oscillating"})
-"""Causes no factor setting can fix: the model itself must be retrained."""
-
-TRAINING_ADVICE = (
-    "lower the learning rate 2-5x, add a warmup, clip gradients (e.g. max norm 1.0), and watch the "
-    "validation loss; then re-run the doctor on the retrained model."
-)
-
-EXPLANATIONS: dict[str, str] = {
-    "fp16-overflow": "a float16 sum or product passed 65504 and became inf",
-    "low-precision-loss": "the configured precision measurably changes the result against float64",
-    "dtype-drift": "results computed in high precision were stored in a lower one",
-    "ill-conditioned": "the curvature spans more orders of magnitude than even float64 resolves",
-    "rank-deficient": "the factor is singular and nothing lifts its zero directions",
-    "asymmetric": "a covariance that must be symmetric is not",
-    "not-psd": "a quantity that must be positive semidefinite has negative values",
-    "eigendecomposition-failed": "the eigendecomposition failed on a valid-looking covariance",
-    "eigendecomposition-inaccurate": "the eigendecomposition does not reproduce its covariance",
-    "tiny-damping": "the damping does not cover directions without curvature, so influence is undefined there",
-    "score-outliers": "a few scores dwarf all others",
-    "nonfinite-model": "the model or its data produce inf/NaN",
-    "training-diverged": "training blew up",
-    "training-oscillating": "training oscillates instead of converging",
-    "out-of-memory": "a stage ran out of memory",
-    "untracked-modules": "parameters outside kronfluence's tracked modules are invisible to the scores",
-    "loss-not-summed": "the Task's loss or measurement is a batch mean, not a sum over examples",
-    "batch-dependent": "an example's loss or gradient depends on the other examples in its batch",
-    "nonfinite-examples": "some examples' loss is inf/NaN, and kronfluence scores them 0",
-}
 
 
 @dataclass
@@ -97,7 +68,7 @@ class Problem:
     def treatable(self) -> bool:
         """Whether a factor or score setting can fix it (the remedies' ladders apply): not a broken
         model, and not a failure to build or train the model at all."""
-        return self.cause not in UNTREATABLE and (self.stage != "train" or self.cause == "loss-not-summed")
+        return causes.treatable(self.cause, self.stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {

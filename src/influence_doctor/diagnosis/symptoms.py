@@ -48,6 +48,7 @@ TASK_CHECKS: dict[str, str] = {
     "task.batch_independence": "reduction",
     "task.examples_finite": "examples",
     "preflight.memory": "preflight",
+    "train.parameters_finite": "model",
 }
 """The Task's contract, measured in the train stage: symptoms of their own, apart from the curve."""
 
@@ -114,5 +115,5 @@ def _kind(finding: Finding, view: StageView) -> str:
     if finding.check in TASK_CHECKS:
         return TASK_CHECKS[finding.check]
     if finding.stage == "train":
-        return "model" if finding.cause == "nonfinite-model" else "training"
+        return "training"
     return KIND_OF_CHECK.get(finding.check, "other")

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from influence_doctor import distributed
+from influence_doctor.causes import cause, ladder_for
 from influence_doctor.changes import Change, Settings, damping_reference_points, plan
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
-from influence_doctor.diagnosis.causes import ladder_for
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
 from influence_doctor.diagnosis.problem import stage_views
 from influence_doctor.diagnosis.symptoms import find_symptoms
@@ -311,7 +311,8 @@ def _next_change(
         lab = labs.named(problem.lab)
         if lab is None and change.summed_task and labs.enabled:
             lab = labs.probe  # the Task's contract is the run's own; its effect shows on any subsample
-        memory = change.batch_size is not None or problem.cause == "out-of-memory"
+        row = cause(problem.cause)
+        memory = change.batch_size is not None or (row is not None and not row.rehearsable)
         if lab is None or memory or not problem.symptoms:
             why = (
                 "memory depends on the full size, not a subsample"
