@@ -105,7 +105,7 @@ def test_per_token_scores_are_checked_and_reported(tmp_path):
     per_module = report.run.artifacts["pairwise_scores"]
     assert len(per_module) > 1 and next(iter(per_module.values())).shape == (4, 48, 16)
     top = report.document["scores"]["top_influences"][0]["top"][0]
-    from influence_doctor.report.scores import total_scores
+    from influence_doctor.checks.scores import total_scores
 
     summed = total_scores(per_module)
     assert top["score"] == pytest.approx(float(summed[0].max()), rel=1e-5)

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from influence_doctor.causes import STRATEGY_FALLBACK, default_ladders, ladder_for
 from influence_doctor.causes import TAGS as CAUSES
-from influence_doctor.changes import Settings, damping_reference_points, plan
+from influence_doctor.changes import Settings, plan
+from influence_doctor.checks.spectra import damping_reference_points, module_damping, rounding_floors, scaled_damping
 from influence_doctor.diagnosis import Problem
 from influence_doctor.findings import Finding
-from influence_doctor.lab import module_damping, rounding_floors, scaled_damping
 from influence_doctor.remedies.doctored import doctor_covariances, shifted, write_factors
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64

@@ -156,7 +156,7 @@ def test_a_batch_mean_is_healed_by_making_the_task_a_sum(tmp_path):
     assert 'reduction="sum"' in healed.prescription["task"]
     assert healed.document["fidelity"]["fix"]["median_spearman"] > 0.999
     summed = diagnose(_pipeline("summed", SummedClassification(), classifier), out_dir=tmp_path, progress=False)
-    from influence_doctor.report.scores import total_scores
+    from influence_doctor.checks.scores import total_scores
 
     mine = total_scores(healed.run.artifacts["pairwise_scores"])
     expected = total_scores(summed.run.artifacts["pairwise_scores"])

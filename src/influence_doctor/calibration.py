@@ -24,12 +24,11 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from influence_doctor.checks.measures import robust_z_max
-from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
+from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores, total_scores
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import SampleLoss, check_loss_curve
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
-from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.sample_loss import measure_end, measure_start
 
 BATCH_SIZES: tuple[int | None, ...] = (1, 2, 8, 32, None)

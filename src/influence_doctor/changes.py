@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from influence_doctor.checks.spectra import scaled_damping
 from influence_doctor.dtypes import DTYPE_ORDER, GROUP_STAGE, groups_in_use, raise_group
-from influence_doctor.lab import float64_settings, module_damping, rounding_floors, scaled_damping
+from influence_doctor.lab import float64_settings
 
 STRATEGY_ORDER = ("ekfac", "kfac", "diagonal", "identity")
 
@@ -300,11 +301,3 @@ def _name(value: Any) -> str:
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
     return "None" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def damping_reference_points(artifacts: dict[str, Any], strategy: str, precondition_dtype: torch.dtype):
-    """(largest heuristic damping over modules, largest rounding floor over modules): kronfluence takes
-    one damping for every module, so a rung must be enough for the module that needs the most."""
-    heuristic = [v for v in module_damping(artifacts, strategy, None).values() if math.isfinite(v)]
-    floors = [v for v in rounding_floors(artifacts, strategy, precondition_dtype).values() if math.isfinite(v)]
-    return (max(heuristic) if heuristic else None), (max(floors) if floors else None)

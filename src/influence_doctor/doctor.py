@@ -196,8 +196,8 @@ def diagnose(
 
 def write_final_scores(run: Run) -> None:
     """The final configuration's scores (summed over modules) as scores.safetensors beside the report."""
+    from influence_doctor.checks.scores import total_scores
     from influence_doctor.report.document import SCORE_STAGES, SCORES_FILE
-    from influence_doctor.report.scores import total_scores
 
     tensors = {
         kind: total_scores(run.artifacts[stage]).detach().cpu().contiguous()

@@ -256,8 +256,8 @@ def exact_fidelity(run: Any, train_columns: int = 256, samples: int = DEFAULT_SA
     from accelerate.utils import send_to_device
 
     from influence_doctor.checks.precision import rank_agreement
+    from influence_doctor.checks.scores import total_scores
     from influence_doctor.fidelity import pearson
-    from influence_doctor.report.scores import total_scores
 
     if run.model is None:
         return {"skipped": "no model"}

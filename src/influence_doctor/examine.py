@@ -20,12 +20,11 @@ from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.measures import spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome
-from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores
+from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores, total_scores
 from influence_doctor.checks.sizes import check_module_sizes
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import SampleLoss, check_loss_curve, check_parameters
 from influence_doctor.findings import Finding
-from influence_doctor.report.scores import total_scores
 from influence_doctor.runner.run import Run, StageRecord
 
 SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}

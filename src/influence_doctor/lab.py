@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,11 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from influence_doctor.checks.conditioning import HEURISTIC_DAMPING_SCALE
+from influence_doctor.checks.scores import total_scores
 from influence_doctor.environment import seed_everything
 from influence_doctor.pipeline import STAGES
 from influence_doctor.remedies.doctored import doctor_covariances, write_factors
-from influence_doctor.report.scores import total_scores
 from influence_doctor.runner import calls
 from influence_doctor.runner.run import Run
 
@@ -384,61 +382,3 @@ def _error_text(error: Mapping[str, str]) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
-
-
-# --- what kronfluence does with the damping, per module ------------------------------------------------
-
-
-def module_spectra(artifacts: Mapping[str, Any], strategy: str) -> dict[str, torch.Tensor]:
-    """The spectrum each module's preconditioner divides by before damping, as kronfluence forms it:
-    EK-FAC and diagonal Λ/n, K-FAC the Kronecker product of the two eigenvalue vectors."""
-    spectra: dict[str, torch.Tensor] = {}
-    lambdas = artifacts.get("lambda") or {}
-    if strategy in ("ekfac", "diagonal") and lambdas:
-        for module, matrix in lambdas.get("lambda_matrix", {}).items():
-            count = float(lambdas["num_lambda_processed"][module].sum())
-            spectra[module] = matrix.detach().double().cpu() / max(count, 1.0)
-    eigen = artifacts.get("eigendecomposition") or {}
-    if strategy == "kfac" and eigen:
-        for module, activation in eigen.get("activation_eigenvalues", {}).items():
-            gradient = eigen["gradient_eigenvalues"][module]
-            spectra[module] = torch.outer(gradient.detach().double().cpu(), activation.detach().double().cpu())
-    return spectra
-
-
-def module_damping(artifacts: Mapping[str, Any], strategy: str, damping_factor: float | None) -> dict[str, float]:
-    """The damping kronfluence adds to each module: the explicit value, or 0.1 × the mean of its spectrum."""
-    spectra = module_spectra(artifacts, strategy)
-    if damping_factor is not None:
-        return {module: float(damping_factor) for module in spectra}
-    return {module: HEURISTIC_DAMPING_SCALE * float(spectrum.mean()) for module, spectrum in spectra.items()}
-
-
-def rounding_floors(artifacts: Mapping[str, Any], strategy: str, dtype: torch.dtype) -> dict[str, float]:
-    """eps(dtype)·λmax per module: a damping below it vanishes when added to the largest eigenvalue."""
-    unit = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
-    floors = {}
-    for module, spectrum in module_spectra(artifacts, strategy).items():
-        finite = spectrum[torch.isfinite(spectrum)]
-        floors[module] = unit * float(finite.abs().max()) if finite.numel() else math.nan
-    return floors
-
-
-def scaled_damping(
-    artifacts: Mapping[str, Any],
-    strategy: str,
-    damping_factor: float | None,
-    factor: float,
-    dtype: torch.dtype,
-    from_floor: bool = True,
-) -> dict[str, float]:
-    """Each module's own damping × `factor`. With `from_floor`, taken from at least the module's rounding
-    floor eps·λmax (a damping below rounding damps nothing, and ten times nothing is still nothing: the
-    experiment that asks whether damping lifts a failure needs that); without it, only a damping of
-    exactly 0 starts from the floor, so an explicit damping stays one value for every module."""
-    damping = module_damping(artifacts, strategy, damping_factor)
-    floors = {m: v if math.isfinite(v) else 0.0 for m, v in rounding_floors(artifacts, strategy, dtype).items()}
-    return {
-        module: factor * (max(value, floors.get(module, 0.0)) if from_floor or value == 0.0 else value)
-        for module, value in damping.items()
-    }

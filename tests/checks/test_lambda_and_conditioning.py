@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from influence_doctor.checks.conditioning import HEURISTIC_DAMPING_SCALE, check_damped_spectrum, effective_damping
+from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.lambda_matrix import check_lambda
+from influence_doctor.checks.spectra import HEURISTIC_DAMPING_SCALE, effective_damping
 from influence_doctor.checks.thresholds import Thresholds, eps
 from tests.checks.helpers import assert_valid, checks_of, only
 

@@ -8,16 +8,9 @@ import torch
 
 from influence_doctor.checks.measures import damped_condition
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.spectra import effective_damping
 from influence_doctor.checks.thresholds import Thresholds, eps
 from influence_doctor.findings import Finding
-
-HEURISTIC_DAMPING_SCALE = 0.1
-"""kronfluence's damping when `damping_factor=None`: 0.1 × the mean of the spectrum."""
-
-
-def effective_damping(damping_factor: float | None, mean: float) -> float:
-    """The δ kronfluence will add: the configured factor, or its heuristic."""
-    return HEURISTIC_DAMPING_SCALE * mean if damping_factor is None else float(damping_factor)
 
 
 def check_damped_spectrum(

@@ -17,9 +17,9 @@ import torch
 
 from influence_doctor.checks.measures import max_abs_finite
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.scores import total_scores
 from influence_doctor.checks.thresholds import Thresholds, max_value
 from influence_doctor.findings import Finding
-from influence_doctor.report.scores import total_scores
 
 SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}
 

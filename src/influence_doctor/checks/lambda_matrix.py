@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from influence_doctor.checks.conditioning import check_damped_spectrum, effective_damping
+from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.covariance import overflow_prone
 from influence_doctor.checks.measures import as_float64, nonfinite_count, spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
+from influence_doctor.checks.spectra import effective_damping
 from influence_doctor.checks.thresholds import Thresholds, eps
 from influence_doctor.findings import Finding
 

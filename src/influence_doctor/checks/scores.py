@@ -13,6 +13,31 @@ from influence_doctor.checks.thresholds import Thresholds, eps
 from influence_doctor.findings import Finding
 
 
+def total_scores(per_module: dict[str, torch.Tensor], keep_tokens: bool = False) -> torch.Tensor:
+    """One score per (query, training example), or per training example for self-influence.
+
+    kronfluence stores `all_modules`, or one tensor per module with per-module scores on: they are
+    summed. Per-token pairwise scores (`compute_per_token_scores`, shape queries × examples × tokens)
+    are summed over tokens too, unless `keep_tokens`: rankings are compared on what an example
+    contributes in all. Self-influence is never per token."""
+    if "all_modules" in per_module:
+        total = per_module["all_modules"]
+    else:
+        tensors = list(per_module.values())
+        total = tensors[0].clone()
+        for tensor in tensors[1:]:
+            total += tensor
+    if keep_tokens or total.ndim <= 2:
+        return total
+    return total.sum(dim=tuple(range(2, total.ndim)))
+
+
+def tokens_of(per_module: dict[str, torch.Tensor]) -> int | None:
+    """Token positions per example when the pairwise scores are per token, else None."""
+    tensor = next(iter(per_module.values()), None)
+    return int(tensor.shape[-1]) if tensor is not None and tensor.ndim > 2 else None
+
+
 def finite_fraction(scores: torch.Tensor) -> float:
     """Share of entries that are finite; an empty tensor counts as fully finite."""
     if scores.numel() == 0:

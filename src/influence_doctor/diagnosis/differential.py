@@ -19,8 +19,9 @@ from typing import Any
 
 from influence_doctor import distributed
 from influence_doctor.causes import RANK_DEFICIENT, Context, Hypothesis, cause, suspects
-from influence_doctor.changes import Settings, Target, damping_reference_points, plan
+from influence_doctor.changes import Settings, Target, plan
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
+from influence_doctor.checks.spectra import damping_reference_points
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.problem import Experiment, Problem, stage_views
 from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms

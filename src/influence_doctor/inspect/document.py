@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from influence_doctor import __version__
+from influence_doctor.checks.scores import total_scores
 from influence_doctor.diagnosis import StageView, diagnose_findings, relabel
 from influence_doctor.errors import UsageError
 from influence_doctor.examine import StageExam, examine_artifacts
@@ -21,7 +22,7 @@ from influence_doctor.inspect.reader import SCORE_STAGES, Source, read_path
 from influence_doctor.pipeline import STAGES
 from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import SCHEMA_VERSION
-from influence_doctor.report.scores import summarize_scores, total_scores
+from influence_doctor.report.scores import summarize_scores
 from influence_doctor.report.strict_json import dumps, strict
 
 DOCUMENT_NAME = "inspect.json"

@@ -137,7 +137,7 @@ def _probe_seconds(run: Any, probe: Any) -> float:
     now (the precision probe reuses it, cached) and timed; the damping ×10 probe scores the kind a user
     reads (pairwise, else self) once more per distinct module damping — one pass for an explicit
     damping, one per module for kronfluence's heuristic, which differs from module to module."""
-    from influence_doctor.lab import module_damping
+    from influence_doctor.checks.spectra import module_damping
 
     if not run.options.probe_examples:
         return 0.0

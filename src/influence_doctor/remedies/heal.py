@@ -14,7 +14,8 @@ from typing import Any
 
 from influence_doctor import distributed
 from influence_doctor.causes import cause, ladder_for
-from influence_doctor.changes import Change, Settings, damping_reference_points, plan
+from influence_doctor.changes import Change, Settings, plan
+from influence_doctor.checks.spectra import damping_reference_points
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
 from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
@@ -437,8 +438,8 @@ def _apply(
 def snapshot(run: Run, label: str) -> Snapshot:
     import torch
 
+    from influence_doctor.checks.scores import total_scores
     from influence_doctor.report.charts import spectra_of
-    from influence_doctor.report.scores import total_scores
 
     scores = {
         kind: total_scores(run.artifacts[stage]).detach().clone()

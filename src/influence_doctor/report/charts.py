@@ -38,8 +38,8 @@ class Spectrum:
 
 def spectra_of(run: Any) -> dict[str, Spectrum]:
     """Per module: the spectrum kronfluence's preconditioner uses, its damping and rounding floor."""
+    from influence_doctor.checks.spectra import module_damping, module_spectra, rounding_floors
     from influence_doctor.dtypes import dtype_name
-    from influence_doctor.lab import module_damping, module_spectra, rounding_floors
 
     strategy = run.factor_args.strategy
     try:

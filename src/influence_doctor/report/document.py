@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from influence_doctor import __version__
+from influence_doctor.checks.scores import tokens_of, total_scores
 from influence_doctor.diagnosis import Problem, relabel
 from influence_doctor.environment import describe_environment
 from influence_doctor.pipeline import STAGES
-from influence_doctor.report.scores import summarize_scores, tokens_of, total_scores
+from influence_doctor.report.scores import summarize_scores
 from influence_doctor.runner.run import Run
 
 SCHEMA_VERSION = 1
