@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install diagnose test influence-check lint gpu-check clean
+.PHONY: install diagnose test influence-check lint generated gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ influence-check: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Files written from the code: the report schema's enums and the README's list of causes (a test holds both).
+generated: $(STAMP)
+	$(BIN)/python -m influence_doctor.report.schema
+	$(BIN)/python -m influence_doctor.causes README.md
 
 # On a machine with CUDA: the GPU path for real (demos on the device, GPU-only tests included).
 gpu-check: $(STAMP)

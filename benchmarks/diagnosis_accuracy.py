@@ -4,7 +4,7 @@ For each fixture of `fixtures/` (pathological cases and healthy controls) the do
 CPU: without healing, for the diagnosis (first Problem's cause and stage, or "healthy"), and with
 healing, for the rung that healed the expected cause. Each is printed against what the fixture expects.
 Then the whole doctor's verdicts on generated pipelines nobody tuned anything to, and the false-alarm
-rates of the training and score heuristics on generated healthy cases (`influence_doctor.calibration`):
+rates of the training and score heuristics on generated healthy cases (`benchmarks.calibration`):
 
     .venv/bin/python benchmarks/diagnosis_accuracy.py              # fixtures, generated verdicts, rates
     .venv/bin/python benchmarks/diagnosis_accuracy.py --skip-rates --generated 0
@@ -102,8 +102,8 @@ def generated_verdicts(out: Path, count: int, seed: int = 0) -> list[list[Any]]:
     import random
     from collections import Counter
 
+    from benchmarks.calibration import draw_score_recipe, score_pipeline
     from influence_doctor import diagnose
-    from influence_doctor.calibration import draw_score_recipe, score_pipeline
 
     rng = random.Random(seed)
     verdicts: Counter[str] = Counter()
@@ -148,7 +148,7 @@ def main() -> None:
         print(tabulate(verdicts, headers=["verdict", "pipelines", "%", "float64 agreement (first 6)"]))
         print()
     if not args.skip_rates:
-        from influence_doctor.calibration import print_false_alarm_rates
+        from benchmarks.calibration import print_false_alarm_rates
 
         print_false_alarm_rates()
 

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 from fixtures import load_fixture
 from influence_doctor import distributed
+from influence_doctor.examine import StageRecord
 from influence_doctor.findings import Finding
-from influence_doctor.runner.run import StageRecord
 from tests.conftest import ROOT
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -158,8 +158,8 @@ def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsa
     # in float16, holds inf/NaN where the projection said it would.
     assert projection.value > projection.limit == 0.0 and "measured" in projection.message
     # The pass goes through the data in slices and stops after the first one that leaves a sum non-finite.
-    count = next(iter(rehearsal.run.full_size.counts.values()))
-    assert count.total_examples == 8192 and count.stopped_early
+    count = rehearsal.run.executor.full_size_counts[0]  # the run's own; then the experiment's
+    assert count.total_examples == 8192 and count.examples < count.total_examples
     assert f"after {count.examples} of the 8192 examples (the pass stopped there)" in projection.message
     headroom = rehearsal.run.headroom[projection.subject]
     assert 0.8 < headroom.growth <= 1.0 and headroom.max_rehearsal < 65504.0 < headroom.max_projected
@@ -186,14 +186,12 @@ def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsa
 def test_a_projected_overflow_the_budget_cannot_measure_is_a_warning_saying_where(tmp_path):
     """No time for one covariance pass over all the data: the projection stays a hypothesis (a warn with
     the size at which it crosses), and nothing is convicted on it."""
-    import dataclasses
-
     from influence_doctor.checks.thresholds import Thresholds
 
-    thresholds = dataclasses.replace(Thresholds(), overflow_measure_share=0.0, overflow_measure_min_seconds=0.0)
+    thresholds = Thresholds.from_mapping({"overflow_measure_share": 0.0, "overflow_measure_min_seconds": 0.0})
     pipeline, _ = load_fixture("fp16_covariance_overflow_at_scale")
     report = diagnose(pipeline, fix=False, out_dir=tmp_path, progress=False, thresholds=thresholds)
-    assert report.run.full_size is None  # nothing accumulated at full size
+    assert report.run.executor.full_size_counts == []  # nothing accumulated at full size
     projected = [f for f in report.findings if f.check == "covariance.projected_headroom" and f.cause]
     assert projected and all(f.severity == "warn" for f in projected)
     assert any("examples. Not measured: one covariance pass" in f.message for f in projected)

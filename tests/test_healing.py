@@ -78,11 +78,11 @@ def test_diagonal_shift_writes_a_new_factors_folder_and_leaves_the_original(tmp_
     original_hashes: dict[str, dict[str, str]] = {}
     real_apply = heal_module._apply
 
-    def recording_apply(run, change, index, base_factors, *args, **kwargs):
+    def recording_apply(run, change, *args, **kwargs):
         if change.shift is not None and not original_hashes:
-            folder = run.analyzer.factors_output_dir(base_factors)
+            folder = run.analyzer.factors_output_dir(run.trial.stages["covariance"].folder)
             original_hashes[str(folder)] = tree_digest(folder)
-        return real_apply(run, change, index, base_factors, *args, **kwargs)
+        return real_apply(run, change, *args, **kwargs)
 
     monkeypatch.setattr(heal_module, "_apply", recording_apply)
     pipeline = load_fixture("zero_damping")[0]

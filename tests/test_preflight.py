@@ -11,7 +11,7 @@ from influence_doctor import diagnose
 from influence_doctor.checks.sizes import check_module_sizes, over_budget
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.demos.uci_mlp import RegressionTask
-from influence_doctor.projection.preflight import module_dimensions
+from influence_doctor.runner.preflight import module_dimensions
 from tests.pipelines import small_pipeline
 
 
@@ -74,7 +74,7 @@ def test_a_slow_eigendecomposition_is_a_projected_warning():
     (finding,) = check_module_sizes(record, Thresholds()).findings
     assert (finding.check, finding.severity) == ("preflight.eigendecomposition_time", "warn")
     assert "not measured at this size" in finding.message
-    assert check_module_sizes(record, Thresholds(preflight_eigh_seconds=1000.0)).findings == []
+    assert check_module_sizes(record, Thresholds.from_mapping({"preflight_eigh_seconds": 1000.0})).findings == []
 
 
 @pytest.mark.parametrize(

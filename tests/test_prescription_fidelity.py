@@ -11,8 +11,8 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from scipy import stats
 
 from influence_doctor.fidelity import FLOAT64_REFERENCE, compare_scores, fix_fidelity, pearson
-from influence_doctor.prescription import FACTOR_DEFAULTS_NOTE, prescribe
 from influence_doctor.remedies.heal import Snapshot
+from influence_doctor.report.prescription import FACTOR_DEFAULTS_NOTE, prescribe
 
 
 def evaluate(python: str) -> list:

@@ -9,10 +9,11 @@ import math
 import pytest
 from kronfluence.arguments import FactorArguments, ScoreArguments
 
+from influence_doctor.changes import apply
+from influence_doctor.configuration import Arguments, Configuration
 from influence_doctor.pipeline import STAGES
 from influence_doctor.projection.memory import (
     ModuleShape,
-    Settings,
     candidates,
     project_stage,
     score_bytes,
@@ -24,7 +25,7 @@ SHAPES = [ModuleShape("fc1", 769, 768), ModuleShape("fc2", 769, 1)]
 
 
 def settings(**factor):
-    return Settings(FactorArguments(**factor), ScoreArguments(), batch_size=64, query_batch_size=4)
+    return Configuration(Arguments.of(FactorArguments(**factor)), Arguments.of(ScoreArguments()), 64, 4)
 
 
 def test_iterative_lambda_aggregation_drops_one_of_three_per_sample_gradient_copies():
@@ -36,11 +37,9 @@ def test_iterative_lambda_aggregation_drops_one_of_three_per_sample_gradient_cop
 def test_partitions_and_smaller_batches_shrink_their_stage():
     base = working_bytes("covariance", SHAPES, settings())
     assert working_bytes("covariance", SHAPES, settings(covariance_module_partitions=2)) == pytest.approx(base / 2)
-    half = settings()
-    half.batch_size = 32
-    assert working_bytes("covariance", SHAPES, half) < base
-    low_rank = settings()
-    low_rank.score_args.query_gradient_low_rank = 32
+    half = apply("batch:half", settings())
+    assert half.batch_size == 32 and working_bytes("covariance", SHAPES, half) < base
+    low_rank = apply("set:score_args.query_gradient_low_rank=32", settings())
     assert working_bytes("pairwise_scores", SHAPES, low_rank) < working_bytes("pairwise_scores", SHAPES, settings())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -14,11 +13,12 @@ from safetensors.torch import load_file
 
 from influence_doctor.causes import STRATEGY_FALLBACK, default_ladders, ladder_for
 from influence_doctor.causes import TAGS as CAUSES
-from influence_doctor.changes import Settings, plan
+from influence_doctor.changes import Facts, plan
 from influence_doctor.checks.spectra import damping_reference_points, module_damping, rounding_floors, scaled_damping
+from influence_doctor.configuration import Arguments, Configuration
 from influence_doctor.diagnosis import Problem
 from influence_doctor.findings import Finding
-from influence_doctor.remedies.doctored import doctor_covariances, shifted, write_factors
+from influence_doctor.runner.doctored import doctor_covariances, shifted, write_factors
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -32,32 +32,45 @@ def problem(cause, stage, subjects=(), evidence=None, setting=None):
     return Problem(cause, stage, list(subjects), evidence=evidence, message=f"{cause} in {stage}", setting=setting)
 
 
+class Settings:
+    """A configuration and what a change reads besides it (the measured damping reference points)."""
+
+    def __init__(self, configuration, facts):
+        self.configuration, self.facts = configuration, facts
+
+    factor_args = property(lambda self: self.configuration.factor_args)
+    score_args = property(lambda self: self.configuration.score_args)
+    batch_size = property(lambda self: self.configuration.batch_size)
+
+
 def settings(fa=None, sa=None, batch_size=8, score_stage="pairwise_scores", heuristic=None, floor=None):
-    return Settings(
-        factor_args=fa if fa is not None else FactorArguments(),
-        score_args=sa if sa is not None else ScoreArguments(),
-        batch_size=batch_size,
-        score_stage=score_stage,
-        heuristic_damping=heuristic,
-        damping_floor=floor,
+    configuration = Configuration(
+        Arguments.of(fa if fa is not None else FactorArguments()),
+        Arguments.of(sa if sa is not None else ScoreArguments()),
+        batch_size,
+        4,
     )
+    kinds = ("pairwise", "self") if score_stage == "pairwise_scores" else ("self",)
+    return Settings(configuration, Facts(kinds, heuristic, floor))
+
+
+def fields(arguments):
+    return arguments.as_dict() if hasattr(arguments, "as_dict") else vars(arguments)
 
 
 def diff(before, after):
-    """Fields that differ between two kronfluence argument objects: name → (old, new)."""
-    a, b = vars(before), vars(after)
+    """Fields that differ between two argument values: name → (old, new)."""
+    a, b = fields(before), fields(after)
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
 def planned(rung, prob, s):
-    """Plan, and check on the way that the caller's argument objects were neither mutated nor shared."""
-    fa_before, sa_before = copy.deepcopy(s.factor_args), copy.deepcopy(s.score_args)
-    change, reason = plan(rung, prob, s)
-    assert vars(s.factor_args) == vars(fa_before)
-    assert vars(s.score_args) == vars(sa_before)
+    """Plan, and check on the way that the configuration it started from is untouched (it is immutable)."""
+    before = s.configuration
+    change, reason = plan(rung, prob, s.configuration, s.facts)
+    assert s.configuration == before and hash(s.configuration) == hash(before)
     if change is not None:
-        assert change.factor_args is not s.factor_args
-        assert change.score_args is not s.score_args
+        assert change.before is before
         assert reason == ""
         assert change.rung == rung
     else:
@@ -344,7 +357,7 @@ def test_partitions_double():
         "lambda_module_partitions": (1, 2),
     }
     assert diff(s.score_args, change.score_args) == {"module_partitions": (3, 6)}
-    assert change.first_stage == "lambda"
+    assert change.first_stage == "covariance"  # the covariance's partitions double too: it is computed again
 
 
 @pytest.mark.parametrize(("size", "half"), [(8, 4), (5, 2), (2, 1)])
@@ -377,7 +390,7 @@ def test_offload_and_iterative_lambda_flags():
 
 
 def test_unknown_rung_kind():
-    change, reason = plan("teleport:now", problem("tiny-damping", "pairwise_scores"), settings())
+    change, reason = plan("teleport:now", problem("tiny-damping", "pairwise_scores"), settings().configuration)
     assert change is None and "teleport" in reason
 
 
@@ -388,7 +401,8 @@ def test_every_default_rung_is_a_known_kind_and_every_cause_is_a_known_tag():
     for cause in default_ladders():
         assert cause in CAUSES
         for rung in ladder_for(cause):
-            _, reason = plan(rung, problem(cause, "covariance"), settings())
+            s = settings()
+            _, reason = plan(rung, problem(cause, "covariance"), s.configuration, s.facts)
             assert "unknown rung kind" not in reason
 
 
@@ -670,7 +684,7 @@ def test_float64_end_to_end_keeps_the_damping_and_the_strategy():
 def test_damping_x10_scales_each_modules_heuristic_from_at_least_its_rounding_floor():
     artifacts = ekfac_artifacts({"a": [1.0, 3.0], "b": [0.0, 0.0, 1e9]})
     s = settings(sa=ScoreArguments(damping_factor=None))
-    s.artifacts = artifacts
+    s.facts = Facts(s.facts.kinds, artifacts=artifacts)
     change, _ = planned("damping:x10", problem("tiny-damping", "pairwise_scores"), s)
     heuristic = module_damping(artifacts, "ekfac", None)
     floors = rounding_floors(artifacts, "ekfac", FP32)
@@ -682,14 +696,14 @@ def test_damping_x10_scales_each_modules_heuristic_from_at_least_its_rounding_fl
 
 def test_damping_x10_exact_keeps_an_explicit_damping_one_value():
     s = settings(sa=ScoreArguments(damping_factor=1e-3))
-    s.artifacts = ekfac_artifacts({"a": [1.0, 3.0], "b": [1e-12, 5.0]})
+    s.facts = Facts(s.facts.kinds, artifacts=ekfac_artifacts({"a": [1.0, 3.0], "b": [1e-12, 5.0]}))
     change, _ = planned("damping:x10-exact", problem("tiny-damping", "self_scores"), s)
     assert change.module_damping == pytest.approx({"a": 1e-2, "b": 1e-2}, rel=1e-15)
 
 
 def test_damping_x10_on_a_per_module_damping_in_force_multiplies_it():
     s = settings()
-    s.module_damping = {"a": 0.5, "b": 2.0}
+    s.configuration = s.configuration.with_(module_damping=(("a", 0.5), ("b", 2.0)))
     change, _ = planned("damping:x10", problem("tiny-damping", "pairwise_scores"), s)
     assert change.module_damping == {"a": 5.0, "b": 20.0}
 
@@ -704,13 +718,13 @@ def test_a_shift_experiment_reaches_ekfac_only_through_failing_factor_stages():
 
     ekfac = settings(FactorArguments(strategy="ekfac"))
     at_eigh = Target("eigendecomposition", "covariance", frozenset({"eigendecomposition"}))
-    reaches, _ = plan("shift:1e-6", at_eigh, ekfac)
+    reaches, _ = plan("shift:1e-6", at_eigh, ekfac.configuration)
     assert reaches is not None and reaches.shift == ("mean", 1e-6)
-    blocked, reason = plan("shift:1e-6", Target("lambda", "covariance", frozenset({"lambda"})), ekfac)
+    blocked, reason = plan("shift:1e-6", Target("lambda", "covariance", frozenset({"lambda"})), ekfac.configuration)
     assert blocked is None and "refits" in reason
     assert Target.of(problem("not-psd", "covariance")).failing_stages == frozenset({"covariance"})
 
 
 def test_unknown_change_kinds_say_so():
-    change, reason = plan("teleport:now", problem("fp16-overflow", "covariance"), settings())
+    change, reason = plan("teleport:now", problem("fp16-overflow", "covariance"), settings().configuration)
     assert change is None and "unknown change kind 'teleport'" in reason

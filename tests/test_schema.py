@@ -10,11 +10,11 @@ import pytest
 
 from influence_doctor import diagnose
 from influence_doctor.causes import TAGS as CAUSES
+from influence_doctor.examine import STAGE_STATUSES
 from influence_doctor.findings import SEVERITY_RANK
 from influence_doctor.pipeline import STAGES
 from influence_doctor.report.document import TOP_LEVEL_KEYS
 from influence_doctor.report.schema import load_schema, schema_errors
-from influence_doctor.runner.run import STAGE_STATUSES
 from tests.conftest import ROOT
 from tests.pipelines import small_pipeline
 
@@ -100,3 +100,13 @@ def test_the_shipped_schema_is_generated_from_the_cause_table():
 
     assert schema_text() == generated_schema_text()
     assert generated_schema_text(schema_text().replace('"fp16-overflow", ', "")) == schema_text()
+
+
+def test_the_readme_lists_the_causes_of_the_table():
+    """The README's list of causes is written from the cause table (`make generated`)."""
+    from pathlib import Path
+
+    from influence_doctor.causes import with_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert with_table(readme) == readme

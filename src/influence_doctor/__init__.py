@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from influence_doctor.pipeline import STAGES, Pipeline, TrainingMonitor
+from influence_doctor.version import __version__
 
 if TYPE_CHECKING:
     from influence_doctor.doctor import Report, diagnose

@@ -428,3 +428,41 @@ def treatable(tag: str | None, stage: str) -> bool:
     if row is None:
         return stage != "train"
     return row.treatable and (stage != "train" or row.repairs_task)
+
+
+def markdown_table() -> str:
+    """The README's list of causes, one row per row of the table, in the order they are tried."""
+    lines = ["| cause | what it is | confirmed by | ladder |", "|---|---|---|---|"]
+    for row in CAUSES:
+        rungs = ", ".join(f"`{rung}`" for rung in row.ladder) if row.ladder else "—"
+        if row.ladder and not row.repairs_task:
+            rungs += ", then the strategy fallback"
+        lines.append(f"| `{row.tag}` | {row.explanation} | {row.confirmed_by} | {rungs} |")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN_MARK = "<!-- causes: generated from src/influence_doctor/causes.py by `make generated` -->\n"
+END_MARK = "<!-- /causes -->\n"
+
+
+def with_table(markdown: str) -> str:
+    """`markdown` with the list of causes between its markers written from the table."""
+    start, end = markdown.index(BEGIN_MARK) + len(BEGIN_MARK), markdown.index(END_MARK)
+    return markdown[:start] + markdown_table() + markdown[end:]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m influence_doctor.causes README.md`: rewrite the file's list of causes from the table."""
+    from pathlib import Path
+
+    for name in argv:
+        path = Path(name)
+        path.write_text(with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+        print(f"wrote the list of causes in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,54 +1,48 @@
-"""One vocabulary of changes, `kind:argument`, for experiments and remedies alike.
+"""One vocabulary of changes, `kind:argument`, for experiments, rungs and the float64 reference alike.
 
-An experiment of the diagnosis changes one setting to test a cause; a rung of a ladder is the same
-change, kept. Each kind has one planner: a pure function from (change, what it acts on, the current
-settings) to a `Change` — new FactorArguments / ScoreArguments, and where it touches the factors, a
-diagonal shift of the covariances or a per-module damping. A change that cannot act (nothing left to
-raise, a shift that cannot reach EK-FAC's refitted Λ) plans to None with a reason, and costs no run.
+A change is a pure function from a Configuration to another, with the first stage it invalidates: an
+experiment of the diagnosis changes one setting to test a cause, a rung of a ladder is the same change
+kept, and the reference every fix is measured against is the change `float64:end-to-end`. Each kind has
+one planner: (argument, what it acts on, the configuration, what was measured with it) → the new
+configuration and what it changed, or None with the reason it cannot act (nothing left to raise, a
+shift that cannot reach EK-FAC's refitted Λ), which costs no run. Nothing else makes a configuration.
 
 Kinds: `dtype:<dtype>` raises the target's dtype group; `float64:end-to-end` is every dtype float64 and
 no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covariance-dtype:`;
 `shift:<ε>` / `shift-trace:<ε>` (doctored covariances); `damping:floor|floor-x100|heuristic|heuristic-x10`
 (one damping for all modules) and `damping:x10` / `damping:x10-exact` (each module's own damping ×10,
 the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
-`batch:half`; `strategy:<name>`. A new setting is one planner in `PLANNERS`.
+`batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `strategy:<name>`;
+`set:<field>=<value>` (one setting, e.g. `set:score_args.data_partitions=4`, for the memory advice).
+A new setting is one planner in `PLANNERS`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from influence_doctor.checks.spectra import scaled_damping
-from influence_doctor.dtypes import DTYPE_ORDER, GROUP_STAGE, groups_in_use, raise_group
-from influence_doctor.lab import float64_settings
+from influence_doctor.causes import FLOAT64
+from influence_doctor.checks.spectra import damping_reference_points, scaled_damping
+from influence_doctor.configuration import Arguments, Configuration
+from influence_doctor.dtypes import DTYPE_GROUPS, DTYPE_ORDER, GROUP_STAGE, groups_in_use, is_below
 
 STRATEGY_ORDER = ("ekfac", "kfac", "diagonal", "identity")
 
+__all__ = ["FLOAT64", "PLANNERS", "Change", "Facts", "Target", "apply", "plan", "shift_description"]
 
-@dataclass
-class Change:
-    """One change's concrete edit of the configuration, and where the pipeline must restart."""
-
-    rung: str
-    description: str
-    first_stage: str
-    factor_args: Any
-    score_args: Any
-    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # "factor_args.x": (old, new)
-    shift: tuple[str, float] | None = None  # ("mean" | "trace", epsilon) for doctored covariances
-    batch_size: int | None = None
-    module_damping: dict[str, float] | None = None  # per-module damping: experiments only (kronfluence takes one)
-    summed_task: bool | None = None  # the Task's batch mean made a sum (None: the Task as it is)
-
-    @property
-    def method_changed(self) -> bool:
-        """A strategy change computes another quantity than the one asked for."""
-        return "factor_args.strategy" in self.changes
+FLOAT64_FACTOR_FIELDS = (
+    "activation_covariance_dtype",
+    "gradient_covariance_dtype",
+    "eigendecomposition_dtype",
+    "per_sample_gradient_dtype",
+    "lambda_dtype",
+)
+FLOAT64_SCORE_FIELDS = ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype")
 
 
 @dataclass(frozen=True)
@@ -66,38 +60,140 @@ class Target:
         return cls(problem.stage, getattr(problem, "setting", None), failing)
 
 
-@dataclass
-class Settings:
-    """What a change reads besides its target: the current arguments and what was measured with them."""
+@dataclass(frozen=True)
+class Facts:
+    """What a change reads besides the configuration: measured with it (the spectra of its factors)."""
 
-    factor_args: Any
-    score_args: Any
-    batch_size: int
-    score_stage: str
+    kinds: tuple[str, ...] = ("pairwise", "self")  # the score kinds the pipeline computes
     heuristic_damping: float | None = None  # largest over modules of kronfluence's 0.1·mean(spectrum)
     damping_floor: float | None = None  # largest over modules of eps(precondition dtype)·λmax
-    artifacts: dict[str, Any] = field(default_factory=dict)  # factors measured with these settings
-    module_damping: dict[str, float] | None = None  # a per-module damping already in force (experiments)
-    summed_task: bool = False  # whether the Task is already made a sum
+    artifacts: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the factors measured
+
+    @classmethod
+    def measured(cls, configuration: Configuration, artifacts: Mapping[str, Any], kinds: tuple[str, ...]) -> Facts:
+        fa, sa = configuration.factor_args, configuration.score_args
+        heuristic, floor = damping_reference_points(artifacts, fa.strategy, sa.precondition_dtype)
+        return cls(tuple(kinds), heuristic, floor, artifacts)
+
+    @property
+    def score_stage(self) -> str:
+        """The first score stage the pipeline computes: where a change of the score settings starts."""
+        return "pairwise_scores" if "pairwise" in self.kinds else "self_scores"
 
 
-def plan(change_id: str, target: Any, settings: Settings) -> tuple[Change | None, str]:
-    """The Change `change_id` makes for `target` (a Target, or a Problem), or (None, why it does not apply)."""
+@dataclass(frozen=True)
+class Change:
+    """One change of one configuration: the configuration it makes, what it changed, where it restarts."""
+
+    rung: str
+    description: str
+    before: Configuration
+    after: Configuration
+    changes: dict[str, tuple[Any, Any]]  # "factor_args.x": (old, new), as the report lists them
+    first_stage: str  # the earliest stage whose settings it changes: everything from there is recomputed
+
+    @property
+    def method_changed(self) -> bool:
+        """A strategy change computes another quantity than the one asked for."""
+        return "factor_args.strategy" in self.changes
+
+    # what it changed, as a reader of the configuration sees it
+    @property
+    def factor_args(self) -> Arguments:
+        return self.after.factor_args
+
+    @property
+    def score_args(self) -> Arguments:
+        return self.after.score_args
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.after.batch_size if self.after.batch_size != self.before.batch_size else None
+
+    @property
+    def shift(self) -> tuple[str, float] | None:
+        return self.after.shift if self.after.shift != self.before.shift else None
+
+    @property
+    def module_damping(self) -> dict[str, float] | None:
+        return self.after.damping if self.after.module_damping != self.before.module_damping else None
+
+    @property
+    def summed_task(self) -> bool | None:
+        return self.after.summed_task if self.after.task != self.before.task else None
+
+
+Planner = Callable[[str, str, Target, Configuration, Facts], "tuple[Change | None, str]"]
+
+
+def plan(
+    change_id: str, target: Any, configuration: Configuration, facts: Facts | None = None
+) -> tuple[Change | None, str]:
+    """The Change `change_id` makes to `configuration` for `target` (a Target, or a Problem), or
+    (None, why it does not apply)."""
     kind, _, argument = change_id.partition(":")
     planner = PLANNERS.get(kind)
     if planner is None:
         return None, f"unknown change kind {kind!r}"
     target = target if isinstance(target, Target) else Target.of(target)
-    fa, sa = copy.deepcopy(settings.factor_args), copy.deepcopy(settings.score_args)
-    return planner(change_id, argument, target, settings, fa, sa)
+    return planner(change_id, argument, target, configuration, facts or Facts())
 
 
-def _dtype(rung, argument, on, settings, fa, sa):
+def apply(
+    change_id: str, configuration: Configuration, facts: Facts | None = None, target: Any = None
+) -> Configuration:
+    """The configuration `change_id` makes, for changes that need no target (a reference, an option off)."""
+    change, why = plan(change_id, target or Target("covariance"), configuration, facts)
+    if change is None:
+        raise ValueError(f"{change_id} cannot act on this configuration: {why}")
+    return change.after
+
+
+def raise_group(
+    factor_args: Any, score_args: Any, group: str, target: torch.dtype
+) -> tuple[Any, Any, dict[str, tuple[Any, Any]]]:
+    """The arguments (immutable `configuration.Arguments`) with `group`'s dtypes raised to at least
+    `target`, and what changed. Autocast is raised by switching it off (full precision) unless the target
+    is bfloat16."""
+    holder_name, fields = DTYPE_GROUPS[group]
+    holder = factor_args if holder_name == "factor_args" else score_args
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name in fields:
+        current = getattr(holder, name)
+        if not is_below(current, target, group):
+            continue
+        new = (target if target == torch.bfloat16 else None) if name == "amp_dtype" else target
+        changes[f"{holder_name}.{name}"] = (current, new)
+    raised = holder.replace(**{key.split(".", 1)[1]: new for key, (_old, new) in changes.items()})
+    return (raised, score_args, changes) if holder_name == "factor_args" else (factor_args, raised, changes)
+
+
+def _make(
+    rung: str,
+    changes: dict[str, tuple[Any, Any]],
+    before: Configuration,
+    after: Configuration,
+    facts: Facts,
+    description: str | None = None,
+) -> tuple[Change, str]:
+    description = description or ", ".join(
+        f"{key.split('.', 1)[-1]} {_name(old)} → {_name(new)}" for key, (old, new) in changes.items()
+    )
+    first = after.first_difference(before, facts.kinds) or facts.score_stage
+    return Change(rung, description, before, after, changes, first), ""
+
+
+def _arguments(configuration: Configuration, factor_args: Arguments, score_args: Arguments) -> Configuration:
+    return configuration.with_(factor_args=factor_args, score_args=score_args)
+
+
+def _dtype(rung, argument, on, configuration, facts):
     """Raise the target's dtype group (or, for a target without one, every group feeding its stage)."""
     dtype = getattr(torch, argument)
+    fa, sa = configuration.factor_args, configuration.score_args
     stage = "pairwise_scores" if on.stage == "scores" else on.stage
     if on.setting == "all":  # the loss is spread over stages: every dtype on the way to the scores
-        stage = settings.score_stage
+        stage = facts.score_stage
     groups = [on.setting] if on.setting in GROUP_STAGE else list(groups_in_use(fa, stage))
     changes: dict[str, tuple[Any, Any]] = {}
     for group in groups:
@@ -111,110 +207,116 @@ def _dtype(rung, argument, on, settings, fa, sa):
             "bfloat16 covariances store bfloat16 eigenvectors, which always leaves the eigenvector "
             "precision drifting (dtype-drift): known not to heal"
         )
-    if all(key.startswith("score_args") for key in changes):
-        first = settings.score_stage
-    elif any("covariance" in key or "amp_dtype" in key for key in changes if key.startswith("factor_args")):
-        first = "covariance"
-    elif "factor_args.eigendecomposition_dtype" in changes:
-        first = "eigendecomposition"
-    else:
-        first = "lambda"
-    return _change(rung, changes, first, fa, sa), ""
+    return _make(rung, changes, configuration, _arguments(configuration, fa, sa), facts)
 
 
-def _eigendecomposition_dtype(rung, argument, on, settings, fa, sa):
+def _eigendecomposition_dtype(rung, argument, on, configuration, facts):
     dtype = getattr(torch, argument)
+    fa = configuration.factor_args
     current = fa.eigendecomposition_dtype
     if DTYPE_ORDER.get(current, 3) >= DTYPE_ORDER[dtype]:
         return None, f"eigendecomposition_dtype is already {_name(current)}"
-    fa.eigendecomposition_dtype = dtype
-    return _change(rung, {"factor_args.eigendecomposition_dtype": (current, dtype)}, "eigendecomposition", fa, sa), ""
+    after = configuration.with_(factor_args=fa.replace(eigendecomposition_dtype=dtype))
+    return _make(rung, {"factor_args.eigendecomposition_dtype": (current, dtype)}, configuration, after, facts)
 
 
-def _covariance_dtype(rung, argument, on, settings, fa, sa):
+def _covariance_dtype(rung, argument, on, configuration, facts):
     dtype = getattr(torch, argument)
+    fa = configuration.factor_args
     changes = {}
     for name in ("activation_covariance_dtype", "gradient_covariance_dtype"):
         current = getattr(fa, name)
         if DTYPE_ORDER.get(current, 3) < DTYPE_ORDER[dtype]:
-            setattr(fa, name, dtype)
             changes[f"factor_args.{name}"] = (current, dtype)
     if not changes:
         return None, f"the covariance dtypes are already {argument} or finer"
-    return _change(rung, changes, "covariance", fa, sa), ""
+    after = configuration.with_(factor_args=fa.replace(**{k.split(".", 1)[1]: new for k, (_, new) in changes.items()}))
+    return _make(rung, changes, configuration, after, facts)
 
 
-def _shift(rung, argument, on, settings, fa, sa):
-    if fa.strategy not in ("kfac", "ekfac"):
-        return None, f"strategy {fa.strategy!r} has no covariance to shift"
-    reaches = fa.strategy == "kfac" or bool(on.failing_stages & {"covariance", "eigendecomposition"})
+def _shift(rung, argument, on, configuration, facts):
+    strategy = configuration.factor_args.strategy
+    if strategy not in ("kfac", "ekfac"):
+        return None, f"strategy {strategy!r} has no covariance to shift"
+    reaches = strategy == "kfac" or bool(on.failing_stages & {"covariance", "eigendecomposition"})
     if not reaches:
         return None, "EK-FAC refits Λ from gradients: a covariance shift cannot reach the failing spectrum"
-    mode = "trace" if rung.startswith("shift-trace") else "mean"
-    epsilon = float(argument)
-    what = f"{epsilon:g}·trace(C)" if mode == "trace" else f"{epsilon:g}·mean(diag C)"
-    change = _change(rung, {"covariance.diagonal_shift": (0.0, what)}, "eigendecomposition", fa, sa)
-    change.shift = (mode, epsilon)
-    change.description = f"add {what} to every covariance's diagonal (doctored copy)"
-    return change, ""
+    shift = ("trace" if rung.startswith("shift-trace") else "mean", float(argument))
+    changes = {"covariance.diagonal_shift": (0.0, _shift_amount(shift))}
+    return _make(rung, changes, configuration, configuration.with_(shift=shift), facts, shift_description(shift))
 
 
-def _damping(rung, argument, on, settings, fa, sa):
+def _shift_amount(shift: tuple[str, float]) -> str:
+    mode, epsilon = shift
+    return f"{epsilon:g}·trace(C)" if mode == "trace" else f"{epsilon:g}·mean(diag C)"
+
+
+def shift_description(shift: tuple[str, float]) -> str:
+    """A diagonal shift of the covariances, as a person reads it."""
+    return f"add {_shift_amount(shift)} to every covariance's diagonal (doctored copy)"
+
+
+def _damping(rung, argument, on, configuration, facts):
     """Damping rungs, smallest first; they are only ever climbed for a confirmed `tiny-damping`. `x10` and
     `x10-exact` scale each module's own damping (the experiments' counterfactual; see `_module_damping`)."""
     if argument in ("x10", "x10-exact"):
-        return _module_damping(rung, argument, on, settings, fa, sa)
+        return _module_damping(rung, argument, on, configuration, facts)
+    sa = configuration.score_args
     current = sa.damping_factor
     if argument == "heuristic":
         if current is None:
             return None, "damping is already kronfluence's heuristic"
-        sa.damping_factor = None
+        value = None
     else:
         base, scale = {
-            "floor": (settings.damping_floor, 1.0),
-            "floor-x100": (settings.damping_floor, 100.0),
-            "heuristic-x10": (settings.heuristic_damping, 10.0),
+            "floor": (facts.damping_floor, 1.0),
+            "floor-x100": (facts.damping_floor, 100.0),
+            "heuristic-x10": (facts.heuristic_damping, 10.0),
         }.get(argument, (None, 1.0))
         if base is None or not math.isfinite(base) or base <= 0:
             return None, f"no finite {argument.split('-')[0]} damping to derive it from"
         value = scale * base
         if current is not None and current >= value:
             return None, f"damping_factor {current:g} is already at least {value:g}"
-        sa.damping_factor = value
-    changes = {"score_args.damping_factor": (current, sa.damping_factor)}
-    return _change(rung, changes, settings.score_stage, fa, sa), ""
+    after = configuration.with_(score_args=sa.replace(damping_factor=value))
+    return _make(rung, {"score_args.damping_factor": (current, value)}, configuration, after, facts)
 
 
-def _module_damping(rung, argument, on, settings, fa, sa):
+def _module_damping(rung, argument, on, configuration, facts):
     """Each module's own damping ×10 (kronfluence's heuristic or the explicit value, per module). `x10`
     starts from at least each module's rounding floor eps·λmax — a damping below rounding damps nothing,
     and ten times nothing is still nothing; `x10-exact` only lifts a damping of exactly 0 to its floor."""
-    if settings.module_damping is not None:
-        damping = {module: 10.0 * value for module, value in settings.module_damping.items()}
+    sa = configuration.score_args
+    if configuration.module_damping is not None:
+        damping = {module: 10.0 * value for module, value in configuration.module_damping}
     else:
         damping = scaled_damping(
-            settings.artifacts, fa.strategy, sa.damping_factor, 10.0, sa.precondition_dtype, argument == "x10"
+            facts.artifacts,
+            configuration.factor_args.strategy,
+            sa.damping_factor,
+            10.0,
+            sa.precondition_dtype,
+            argument == "x10",
         )
     if not damping:
         return None, "no spectrum measured to scale each module's damping from"
     floor = " (from at least its rounding floor eps·λmax)" if argument == "x10" else ""
+    after = configuration.with_(module_damping=tuple(sorted(damping.items())))
     changes = {"score_args.damping_factor": (sa.damping_factor, "×10 per module")}
-    change = _change(rung, changes, settings.score_stage, fa, sa)
-    change.description = f"each module's damping ×10{floor}"
-    change.module_damping = damping
-    return change, ""
+    return _make(rung, changes, configuration, after, facts, f"each module's damping ×10{floor}")
 
 
-def _float64(rung, argument, on, settings, fa, sa):
+def _float64(rung, argument, on, configuration, facts):
     """The precision counterfactual: every kronfluence dtype float64 and no autocast, same damping."""
-    fa, sa = float64_settings(fa, sa)
+    fa = configuration.factor_args.replace(**dict.fromkeys(FLOAT64_FACTOR_FIELDS, torch.float64), amp_dtype=None)
+    sa = configuration.score_args.replace(**dict.fromkeys(FLOAT64_SCORE_FIELDS, torch.float64), amp_dtype=None)
     changes = {"factor_args.*_dtype": ("as configured", torch.float64)}
-    change = _change(rung, changes, "covariance", fa, sa)
-    change.description = "every dtype float64 and no autocast, same damping"
-    return change, ""
+    description = "every dtype float64 and no autocast, same damping"
+    return _make(rung, changes, configuration, _arguments(configuration, fa, sa), facts, description)
 
 
-def _partitions(rung, argument, on, settings, fa, sa):
+def _partitions(rung, argument, on, configuration, facts):
+    fa, sa = configuration.factor_args, configuration.score_args
     changes = {}
     for holder_name, holder, names in (
         ("factor_args", fa, ("covariance_module_partitions", "lambda_module_partitions")),
@@ -222,58 +324,98 @@ def _partitions(rung, argument, on, settings, fa, sa):
     ):
         for name in names:
             old = getattr(holder, name)
-            setattr(holder, name, old * 2)
             changes[f"{holder_name}.{name}"] = (old, old * 2)
-    return _change(rung, changes, on.stage, fa, sa), ""
+    return _make(rung, changes, configuration, _edited(configuration, changes), facts)
 
 
-def _flag(names: tuple[tuple[str, str], ...]):
-    def planner(rung, argument, on, settings, fa, sa):
+def _flag(names: tuple[tuple[str, str], ...]) -> Planner:
+    def planner(rung, argument, on, configuration, facts):
         changes = {}
         for holder_name, name in names:
-            holder = fa if holder_name == "factor_args" else sa
-            if hasattr(holder, name) and not getattr(holder, name):
-                setattr(holder, name, True)
+            holder = getattr(configuration, holder_name)
+            if not getattr(holder, name, True):
                 changes[f"{holder_name}.{name}"] = (False, True)
         if not changes:
             return None, "already on"
-        return _change(rung, changes, on.stage, fa, sa), ""
+        return _make(rung, changes, configuration, _edited(configuration, changes), facts)
 
     return planner
 
 
-def _batch(rung, argument, on, settings, fa, sa):
-    if settings.batch_size <= 1:
-        return None, "the batch size is already 1"
-    change = _change(rung, {"batch_size": (settings.batch_size, settings.batch_size // 2)}, on.stage, fa, sa)
-    change.batch_size = settings.batch_size // 2
-    return change, ""
+def _batch(rung, argument, on, configuration, facts):
+    """`batch:half` (the memory rung) and `batch:three-quarters` (a correct Task ranks alike at any batch
+    size: the probe of a Task that is not a sum)."""
+    size = configuration.batch_size
+    new = {"half": size // 2, "three-quarters": max(1, (3 * size) // 4)}.get(argument)
+    if new is None:
+        return None, f"unknown batch change {argument!r}"
+    if new < 1 or new == size:
+        return None, f"the batch size is already {size}"
+    return _make(rung, {"batch_size": (size, new)}, configuration, configuration.with_(batch_size=new), facts)
 
 
-def _task(rung, argument, on, settings, fa, sa):
+def _low_rank(rung, argument, on, configuration, facts):
+    """`low-rank:off`: full-rank query gradients, the reference of `query_gradient_low_rank`'s cost."""
+    current = configuration.score_args.query_gradient_low_rank
+    if argument != "off" or current is None:
+        return None, "the query gradients are already full rank" if current is None else f"unknown {argument!r}"
+    changes = {"score_args.query_gradient_low_rank": (current, None)}
+    return _make(rung, changes, configuration, _edited(configuration, changes), facts, "full-rank query gradients")
+
+
+def _task(rung, argument, on, configuration, facts):
     """`task:sum`: each batch's loss and measurement × the batch's size, for a Task whose loss is a batch
     mean — exact, since a mean times its count is the sum kronfluence needs."""
     if argument != "sum":
         return None, f"unknown task change {argument!r}"
-    if settings.summed_task:
+    if configuration.summed_task:
         return None, "the Task is already made a sum"
-    change = _change(rung, {"task.loss": ("batch mean", "× batch size")}, "covariance", fa, sa)
-    change.summed_task = True
-    change.description = "each batch's loss and measurement × its size (the Task's mean made a sum)"
-    return change, ""
+    description = "each batch's loss and measurement × its size (the Task's mean made a sum)"
+    changes = {"task.loss": ("batch mean", "× batch size")}
+    return _make(rung, changes, configuration, configuration.with_(task="summed"), facts, description)
 
 
-def _strategy(rung, argument, on, settings, fa, sa):
-    current = fa.strategy
+def _strategy(rung, argument, on, configuration, facts):
+    current = configuration.factor_args.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
         return None, f"strategy {current!r} is already at or below {argument!r}"
-    fa.strategy = argument
-    change = _change(rung, {"factor_args.strategy": (current, argument)}, "covariance", fa, sa)
-    change.description += f" (a different method: the scores approximate another quantity than {current}'s)"
-    return change, ""
+    changes = {"factor_args.strategy": (current, argument)}
+    change, _ = _make(rung, changes, configuration, _edited(configuration, changes), facts)
+    description = f"{change.description} (a different method: the scores approximate another quantity than {current}'s)"
+    return Change(rung, description, change.before, change.after, change.changes, change.first_stage), ""
 
 
-PLANNERS = {
+def _set(rung, argument, on, configuration, facts):
+    """`set:<holder>.<field>=<value>` (or `set:batch_size=<n>`): one setting given outright."""
+    name, _, text = argument.partition("=")
+    value: Any = None if text == "None" else int(text) if text.lstrip("-").isdigit() else text
+    if name == "batch_size":
+        old = configuration.batch_size
+        return _make(rung, {name: (old, value)}, configuration, configuration.with_(batch_size=value), facts)
+    holder_name, _, field_name = name.partition(".")
+    holder = getattr(configuration, holder_name, None)
+    if holder_name not in ("factor_args", "score_args") or not hasattr(holder, field_name):
+        return None, f"no setting {name!r}"
+    old = getattr(holder, field_name)
+    if isinstance(old, bool):
+        value = text == "True"
+    return _make(rung, {name: (old, value)}, configuration, _edited(configuration, {name: (old, value)}), facts)
+
+
+def _edited(configuration: Configuration, changes: Mapping[str, tuple[Any, Any]]) -> Configuration:
+    """The configuration with the arguments' fields named "factor_args.x" / "score_args.y" set to new values."""
+    edits: dict[str, dict[str, Any]] = {"factor_args": {}, "score_args": {}}
+    for key, (_old, new) in changes.items():
+        holder, _, name = key.partition(".")
+        edits[holder][name] = new
+    return _arguments(
+        configuration,
+        configuration.factor_args.replace(**edits["factor_args"]),
+        configuration.score_args.replace(**edits["score_args"]),
+    )
+
+
+PLANNERS: dict[str, Planner] = {
     "dtype": _dtype,
     "float64": _float64,
     "eigendecomposition-dtype": _eigendecomposition_dtype,
@@ -285,16 +427,11 @@ PLANNERS = {
     "offload": _flag((("factor_args", "offload_activations_to_cpu"), ("score_args", "offload_activations_to_cpu"))),
     "iterative-lambda": _flag((("factor_args", "use_iterative_lambda_aggregation"),)),
     "batch": _batch,
+    "low-rank": _low_rank,
     "task": _task,
     "strategy": _strategy,
+    "set": _set,
 }
-
-
-def _change(rung: str, changes: dict[str, tuple[Any, Any]], first: str, fa: Any, sa: Any) -> Change:
-    description = ", ".join(
-        f"{key.split('.', 1)[-1]} {_name(old)} → {_name(new)}" for key, (old, new) in changes.items()
-    )
-    return Change(rung=rung, description=description, first_stage=first, factor_args=fa, score_args=sa, changes=changes)
 
 
 def _name(value: Any) -> str:

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from influence_doctor import __version__
 from influence_doctor.errors import UsageError
+from influence_doctor.options import help_of
 from influence_doctor.report.strict_json import dumps
+from influence_doctor.version import __version__
 
 EXIT_OK, EXIT_SICK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -81,44 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose.add_argument("--demo", metavar="NAME", help="built-in demo to run: tiny-lm (default), uci-mlp, conv")
     diagnose.add_argument(
-        "--out", default=None, metavar="DIR", help="reports folder (default: reports_dir from config, else reports)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"{help_of('out_dir')} (default: reports_dir from config, else reports)",
     )
-    diagnose.add_argument("--no-fix", action="store_true", help="diagnose only; apply no remedy")
+    diagnose.add_argument("--no-fix", action="store_true", help=f"diagnose only; do not {help_of('fix')}")
     diagnose.add_argument("--full", action="store_true", help="analyse every training example (no rehearsal)")
     diagnose.add_argument(
-        "--examples",
-        type=_examples,
-        default="auto",
-        metavar="N|auto",
-        help="rehearsal size: training examples analysed, a seeded subsample; auto sizes it to a tenth of the "
-        "projected full run, at least 256 examples (default: auto)",
+        "--examples", type=_examples, default="auto", metavar="N|auto", help=f"{help_of('examples')} (default: auto)"
     )
     diagnose.add_argument(
-        "--queries", type=_positive_int, default=16, metavar="N", help="query examples analysed (default: 16)"
+        "--queries", type=_positive_int, default=16, metavar="N", help=f"{help_of('queries')} (default: 16)"
     )
     diagnose.add_argument(
-        "--probe-examples",
-        type=int,
-        default=64,
-        metavar="N",
-        help="examples in the float64 precision and 10x-damping probes; 0 turns them off (default: 64)",
+        "--probe-examples", type=int, default=64, metavar="N", help=f"{help_of('probe_examples')} (default: 64)"
     )
+    diagnose.add_argument("--memory-budget", type=_bytes, default=None, metavar="SIZE", help=help_of("memory_budget"))
     diagnose.add_argument(
-        "--memory-budget",
-        type=_bytes,
-        default=None,
-        metavar="SIZE",
-        help="memory a stage may use at full size, e.g. 12G or 800M (default: the device's memory)",
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help=f"{help_of('device')} (default: auto)"
     )
-    diagnose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
-    diagnose.add_argument("--seed", type=int, default=None, help="override the pipeline's seed")
+    diagnose.add_argument("--seed", type=int, default=None, help=help_of("seed"))
     diagnose.add_argument(
         "--format",
         choices=("text", "json", "md"),
         default="text",
         help="what goes to stdout; json prints exactly the report.json document",
     )
-    diagnose.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    diagnose.add_argument("--quiet", action="store_true", help=f"no {help_of('progress')}")
     diagnose.set_defaults(handler=_diagnose)
 
     inspect = commands.add_parser(

@@ -132,7 +132,7 @@ def merge_stage(record: Any) -> None:
         return
     from dataclasses import replace
 
-    from influence_doctor.findings import Finding
+    from influence_doctor.findings import Finding, warn
 
     views = gather(
         {
@@ -166,17 +166,12 @@ def merge_stage(record: Any) -> None:
     }
     if differing:
         findings.append(
-            Finding(
-                check=f"{record.name}.ranks_agree",
-                stage=record.name,
-                subject="",
-                severity="warn",
+            warn(
+                f"{record.name}.ranks_agree",
+                f"Rank(s) {', '.join(map(str, sorted(differing)))} measured different numbers in this stage than "
+                f"rank 0 (largest relative difference {max(differing.values()):.3g}); the report is rank 0's.",
                 value=max(differing.values()),
                 limit=0.0,
-                cause=None,
-                message=f"Rank(s) {', '.join(map(str, sorted(differing)))} measured different numbers in this "
-                f"stage than rank 0 (largest relative difference {max(differing.values()):.3g}); the report "
-                "is rank 0's.",
             )
         )
     record.findings = findings

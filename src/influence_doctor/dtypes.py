@@ -6,7 +6,6 @@ and the precision verdicts are held to the coarsest dtype on the path to the sco
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -75,37 +74,6 @@ def groups_in_use(factor_args: Any, stage: str) -> tuple[str, ...]:
     if not strategy.requires_lambda_matrices:
         unused |= {"lambda"}
     return tuple(group for group in UPSTREAM.get(stage, ()) if group not in unused)
-
-
-def raise_group(
-    factor_args: Any, score_args: Any, group: str, target: torch.dtype
-) -> tuple[Any, Any, dict[str, tuple[Any, Any]]]:
-    """Copies of the arguments with `group`'s dtypes raised to at least `target`, and what changed.
-
-    Autocast is raised by switching it off (full precision) unless the target is bfloat16.
-    """
-    factors, scores = copy.deepcopy(factor_args), copy.deepcopy(score_args)
-    holder_name, fields = DTYPE_GROUPS[group]
-    holder = factors if holder_name == "factor_args" else scores
-    changes: dict[str, tuple[Any, Any]] = {}
-    for name in fields:
-        current = getattr(holder, name)
-        if not is_below(current, target, group):
-            continue
-        new = (target if target == torch.bfloat16 else None) if name == "amp_dtype" else target
-        setattr(holder, name, new)
-        changes[f"{holder_name}.{name}"] = (current, new)
-    return factors, scores, changes
-
-
-def describe(changes: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{key.split('.', 1)[-1]} {_show(old)} → {_show(new)}" for key, (old, new) in changes.items())
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, torch.dtype) or value is None:
-        return dtype_name(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def score_path_dtype(factor_args: Any, score_args: Any) -> torch.dtype:

@@ -10,17 +10,56 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from scipy import stats
 
 from influence_doctor.checks.precision import score_agreement
+from influence_doctor.pipeline import STAGES
 
 FLOAT64_REFERENCE = "float64 as configured"
 """The reference that always exists: the user's configuration (strategy, damping, task) in float64 end to end."""
 
 HEADLINE_KEYS = ("median_spearman", "worst_spearman", "top_overlap")
+
+
+@dataclass
+class Snapshot:
+    """Scores of one configuration, for the fidelity comparison."""
+
+    label: str
+    scores: dict[str, Any]
+    trusted: bool  # every score finite, and no measurement showed them or the factors behind them wrong
+    regularization: dict[str, Any]
+    spectra: dict[str, Any] = field(default_factory=dict)  # module → checks.spectra.Spectrum, for the plots
+
+
+def snapshot(run: Any, label: str) -> Snapshot:
+    """The run's scores as they stand, whether they can be trusted, and the regularization behind them."""
+    import torch
+
+    from influence_doctor.checks.scores import total_scores
+    from influence_doctor.checks.spectra import spectra_of
+
+    scores = {
+        kind: total_scores(run.artifacts[stage]).detach().clone()
+        for kind, stage in (("pairwise", "pairwise_scores"), ("self", "self_scores"))
+        if run.artifacts.get(stage) and run.stages[stage].completed
+    }
+    finite = bool(scores) and all(bool(torch.isfinite(tensor).all()) for tensor in scores.values())
+    # trustworthy: no measured wrong number in the scores or anything they were computed from (finite
+    # scores from an overflowed covariance are garbage, however well they rank against float64 on a probe)
+    measured_wrong = any(f.severity == "fail" for name in STAGES[1:] for f in run.stages[name].findings)
+    regularization = {
+        "damping_factor": run.score_args.damping_factor,
+        "covariance_shift": run.covariance_shift,
+        "strategy": run.factor_args.strategy,
+    }
+    sa = run.score_args
+    spectra = spectra_of(run.artifacts, run.factor_args.strategy, sa.damping_factor, sa.precondition_dtype)
+    return Snapshot(label, scores, finite and not measured_wrong, regularization, spectra)
 
 
 def pearson(first: torch.Tensor, second: torch.Tensor) -> float:

@@ -292,7 +292,7 @@ def _overhead(current: dict[str, Any], gates: Gates) -> GateResult:
 
 def write_baseline(run_dir: Path, baseline_root: Path, pipeline: str) -> Path:
     """Copy a run's report.json and scores.safetensors to <baseline_root>/<pipeline>/, atomically."""
-    from influence_doctor.report.atomic import write_bytes_atomic
+    from influence_doctor.atomic import write_bytes_atomic
 
     target = Path(baseline_root) / pipeline
     for name in ("report.json", "scores.safetensors"):
@@ -317,7 +317,7 @@ def _show(value: Any) -> str:
 
 def record_gates(report: Any, results: list[GateResult]) -> None:
     """Write the evaluated gates into the run's own report.json (the doctor wrote it; no user file)."""
-    from influence_doctor.report.atomic import write_text_atomic
+    from influence_doctor.atomic import write_text_atomic
     from influence_doctor.report.strict_json import dumps, strict
 
     report.document["gates"] = strict([result.to_dict() for result in results])

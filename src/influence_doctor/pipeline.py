@@ -16,6 +16,11 @@ STAGES: tuple[str, ...] = (
 )
 """Stage names in pipeline order; fixed by the report format."""
 
+INFLUENCE_STAGES: tuple[str, ...] = STAGES[1:]
+FACTOR_STAGES: tuple[str, ...] = ("covariance", "eigendecomposition", "lambda")
+SCORE_STAGE_OF: dict[str, str] = {"pairwise": "pairwise_scores", "self": "self_scores"}
+"""Score kind → the stage that computes it."""
+
 SCORE_KINDS: tuple[str, ...] = ("pairwise", "self")
 
 

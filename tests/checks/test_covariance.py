@@ -76,7 +76,7 @@ def test_fp16_sum_at_half_its_range_warns_about_headroom():
     assert finding.severity == "warn"
     assert finding.cause == "fp16-overflow"
     assert finding.value == pytest.approx(32768.0 / 65504.0, rel=1e-12)
-    assert finding.limit == T.headroom_warn_fraction
+    assert finding.limit == T.covariance.headroom_warn_fraction
 
 
 def test_headroom_below_the_fraction_is_quiet_and_float32_headroom_has_no_fp16_cause():
@@ -92,7 +92,7 @@ def test_symmetry_planted_asymmetry_above_limit_in_float64():
     outcome = check_covariance_sum(c, 10, SUBJECT, T)
     finding = only(outcome, "covariance.symmetry")
     assert finding.cause == "asymmetric"
-    assert finding.limit == pytest.approx(T.symmetry_eps * eps(torch.float64))
+    assert finding.limit == pytest.approx(T.covariance.symmetry_eps * eps(torch.float64))
     assert finding.value == pytest.approx(
         torch.linalg.matrix_norm(c - c.T).item() / torch.linalg.matrix_norm(c).item(), rel=1e-9
     )
@@ -125,7 +125,7 @@ def test_symmetry_limit_is_capped_for_coarse_dtypes():
     a = antisymmetric(6)
     t = 5e-2 * torch.linalg.matrix_norm(c).item() / (2 * torch.linalg.matrix_norm(a).item())
     finding = only(check_covariance_sum((c + t * a).to(torch.bfloat16), 10, SUBJECT, T), "covariance.symmetry")
-    assert finding.limit == T.symmetry_max
+    assert finding.limit == T.covariance.symmetry_max
 
 
 def test_structural_checks_measure_the_finite_part():
@@ -148,7 +148,7 @@ def test_negative_diagonal_is_not_psd():
     assert finding.cause == "not-psd"
     assert finding.value == -1.0
     top = torch.diagonal(c).abs().max().item()
-    assert finding.limit == pytest.approx(-T.negative_diagonal_eps * eps(torch.float64) * top)
+    assert finding.limit == pytest.approx(-T.covariance.negative_diagonal_eps * eps(torch.float64) * top)
 
 
 def test_rounding_sized_negative_diagonal_is_tolerated():
@@ -184,7 +184,7 @@ def test_few_zero_rows_stay_below_the_warn_fraction():
 
 
 def test_thresholds_are_configurable():
-    strict = Thresholds(dead_unit_warn_fraction=0.1, headroom_warn_fraction=0.01)
+    strict = Thresholds.from_mapping({"dead_unit_warn_fraction": 0.1, "headroom_warn_fraction": 0.01})
     c = torch.eye(4, dtype=torch.float16) * 1000.0
     c[1, 1] = 0.0
     found = checks_of(check_covariance_sum(c, 10, SUBJECT, strict))

@@ -62,7 +62,7 @@ def test_a_minority_tracked_warns_with_the_biggest_untracked_type_and_never_call
     by_check = {f.check: f for f in outcome.findings}
     coverage = by_check["train.coverage"]
     assert (coverage.severity, coverage.cause, coverage.subject) == ("warn", "untracked-modules", "Projection")
-    assert coverage.value == 42 / 391 and coverage.limit == T.min_tracked_share
+    assert coverage.value == 42 / 391 and coverage.limit == T.preflight.min_tracked_share
     assert by_check["train.coverage_never_called"].subject == "unused"
     assert by_check["train.coverage_summary"].severity == "info"
     assert all(f.severity != "fail" for f in outcome.findings)  # about meaning, never a numerical failure

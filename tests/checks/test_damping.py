@@ -22,7 +22,7 @@ def test_the_rankings_movement_is_info_with_the_measured_agreement(spearman, mov
     outcome = check_damping_sensitivity("pairwise_scores", agreement, T)
     (finding,) = outcome.findings
     assert (finding.check, finding.severity, finding.cause) == ("scores.damping_sensitivity", "info", None)
-    assert finding.value == spearman and finding.limit == T.damping_sensitivity_min_spearman
+    assert finding.value == spearman and finding.limit == T.scores.damping_sensitivity_min_spearman
     assert ("your modeling choice" in finding.message) is moved
     assert f"worst query {spearman - 0.1:.3f}" in finding.message  # per-query rankings say their worst
     assert outcome.metrics["damping_x10"] == agreement

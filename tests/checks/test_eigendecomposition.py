@@ -42,7 +42,7 @@ def test_eigenvectors_stored_in_float16_for_float32_preconditioning_are_dtype_dr
     finding = only(outcome, "eigendecomposition.stored_dtype")
     assert finding.severity == "fail"
     assert finding.cause == "dtype-drift"
-    assert finding.limit == pytest.approx(T.orthogonality_eps * eps(torch.float32))
+    assert finding.limit == pytest.approx(T.eigendecomposition.orthogonality_eps * eps(torch.float32))
     assert "float16" in finding.message and "float32" in finding.message
     assert outcome.metrics["stored_dtype"] == "float16"
 
@@ -51,7 +51,7 @@ def test_eigenvectors_stored_in_float32_for_float32_preconditioning_are_fine():
     values, vectors, c = _exact()
     outcome = check_eigenpairs(values, vectors.to(torch.float32), SUBJECT, T, covariance=c)
     assert outcome.findings == []
-    assert outcome.metrics["orthogonality_error"] < T.orthogonality_eps * eps(torch.float32)
+    assert outcome.metrics["orthogonality_error"] < T.eigendecomposition.orthogonality_eps * eps(torch.float32)
 
 
 def test_float16_storage_is_fine_when_preconditioning_is_float16_too():
@@ -94,7 +94,7 @@ def test_clearly_negative_eigenvalue_is_not_psd():
     finding = only(outcome, "eigendecomposition.psd")
     assert finding.cause == "not-psd"
     assert finding.value == -0.5
-    assert finding.limit == pytest.approx(-T.negative_eigenvalue_eps * 6 * eps(F64) * 4.0)
+    assert finding.limit == pytest.approx(-T.eigendecomposition.negative_eigenvalue_eps * 6 * eps(F64) * 4.0)
     assert outcome.metrics["condition_number"] == math.inf
 
 
@@ -117,7 +117,7 @@ def test_rank_r_matrix_has_effective_rank_r_and_warns_below_half(d, r):
     assert finding.severity == "warn"
     assert finding.cause == "rank-deficient"
     assert finding.value == float(r)
-    assert finding.limit == T.rank_deficient_fraction * d
+    assert finding.limit == T.eigendecomposition.rank_deficient_fraction * d
     assert f"{r} of {d}" in finding.message
     assert len(outcome.findings) == 1
 
@@ -138,7 +138,7 @@ def test_perturbed_reconstruction_is_inaccurate():
     assert finding.cause == "eigendecomposition-inaccurate"
     expected = torch.linalg.matrix_norm(1e-6 * noise).item() / torch.linalg.matrix_norm(perturbed).item()
     assert finding.value == pytest.approx(expected, rel=1e-4)
-    assert finding.limit == pytest.approx(T.reconstruction_eps * math.sqrt(8) * eps(F64))
+    assert finding.limit == pytest.approx(T.eigendecomposition.reconstruction_eps * math.sqrt(8) * eps(F64))
 
 
 def test_reconstruction_limit_follows_the_coarser_of_compute_and_stored_dtype():
@@ -215,4 +215,6 @@ def test_the_orthogonality_limit_adds_the_solvers_error_to_the_storage_rounding(
     broken = q.clone()
     broken[:, 0] *= 1.01
     (finding,) = [f for f in check_eigenpairs(torch.ones(16), broken, "m", T).findings if "orthogonality" in f.check]
-    assert finding.limit == pytest.approx(T.orthogonality_eps * (eps(torch.float32) + 4 * eps(torch.float64)))
+    assert finding.limit == pytest.approx(
+        T.eigendecomposition.orthogonality_eps * (eps(torch.float32) + 4 * eps(torch.float64))
+    )

@@ -86,7 +86,7 @@ def test_thin_projected_headroom_is_a_warning_and_a_wide_one_nothing():
     thin = project_headroom("m/lambda_matrix", "lambda", FP16, (64, 100.0), (1024, 1600.0), 8192)  # 12800: 20 %
     (finding,) = check_projected_headroom(thin, T).findings
     assert finding.severity == "warn" and finding.cause is None
-    assert finding.limit == pytest.approx(T.headroom_warn_fraction * 65504.0)
+    assert finding.limit == pytest.approx(T.covariance.headroom_warn_fraction * 65504.0)
     wide = project_headroom("m/lambda_matrix", "lambda", FP16, (64, 10.0), (1024, 160.0), 8192)
     assert check_projected_headroom(wide, T).findings == []
 

@@ -53,8 +53,8 @@ def test_tiny_damping_on_a_singular_spectrum_is_only_a_hypothesis():
     assert finding.severity == "warn"  # a bound: only the float64 re-run can say precision is lost
     assert finding.cause == "tiny-damping"
     assert finding.value == (1.0 + 1e-8) / 1e-8
-    assert finding.limit == pytest.approx(T.max_condition_error / EPS32)
-    assert outcome.metrics["damping_floor"] == pytest.approx(T.damping_floor_eps * EPS32 * 1.0)
+    assert finding.limit == pytest.approx(T.eigendecomposition.max_condition_error / EPS32)
+    assert outcome.metrics["damping_floor"] == pytest.approx(T.eigendecomposition.damping_floor_eps * EPS32 * 1.0)
 
 
 def test_large_damping_leaves_no_finding():
@@ -69,7 +69,7 @@ def test_ill_conditioned_spectrum_with_damping_above_the_floor_warns():
     assert finding.severity == "warn"  # cond·eps32 ≈ 0.12: between 1% and 100%
     assert finding.cause == "ill-conditioned"
     assert finding.value == pytest.approx((1.0 + 1e-6) / 1e-6, rel=1e-12)
-    assert finding.limit == pytest.approx(T.max_condition_error / EPS32)
+    assert finding.limit == pytest.approx(T.eigendecomposition.max_condition_error / EPS32)
 
 
 def test_the_precondition_dtype_decides():
@@ -101,11 +101,11 @@ def test_condition_is_a_warning_never_a_failure(error, severity):
     finding = only(outcome, "lambda.condition")
     assert finding.severity == severity
     assert finding.cause == "ill-conditioned"  # δ = 1e-3 is far above eps32·λmax
-    assert finding.limit == pytest.approx(T.max_condition_error / EPS32)
+    assert finding.limit == pytest.approx(T.eigendecomposition.max_condition_error / EPS32)
 
 
 def test_condition_limits_are_configurable():
-    strict = Thresholds(max_condition_error=1e-4)
+    strict = Thresholds.from_mapping({"max_condition_error": 1e-4})
     smallest = _spectrum_with_condition(5e-4 / EPS32)
     assert check_damped_spectrum(smallest, 1.0, 0.5, 1e-3, F32, "m", "lambda", T).findings == []
     finding = only(check_damped_spectrum(smallest, 1.0, 0.5, 1e-3, F32, "m", "lambda", strict), "lambda.condition")
@@ -151,7 +151,7 @@ def test_negative_entries_are_not_psd():
     assert finding.severity == "fail"
     assert finding.cause == "not-psd"
     assert finding.value == -0.125
-    assert finding.limit == pytest.approx(-T.negative_eigenvalue_eps * EPS32 * 8.0)
+    assert finding.limit == pytest.approx(-T.eigendecomposition.negative_eigenvalue_eps * EPS32 * 8.0)
 
 
 def test_rounding_sized_negative_entries_are_tolerated():

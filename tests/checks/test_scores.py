@@ -70,7 +70,7 @@ def test_absurd_outlier_is_only_a_warning():
     finding = only(outcome, "scores.outliers")
     assert finding.severity == "warn"  # a heuristic: influence is heavy-tailed, nothing wrong is measured
     assert finding.cause == "score-outliers"
-    assert finding.value > T.outlier_mad
+    assert finding.value > T.scores.outlier_mad
     assert finding.value == outcome.metrics["max_robust_z"]
 
 
@@ -78,11 +78,11 @@ def test_outlier_limit_is_held_exactly():
     scores = torch.zeros(101, dtype=torch.float64)
     scores[:50] = -1.0
     scores[51:] = 1.0  # median 0, MAD 1: robust z of an entry x is |x| / 1.4826
-    scores[0] = -1.4826 * T.outlier_mad * 0.999
+    scores[0] = -1.4826 * T.scores.outlier_mad * 0.999
     assert "scores.outliers" not in checks_of(check_scores("pairwise_scores", "pairwise", scores, T))
-    scores[0] = -1.4826 * T.outlier_mad * 1.001
+    scores[0] = -1.4826 * T.scores.outlier_mad * 1.001
     assert only(check_scores("pairwise_scores", "pairwise", scores, T), "scores.outliers").value == pytest.approx(
-        T.outlier_mad * 1.001
+        T.scores.outlier_mad * 1.001
     )
 
 
@@ -104,14 +104,14 @@ def test_one_query_far_out_of_scale_warns():
     typical = scores.abs().median(dim=1).values
     assert finding.value == pytest.approx(float(typical.max() / typical.median()))
     assert finding.value == outcome.metrics["query_scale_ratio"]
-    assert finding.limit == T.query_scale_ratio
+    assert finding.limit == T.scores.query_scale_ratio
 
 
 def test_queries_of_ordinary_scale_differences_do_not_warn():
     scales = torch.tensor([1.0, 2.0, 0.5, 4.0, 1.5, 8.0, 1.0, 3.0], dtype=torch.float64).unsqueeze(1)
     outcome = check_query_scale("pairwise_scores", _gaussian(8, 100).double() * scales, T)
     assert outcome.findings == []
-    assert 2.0 < outcome.metrics["query_scale_ratio"] < T.query_scale_ratio
+    assert 2.0 < outcome.metrics["query_scale_ratio"] < T.scores.query_scale_ratio
 
 
 def test_query_scale_needs_three_queries_and_a_nonzero_median():
@@ -135,7 +135,7 @@ def test_negative_self_influence_below_the_limit_is_not_psd():
     assert finding.cause == "not-psd"
     assert finding.value == -0.5
     top = scores.abs().max().item()
-    assert finding.limit == pytest.approx(-T.negative_self_influence_eps * eps(torch.float64) * top)
+    assert finding.limit == pytest.approx(-T.scores.negative_self_influence_eps * eps(torch.float64) * top)
     assert finding.message.startswith("2 self-influence scores are negative")
 
 

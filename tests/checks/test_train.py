@@ -146,7 +146,7 @@ def test_smooth_decreasing_curve_has_no_findings():
     assert outcome.metrics["window_steps"] == 20
     assert outcome.metrics["initial_loss"] == pytest.approx(sum(loss[:20]) / 20)
     assert outcome.metrics["final_loss"] == pytest.approx(sum(loss[-20:]) / 20)
-    assert outcome.metrics["oscillation_significance"] < T.oscillation_significance
+    assert outcome.metrics["oscillation_significance"] < T.training.oscillation_significance
 
 
 def test_short_runs_average_at_least_the_minimum_window():
@@ -178,9 +178,9 @@ def test_decrease_then_climb_far_above_the_lowest_level_diverges():
     logs = [math.log(v) for v in loss]
     levels = window_means(logs, 20)
     assert finding.value == pytest.approx(math.exp(levels[-1] - min(levels)))  # geometric window means
-    assert finding.value > T.divergence_ratio
+    assert finding.value > T.training.divergence_ratio
     assert outcome.metrics["lowest_loss"] == pytest.approx(math.exp(min(levels)))
-    assert outcome.metrics["divergence_significance"] > T.divergence_significance
+    assert outcome.metrics["divergence_significance"] > T.training.divergence_significance
 
 
 def test_a_noisy_climb_still_diverges():
@@ -219,7 +219,7 @@ def test_a_rise_between_the_warn_and_the_fail_limit_warns():
         loss = [1.0 + 0.002 * t + 0.05 * rng.gauss(0, 1) for t in range(60)]
         outcome = check_loss_curve(loss, [], T)
         rise = outcome.metrics["loss_rise_significance"]
-        if T.loss_rise_significance <= rise < T.loss_rise_fail_significance:
+        if T.training.loss_rise_significance <= rise < T.training.loss_rise_fail_significance:
             assert only(outcome, "train.loss_decreased").severity == "warn"
             return
     pytest.fail("no curve fell between the two limits")
@@ -233,7 +233,7 @@ def test_a_loss_that_explodes_and_plateaus_far_above_its_start_diverged():
     outcome = check_loss_curve(loss, [], T)
     (finding,) = [f for f in outcome.findings if f.check == "train.divergence"]
     assert (finding.severity, finding.cause) == ("fail", "training-diverged")
-    assert outcome.metrics["start_ratio"] > 1e5 and outcome.metrics["divergence_ratio"] < T.divergence_ratio
+    assert outcome.metrics["start_ratio"] > 1e5 and outcome.metrics["divergence_ratio"] < T.training.divergence_ratio
     assert "first recorded value" in finding.message
 
 
@@ -242,7 +242,7 @@ def test_a_single_lucky_first_example_is_not_a_blow_up():
     rng = random.Random(8)
     loss = [0.002] + [max(1e-4, (1.0 - t / 200) * math.exp(1.5 * rng.gauss(0, 1))) for t in range(1, 100)]
     outcome = check_loss_curve(loss, [], T)
-    assert outcome.metrics["start_ratio"] > T.start_rise_ratio  # far above the first loss...
+    assert outcome.metrics["start_ratio"] > T.training.start_rise_ratio  # far above the first loss...
     assert not [f for f in outcome.findings if f.severity == "fail"]  # ...but within the noise of a single example
 
 
@@ -251,9 +251,10 @@ def test_the_measured_sample_loss_decides_whether_training_ended_above_its_start
     fixed sample says the model improved, and the curve's first step is then not judged."""
     rng = random.Random(3)
     loss = [0.006] + [math.exp(1.5 * rng.gauss(0, 1)) for _ in range(99)]
-    unmeasured = check_loss_curve(loss, [], Thresholds(start_rise_significance=0.0))
+    any_rise = Thresholds.from_mapping({"start_rise_significance": 0.0})
+    unmeasured = check_loss_curve(loss, [], any_rise)
     assert [f.check for f in unmeasured.findings if f.severity == "fail"] == ["train.divergence"]
-    measured = check_loss_curve(loss, [], Thresholds(start_rise_significance=0.0), SampleLoss(2.0, 1.6, 256))
+    measured = check_loss_curve(loss, [], any_rise, SampleLoss(2.0, 1.6, 256))
     assert [f for f in measured.findings if f.severity == "fail"] == []
     assert measured.metrics["trained_loss_ratio"] == pytest.approx(0.8)
     assert measured.metrics["start_ratio"] > 100  # still measured, for the calibration
@@ -274,10 +275,10 @@ def test_a_nonfinite_trained_loss_is_a_blow_up(trained):
 def test_a_moderate_rise_fails_only_when_the_curve_climbed_too():
     """Between the warn and the fail limit the rise alone warns; with the logged loss climbing as well it
     is a fail."""
-    ratio = (T.trained_loss_warn_ratio + T.trained_loss_fail_ratio) / 2
+    ratio = (T.training.trained_loss_warn_ratio + T.training.trained_loss_fail_ratio) / 2
     alone = only(check_trained_loss(SampleLoss(1.0, ratio, 256), T), "train.trained_loss")
     assert (alone.severity, alone.cause) == ("warn", None)
-    curve = {"loss_rise_significance": T.loss_rise_significance}
+    curve = {"loss_rise_significance": T.training.loss_rise_significance}
     climbed = only(check_trained_loss(SampleLoss(1.0, ratio, 256), T, curve), "train.trained_loss")
     assert (climbed.severity, climbed.cause) == ("fail", "training-diverged")
     assert "logged loss climbed" in climbed.message
@@ -298,13 +299,13 @@ def test_a_fine_tuned_model_is_judged_against_a_fresh_models_loss():
 def test_without_a_fresh_copy_the_start_alone_is_held_to_a_wider_limit():
     """A model beyond the evidence budget: its start may be a converged checkpoint, so 2× its start only
     warns; the same rise measured against a fresh copy's loss is worse than knowing nothing."""
-    assert T.trained_loss_fail_ratio < 2.0 < T.trained_loss_unreferenced_fail_ratio
+    assert T.training.trained_loss_fail_ratio < 2.0 < T.training.trained_loss_unreferenced_fail_ratio
     alone = only(check_trained_loss(SampleLoss(1.0, 2.0, 256), T), "train.trained_loss")
     assert alone.severity == "warn"
     referenced = only(check_trained_loss(SampleLoss(1.0, 2.0, 256, reference=1.0), T), "train.trained_loss")
-    assert (referenced.severity, referenced.limit) == ("fail", T.trained_loss_fail_ratio)
+    assert (referenced.severity, referenced.limit) == ("fail", T.training.trained_loss_fail_ratio)
     far = only(check_trained_loss(SampleLoss(1.0, 5.0, 256), T), "train.trained_loss")
-    assert (far.severity, far.limit) == ("fail", T.trained_loss_unreferenced_fail_ratio)
+    assert (far.severity, far.limit) == ("fail", T.training.trained_loss_unreferenced_fail_ratio)
 
 
 def test_a_fresh_copy_never_lowers_the_scale_below_the_start():
@@ -353,7 +354,7 @@ def test_a_climb_near_zero_loss_is_not_divergence():
     near_zero = check_loss_curve(loss, [], T, SampleLoss(1e-3, 5e-4, 256, reference=2.0))
     finding = only(near_zero, "train.divergence")
     assert (finding.severity, finding.cause) == ("warn", None)
-    assert near_zero.metrics["climb_share"] < T.divergence_min_share
+    assert near_zero.metrics["climb_share"] < T.training.divergence_min_share
     assert "too small to call divergence" in finding.message
     material = check_loss_curve([1.0] * 30 + [0.01] * 30 + [0.5] * 30, [], T, SampleLoss(1.0, 0.5, 256, reference=1.0))
     assert only(material, "train.divergence").severity == "fail"
@@ -377,7 +378,7 @@ def test_a_slight_rise_within_the_noise_is_not_judged():
     loss = [1.0 + 0.001 * t + 0.2 * rng.gauss(0, 1) for t in range(60)]
     outcome = check_loss_curve(loss, [], T)
     assert outcome.metrics["final_loss"] > outcome.metrics["initial_loss"]  # higher at the end, but only by noise
-    assert outcome.metrics["loss_rise_significance"] < T.loss_rise_significance
+    assert outcome.metrics["loss_rise_significance"] < T.training.loss_rise_significance
     assert "train.loss_decreased" not in checks_of(outcome)
 
 
@@ -397,10 +398,10 @@ def test_large_oscillation_is_flagged_on_short_runs(steps):
     finding = only(outcome, "train.oscillation")
     assert finding.severity == "fail"
     assert finding.cause == "training-oscillating"
-    assert finding.value >= T.oscillation_significance
+    assert finding.value >= T.training.oscillation_significance
     assert outcome.metrics["oscillation_period"] == 4
-    assert outcome.metrics["oscillation_amplitude"] > T.oscillation_min_amplitude
-    assert outcome.metrics["second_half_progress"] < T.oscillation_max_progress
+    assert outcome.metrics["oscillation_amplitude"] > T.training.oscillation_min_amplitude
+    assert outcome.metrics["second_half_progress"] < T.training.oscillation_max_progress
 
 
 def test_large_oscillation_is_flagged_on_long_runs():
@@ -419,7 +420,7 @@ def test_a_regular_swing_on_a_converging_loss_is_only_a_warning():
     outcome = check_loss_curve(loss, [], T)
     finding = only(outcome, "train.oscillation")
     assert finding.severity == "warn"
-    assert outcome.metrics["second_half_progress"] > T.oscillation_max_progress
+    assert outcome.metrics["second_half_progress"] > T.training.oscillation_max_progress
 
 
 def test_converging_full_batch_adam_with_late_bumps_is_healthy():
@@ -429,7 +430,7 @@ def test_converging_full_batch_adam_with_late_bumps_is_healthy():
     assert max(b / a for a, b in itertools.pairwise(loss[20:])) > 1.05  # real bumps in the second half
     outcome = check_loss_curve(loss, [], T)
     assert outcome.findings == []
-    assert outcome.metrics["oscillation_significance"] < T.oscillation_significance
+    assert outcome.metrics["oscillation_significance"] < T.training.oscillation_significance
 
 
 def test_small_noise_at_convergence_is_not_oscillation():
@@ -438,7 +439,7 @@ def test_small_noise_at_convergence_is_not_oscillation():
     loss = converged + [0.1 * (1 + 0.01 * rng.uniform(-1, 1)) for _ in range(100)]
     outcome = check_loss_curve(loss, [], T)
     assert "train.oscillation" not in checks_of(outcome)
-    assert outcome.metrics["oscillation_amplitude"] < T.oscillation_min_amplitude
+    assert outcome.metrics["oscillation_amplitude"] < T.training.oscillation_min_amplitude
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -466,7 +467,7 @@ def test_validation_gap_warns():
     assert start > 1.2  # the scale is the larger of the first training window and the first validation loss
     error = outcome.metrics["step_noise"] / math.sqrt(outcome.metrics["window_steps"])
     assert finding.value == pytest.approx((3.0 - end - 2 * error) / start)
-    assert finding.value > T.max_generalization_gap
+    assert finding.value > T.training.max_generalization_gap
     healthy = check_loss_curve(loss, [0.15], T)
     assert healthy.metrics["generalization_gap"] == pytest.approx((0.15 - end - 2 * error) / start)
     assert healthy.findings == []

@@ -6,11 +6,12 @@ import math
 
 import torch
 
+from influence_doctor.causes import ILL_CONDITIONED, TINY_DAMPING
 from influence_doctor.checks.measures import damped_condition
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.spectra import effective_damping
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
+from influence_doctor.findings import info, warn
 
 
 def check_damped_spectrum(
@@ -32,7 +33,7 @@ def check_damped_spectrum(
     delta = effective_damping(damping_factor, mean)
     condition = damped_condition(smallest, largest, delta)
     unit = eps(precondition_dtype)
-    floor = thresholds.damping_floor_eps * unit * largest if math.isfinite(largest) else math.nan
+    floor = thresholds.eigendecomposition.damping_floor_eps * unit * largest if math.isfinite(largest) else math.nan
     below_floor = bool(delta < floor) if math.isfinite(floor) else False
     outcome = CheckOutcome(
         metrics={
@@ -45,40 +46,37 @@ def check_damped_spectrum(
     )
     if below_floor:
         outcome.findings.append(
-            Finding(
-                check=f"{stage}.damping_floor",
-                stage=stage,
+            info(
+                f"{stage}.damping_floor",
+                f"The damping {fmt(delta)} is below eps·λmax = {fmt(floor)}: it damps nothing.",
                 subject=subject,
-                severity="info",
                 value=delta,
                 limit=floor,
-                cause="tiny-damping",
-                message=f"The damping {fmt(delta)} is below eps·λmax = {fmt(floor)}: it damps nothing.",
+                cause=TINY_DAMPING,
+                stage=stage,
             )
         )
     if math.isnan(condition):
         return outcome
     error = condition * unit
-    if error <= thresholds.max_condition_error:
+    if error <= thresholds.eigendecomposition.max_condition_error:
         return outcome
-    severity = "warn"
-    limit = thresholds.max_condition_error / unit
+    limit = thresholds.eigendecomposition.max_condition_error / unit
     reason = (
         f"the damping {fmt(delta)} is below eps·λmax = {fmt(floor)} and vanishes in rounding"
         if below_floor
         else f"the spectrum spans {fmt(largest)} down to {fmt(smallest)}"
     )
     outcome.findings.append(
-        Finding(
-            check=f"{stage}.condition",
-            stage=stage,
+        warn(
+            f"{stage}.condition",
+            f"cond(Λ+δ) is {fmt(condition)}, more than {dtype_name(precondition_dtype)} preconditioning "
+            f"is sure to resolve ({fmt(limit)}): {reason}; the float64 re-run tells whether precision is lost.",
             subject=subject,
-            severity=severity,
             value=condition,
             limit=limit,
-            cause="tiny-damping" if below_floor else "ill-conditioned",
-            message=f"cond(Λ+δ) is {fmt(condition)}, more than {dtype_name(precondition_dtype)} preconditioning "
-            f"is sure to resolve ({fmt(limit)}): {reason}; the float64 re-run tells whether precision is lost.",
+            cause=TINY_DAMPING if below_floor else ILL_CONDITIONED,
+            stage=stage,
         )
     )
     return outcome

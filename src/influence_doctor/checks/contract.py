@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from influence_doctor.causes import BATCH_DEPENDENT, LOSS_NOT_SUMMED, NONFINITE_EXAMPLES
 from influence_doctor.checks.outcome import CheckOutcome, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
+from influence_doctor.findings import fail
 
 STAGE = "train"
 LIKELY_MODULES = (
@@ -31,7 +32,7 @@ MAX_NAMED = 20
 def tolerance(dtype_name: str, thresholds: Thresholds) -> float:
     """Relative difference a different summation order can leave: `contract_rtol_sqrt_eps`·√eps(dtype)."""
     dtype = getattr(torch, dtype_name, torch.float32)
-    return thresholds.contract_rtol_sqrt_eps * math.sqrt(eps(dtype))
+    return thresholds.preflight.contract_rtol_sqrt_eps * math.sqrt(eps(dtype))
 
 
 def reduction_of(probe: Mapping[str, Any], tol: float) -> str:
@@ -76,16 +77,15 @@ def check_task_contract(record: Mapping[str, Any], thresholds: Thresholds) -> Ch
             continue
         if all(kind == "mean" for kind in kinds):
             outcome.findings.append(
-                Finding(
-                    check="task.loss_reduction",
-                    stage=STAGE,
+                fail(
+                    "task.loss_reduction",
+                    f"The Task's {what} of a batch is the sum over its examples alone times 1/B ({said}): "
+                    'it is a batch mean, and kronfluence needs a sum over examples; use reduction="sum".',
                     subject=quantity,
-                    severity="fail",
                     value=ratios[-1],
                     limit=1.0,
-                    cause="loss-not-summed",
-                    message=f"The Task's {what} of a batch is the sum over its examples alone times 1/B ({said}): "
-                    'it is a batch mean, and kronfluence needs a sum over examples; use reduction="sum".',
+                    cause=LOSS_NOT_SUMMED,
+                    stage=STAGE,
                 )
             )
             continue
@@ -100,17 +100,16 @@ def check_task_contract(record: Mapping[str, Any], thresholds: Thresholds) -> Ch
         if "alone_error" in worst:
             said = f"a batch of {worst['batch']} runs, an example alone raises {worst['alone_error']}"
         outcome.findings.append(
-            Finding(
-                check="task.batch_independence",
-                stage=STAGE,
-                subject=quantity,
-                severity="fail",
-                value=worst["batch_value"] / worst["alone_sum"] if worst.get("alone_sum") else math.nan,
-                limit=1.0,
-                cause="batch-dependent",
-                message=f"The Task's {what} of a batch is neither the sum nor the mean of its examples' alone "
+            fail(
+                "task.batch_independence",
+                f"The Task's {what} of a batch is neither the sum nor the mean of its examples' alone "
                 f"({said}{gradient_text}): an example's loss depends on the rest of its batch. Likely: "
                 f"{LIKELY_MODULES}; no setting of kronfluence can undo it.",
+                subject=quantity,
+                value=worst["batch_value"] / worst["alone_sum"] if worst.get("alone_sum") else math.nan,
+                limit=1.0,
+                cause=BATCH_DEPENDENT,
+                stage=STAGE,
             )
         )
     return outcome
@@ -131,17 +130,16 @@ def check_examples_finite(train: Mapping[str, Any] | None, queries: Mapping[str,
         )
         quantity = "loss" if subject == "train" else "measurement"
         outcome.findings.append(
-            Finding(
-                check="task.examples_finite",
-                stage=STAGE,
-                subject=subject,
-                severity="fail",
-                value=float(len(bad)),
-                limit=0.0,
-                cause="nonfinite-examples",
-                message=f"{len(bad)} of {record.get('checked', 0)} {what} have an inf/NaN {quantity} alone "
+            fail(
+                "task.examples_finite",
+                f"{len(bad)} of {record.get('checked', 0)} {what} have an inf/NaN {quantity} alone "
                 f"(indices {named}); kronfluence gives them zero gradient and scores them 0. A loss averaged over "
                 "an empty mask is 0/0: sum it instead (a sum over no tokens is 0), or leave these examples out.",
+                subject=subject,
+                value=float(len(bad)),
+                limit=0.0,
+                cause=NONFINITE_EXAMPLES,
+                stage=STAGE,
             )
         )
     return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from influence_doctor.causes import ASYMMETRIC, FP16_OVERFLOW, NONFINITE_MODEL, NOT_PSD, RANK_DEFICIENT
 from influence_doctor.checks.measures import (
     as_float64,
     dead_rows,
@@ -14,9 +15,7 @@ from influence_doctor.checks.measures import (
 )
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps, max_value
-from influence_doctor.findings import Finding
-
-STAGE = "covariance"
+from influence_doctor.findings import fail, warn
 
 
 def overflow_prone(dtype: torch.dtype) -> bool:
@@ -55,91 +54,79 @@ def check_covariance_sum(
         amp_overflow = computed_in is not None and overflow_prone(computed_in)
         overflow = (overflow_prone(dtype) and infs > 0) or amp_overflow
         outcome.findings.append(
-            Finding(
-                check="covariance.finite",
-                stage=STAGE,
+            fail(
+                "covariance.finite",
+                f"{bad} of {covariance_sum.numel()} entries are inf/NaN (first at {position}); "
+                + (
+                    f"activations or gradients overflowed in {dtype_name(computed_in)} autocast."
+                    if amp_overflow
+                    else f"the {dtype_name(dtype)} sum passed its maximum {max_value(dtype):.0f}."
+                    if overflow
+                    else "the activations or gradients feeding it were already non-finite."
+                ),
                 subject=subject,
-                severity="fail",
                 value=float(bad),
                 limit=0.0,
-                cause="fp16-overflow" if overflow else "nonfinite-model",
-                message=(
-                    f"{bad} of {covariance_sum.numel()} entries are inf/NaN (first at {position}); "
-                    + (
-                        f"activations or gradients overflowed in {dtype_name(computed_in)} autocast."
-                        if amp_overflow
-                        else f"the {dtype_name(dtype)} sum passed its maximum {max_value(dtype):.0f}."
-                        if overflow
-                        else "the activations or gradients feeding it were already non-finite."
-                    )
-                ),
+                cause=FP16_OVERFLOW if overflow else NONFINITE_MODEL,
             )
         )
-    elif headroom > thresholds.headroom_warn_fraction:
+    elif headroom > thresholds.covariance.headroom_warn_fraction:
         outcome.findings.append(
-            Finding(
-                check="covariance.headroom",
-                stage=STAGE,
-                subject=subject,
-                severity="warn",
-                value=headroom,
-                limit=thresholds.headroom_warn_fraction,
-                cause="fp16-overflow" if overflow_prone(dtype) else None,
-                message=f"The largest entry {fmt(peak)} uses {headroom:.0%} of {dtype_name(dtype)}'s range: "
+            warn(
+                "covariance.headroom",
+                f"The largest entry {fmt(peak)} uses {headroom:.0%} of {dtype_name(dtype)}'s range: "
                 f"a little more data will overflow it.",
+                subject=subject,
+                value=headroom,
+                limit=thresholds.covariance.headroom_warn_fraction,
+                cause=FP16_OVERFLOW if overflow_prone(dtype) else None,
             )
         )
     if covariance_sum.ndim != 2 or covariance_sum.numel() == 0:
         return outcome
     finite = torch.where(torch.isfinite(covariance_sum), covariance_sum, torch.zeros_like(covariance_sum))
     asymmetry = symmetry_error(finite)
-    limit = min(thresholds.symmetry_eps * eps(dtype), thresholds.symmetry_max)
+    limit = min(thresholds.covariance.symmetry_eps * eps(dtype), thresholds.covariance.symmetry_max)
     outcome.metrics["asymmetry"] = asymmetry
     if asymmetry > limit:
         outcome.findings.append(
-            Finding(
-                check="covariance.symmetry",
-                stage=STAGE,
+            warn(
+                "covariance.symmetry",
+                f"‖C−Cᵀ‖/‖C‖ is {fmt(asymmetry)}, above {dtype_name(dtype)} rounding ({fmt(limit)}).",
                 subject=subject,
-                severity="warn",
                 value=asymmetry,
                 limit=limit,
-                cause="asymmetric",
-                message=f"‖C−Cᵀ‖/‖C‖ is {fmt(asymmetry)}, above {dtype_name(dtype)} rounding ({fmt(limit)}).",
+                cause=ASYMMETRIC,
             )
         )
     diagonal = as_float64(torch.diagonal(finite))
     top = float(diagonal.abs().max().item())
     lowest = float(diagonal.min().item())
-    negative_limit = -thresholds.negative_diagonal_eps * eps(dtype) * top
+    negative_limit = -thresholds.covariance.negative_diagonal_eps * eps(dtype) * top
     outcome.metrics["min_diagonal"] = lowest
     if lowest < negative_limit:
         outcome.findings.append(
-            Finding(
-                check="covariance.diagonal",
-                stage=STAGE,
+            fail(
+                "covariance.diagonal",
+                f"A diagonal entry is {fmt(lowest)}: a sum of squares cannot be negative.",
                 subject=subject,
-                severity="fail",
                 value=lowest,
                 limit=negative_limit,
-                cause="not-psd",
-                message=f"A diagonal entry is {fmt(lowest)}: a sum of squares cannot be negative.",
+                cause=NOT_PSD,
             )
         )
-    dead = dead_rows(finite, thresholds.dead_unit_eps)
+    dead = dead_rows(finite, thresholds.covariance.dead_unit_eps)
     size = covariance_sum.shape[0]
     outcome.metrics["dead_units"] = dead
-    if size and dead / size > thresholds.dead_unit_warn_fraction:
+    if size and dead / size > thresholds.covariance.dead_unit_warn_fraction:
         outcome.findings.append(
-            Finding(
-                check="covariance.dead_units",
-                stage=STAGE,
+            warn(
+                "covariance.dead_units",
+                f"{dead} of {size} units never carried signal (zero rows): the factor is singular.",
                 subject=subject,
-                severity="warn",
                 value=dead / size,
-                limit=thresholds.dead_unit_warn_fraction,
-                cause="rank-deficient",
-                message=f"{dead} of {size} units never carried signal (zero rows): the factor is singular.",
+                limit=thresholds.covariance.dead_unit_warn_fraction,
+                cause=RANK_DEFICIENT,
             )
         )
     return outcome
@@ -157,29 +144,23 @@ def check_examples_processed(activation_counts: dict[str, float], gradient_count
         gradient = gradient_counts.get(module, 0.0)
         if min(activation, gradient) <= 0:
             outcome.findings.append(
-                Finding(
-                    check="covariance.examples",
-                    stage=STAGE,
+                fail(
+                    "covariance.examples",
+                    f"No examples reached {module}: its covariance factors are empty.",
                     subject=module,
-                    severity="fail",
                     value=float(min(activation, gradient)),
                     limit=1.0,
-                    cause=None,
-                    message=f"No examples reached {module}: its covariance factors are empty.",
                 )
             )
         elif activation != gradient:
             outcome.findings.append(
-                Finding(
-                    check="covariance.examples_equal",
-                    stage=STAGE,
+                warn(
+                    "covariance.examples_equal",
+                    f"{module} saw {fmt(activation)} examples for its activation covariance but "
+                    f"{fmt(gradient)} for its gradient covariance.",
                     subject=module,
-                    severity="warn",
                     value=float(abs(activation - gradient)),
                     limit=0.0,
-                    cause=None,
-                    message=f"{module} saw {fmt(activation)} examples for its activation covariance but "
-                    f"{fmt(gradient)} for its gradient covariance.",
                 )
             )
     return outcome

@@ -12,11 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from influence_doctor.causes import UNTRACKED_MODULES
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.findings import Finding
-
-STAGE = "train"
+from influence_doctor.findings import info, warn
 
 REPLACEABLE: dict[str, str] = {
     "Conv1D": "replace each Conv1D by an equivalent nn.Linear (weight transposed), as kronfluence's docs recommend",
@@ -108,7 +107,7 @@ def check_coverage(facts: CoverageFacts | Mapping[str, Any], thresholds: Thresho
     share = facts.tracked_share
     replaceable = {k: v for k, v in facts.untracked_by_type.items() if k in REPLACEABLE}
     invisible = facts.trainable - facts.tracked
-    if replaceable or share < thresholds.min_tracked_share:
+    if replaceable or share < thresholds.preflight.min_tracked_share:
         kind, entry = max(
             (replaceable or facts.untracked_by_type or {"parameters used directly": {"parameters": invisible}}).items(),
             key=lambda item: item[1]["parameters"],
@@ -116,44 +115,34 @@ def check_coverage(facts: CoverageFacts | Mapping[str, Any], thresholds: Thresho
         fix = REPLACEABLE.get(kind, "track them with supported modules, or accept that the scores ignore them")
         where = f"{entry.get('modules', 0)} {kind} modules" if "modules" in entry else kind
         outcome.findings.append(
-            Finding(
-                check="train.coverage",
-                stage=STAGE,
-                subject=kind,
-                severity="warn",
-                value=share,
-                limit=thresholds.min_tracked_share,
-                cause="untracked-modules",
-                message=f"{1 - share:.0%} of the trainable parameters ({invisible:,}; {where} hold "
+            warn(
+                "train.coverage",
+                f"{1 - share:.0%} of the trainable parameters ({invisible:,}; {where} hold "
                 f"{entry['parameters']:,}) are invisible to kronfluence, which tracks only nn.Linear and "
                 f"nn.Conv2d: {fix}.",
+                subject=kind,
+                value=share,
+                limit=thresholds.preflight.min_tracked_share,
+                cause=UNTRACKED_MODULES,
             )
         )
     if facts.never_called:
         outcome.findings.append(
-            Finding(
-                check="train.coverage_never_called",
-                stage=STAGE,
+            warn(
+                "train.coverage_never_called",
+                f"{len(facts.never_called)} tracked module(s) never ran in a forward pass (e.g. "
+                f"{facts.never_called[0]}): their factors stay empty; leave them out of the Task's tracked modules.",
                 subject=facts.never_called[0],
-                severity="warn",
                 value=float(len(facts.never_called)),
                 limit=0.0,
-                cause="untracked-modules",
-                message=f"{len(facts.never_called)} tracked module(s) never ran in a forward pass (e.g. "
-                f"{facts.never_called[0]}): their factors stay empty; leave them out of the Task's tracked modules.",
+                cause=UNTRACKED_MODULES,
             )
         )
     untracked = ", ".join(f"{k} ×{v['modules']} ({v['parameters']:,})" for k, v in facts.untracked_by_type.items())
     outcome.findings.append(
-        Finding(
-            check="train.coverage_summary",
-            stage=STAGE,
-            subject="",
-            severity="info",
-            value=share,
-            limit=None,
-            cause=None,
-            message=f"kronfluence tracks {len(facts.tracked_modules)} modules holding {share:.0%} of the "
+        info(
+            "train.coverage_summary",
+            f"kronfluence tracks {len(facts.tracked_modules)} modules holding {share:.0%} of the "
             f"{facts.trainable:,} trainable parameters"
             + (f"; untracked: {untracked}" if untracked else "")
             + (
@@ -162,6 +151,7 @@ def check_coverage(facts: CoverageFacts | Mapping[str, Any], thresholds: Thresho
                 else ""
             )
             + ".",
+            value=share,
         )
     )
     return outcome

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.findings import Finding
+from influence_doctor.findings import info
 
 
 def check_damping_sensitivity(stage: str, agreement: Mapping[str, float], thresholds: Thresholds) -> CheckOutcome:
@@ -20,17 +20,11 @@ def check_damping_sensitivity(stage: str, agreement: Mapping[str, float], thresh
     outcome = CheckOutcome(metrics={"damping_x10": dict(agreement)})
     if math.isnan(spearman):
         return outcome
-    moved = spearman < thresholds.damping_sensitivity_min_spearman
+    moved = spearman < thresholds.scores.damping_sensitivity_min_spearman
     outcome.findings.append(
-        Finding(
-            check="scores.damping_sensitivity",
-            stage=stage,
-            subject="",
-            severity="info",
-            value=spearman,
-            limit=thresholds.damping_sensitivity_min_spearman,
-            cause=None,
-            message=f"With every module's damping ×10 the rankings agree at Spearman {spearman:.3f}"
+        info(
+            "scores.damping_sensitivity",
+            f"With every module's damping ×10 the rankings agree at Spearman {spearman:.3f}"
             + (
                 f" (median per query; worst query {agreement.get('worst_spearman', math.nan):.3f}): "
                 if agreement.get("rows", 1.0) > 1
@@ -41,6 +35,9 @@ def check_damping_sensitivity(stage: str, agreement: Mapping[str, float], thresh
                 if moved
                 else "they depend little on the damping."
             ),
+            value=spearman,
+            limit=thresholds.scores.damping_sensitivity_min_spearman,
+            stage=stage,
         )
     )
     return outcome
@@ -56,18 +53,14 @@ def check_low_rank_cost(stage: str, rank: int, agreement: Mapping[str, float]) -
     if math.isnan(spearman):
         return outcome
     outcome.findings.append(
-        Finding(
-            check="scores.low_rank_cost",
-            stage=stage,
-            subject="",
-            severity="info",
-            value=spearman,
-            limit=None,
-            cause=None,
-            message=f"Query gradients at rank {rank} (query_gradient_low_rank) rank the training examples as full "
+        info(
+            "scores.low_rank_cost",
+            f"Query gradients at rank {rank} (query_gradient_low_rank) rank the training examples as full "
             f"rank does at a median per-query Spearman of {spearman:.3f} (worst query {worst:.3f}, top-10 overlap "
             f"{overlap:.2f}): "
             "the approximation's cost, your choice to weigh.",
+            value=spearman,
+            stage=stage,
         )
     )
     return outcome

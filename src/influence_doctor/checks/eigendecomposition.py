@@ -10,6 +10,13 @@ import math
 
 import torch
 
+from influence_doctor.causes import (
+    DTYPE_DRIFT,
+    EIGENDECOMPOSITION_FAILED,
+    EIGENDECOMPOSITION_INACCURATE,
+    NOT_PSD,
+    RANK_DEFICIENT,
+)
 from influence_doctor.checks.measures import (
     effective_rank,
     nonfinite_count,
@@ -20,9 +27,7 @@ from influence_doctor.checks.measures import (
 )
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
-
-STAGE = "eigendecomposition"
+from influence_doctor.findings import fail, warn
 
 
 def coarsest(*dtypes: torch.dtype | None) -> torch.dtype:
@@ -54,15 +59,13 @@ def check_eigenpairs(
     bad = nonfinite_count(values) + nonfinite_count(vectors)
     if bad:
         outcome.findings.append(
-            Finding(
-                check="eigendecomposition.finite",
-                stage=STAGE,
+            fail(
+                "eigendecomposition.finite",
+                f"The eigendecomposition returned {bad} inf/NaN entries: its input was not a valid matrix.",
                 subject=subject,
-                severity="fail",
                 value=float(bad),
                 limit=0.0,
-                cause="eigendecomposition-failed",
-                message=f"The eigendecomposition returned {bad} inf/NaN entries: its input was not a valid matrix.",
+                cause=EIGENDECOMPOSITION_FAILED,
             )
         )
         return outcome
@@ -71,48 +74,48 @@ def check_eigenpairs(
     drift = eps(stored) > eps(precondition_dtype)
     orthogonality = orthogonality_error(vectors)
     # Rounding Q to the precondition dtype moves it ~eps from orthonormal; eigh itself ~√d·eps of its dtype.
-    limit = thresholds.orthogonality_eps * (eps(precondition_dtype) + math.sqrt(size) * eps(compute_dtype))
+    limit = thresholds.eigendecomposition.orthogonality_eps * (
+        eps(precondition_dtype) + math.sqrt(size) * eps(compute_dtype)
+    )
     outcome.metrics["orthogonality_error"] = orthogonality
     if orthogonality > limit:
         outcome.findings.append(
-            Finding(
-                check="eigendecomposition.orthogonality" if not drift else "eigendecomposition.stored_dtype",
-                stage=STAGE,
+            fail(
+                "eigendecomposition.orthogonality" if not drift else "eigendecomposition.stored_dtype",
+                f"Eigenvectors computed in {dtype_name(compute_dtype)} were stored in {dtype_name(stored)}: "
+                f"‖QᵀQ−I‖ is {fmt(orthogonality)}, too coarse for {dtype_name(precondition_dtype)} "
+                f"preconditioning ({fmt(limit)})."
+                if drift
+                else f"‖QᵀQ−I‖ is {fmt(orthogonality)}: the eigenvectors are not orthonormal ({fmt(limit)}).",
                 subject=subject,
-                severity="fail",
                 value=orthogonality,
                 limit=limit,
-                cause="dtype-drift" if drift else "eigendecomposition-inaccurate",
-                message=(
-                    f"Eigenvectors computed in {dtype_name(compute_dtype)} were stored in {dtype_name(stored)}: "
-                    f"‖QᵀQ−I‖ is {fmt(orthogonality)}, too coarse for {dtype_name(precondition_dtype)} "
-                    f"preconditioning ({fmt(limit)})."
-                    if drift
-                    else f"‖QᵀQ−I‖ is {fmt(orthogonality)}: the eigenvectors are not orthonormal ({fmt(limit)})."
-                ),
+                cause=DTYPE_DRIFT if drift else EIGENDECOMPOSITION_INACCURATE,
             )
         )
     precision = coarsest(compute_dtype, source_dtype, values.dtype)
     if covariance is not None and covariance.shape == vectors.shape:
         error = reconstruction_error(vectors, values, covariance)
-        limit = thresholds.reconstruction_eps * math.sqrt(size) * eps(coarsest(compute_dtype, stored))
+        limit = (
+            thresholds.eigendecomposition.reconstruction_eps * math.sqrt(size) * eps(coarsest(compute_dtype, stored))
+        )
         outcome.metrics["reconstruction_error"] = error
         if error > limit:
             outcome.findings.append(
-                Finding(
-                    check="eigendecomposition.reconstruction",
-                    stage=STAGE,
+                fail(
+                    "eigendecomposition.reconstruction",
+                    f"QΛQᵀ differs from the covariance by {fmt(error)} (relative), above {fmt(limit)}.",
                     subject=subject,
-                    severity="fail",
                     value=error,
                     limit=limit,
-                    cause="eigendecomposition-inaccurate",
-                    message=f"QΛQᵀ differs from the covariance by {fmt(error)} (relative), above {fmt(limit)}.",
+                    cause=EIGENDECOMPOSITION_INACCURATE,
                 )
             )
     smallest, largest, _mean = spectrum_extremes(values)
-    negative_limit = -thresholds.negative_eigenvalue_eps * rounding_floor(values, precision, compute_dtype)
-    rank = effective_rank(values, thresholds.effective_rank_eps, precision, compute_dtype)
+    negative_limit = -thresholds.eigendecomposition.negative_eigenvalue_eps * rounding_floor(
+        values, precision, compute_dtype
+    )
+    rank = effective_rank(values, thresholds.eigendecomposition.effective_rank_eps, precision, compute_dtype)
     condition = largest / smallest if smallest > 0 else math.inf
     outcome.metrics.update(
         min_eigenvalue=smallest,
@@ -123,28 +126,24 @@ def check_eigenpairs(
     )
     if smallest < negative_limit:
         outcome.findings.append(
-            Finding(
-                check="eigendecomposition.psd",
-                stage=STAGE,
+            fail(
+                "eigendecomposition.psd",
+                f"The smallest eigenvalue is {fmt(smallest)}: a covariance must be positive semidefinite.",
                 subject=subject,
-                severity="fail",
                 value=smallest,
                 limit=negative_limit,
-                cause="not-psd",
-                message=f"The smallest eigenvalue is {fmt(smallest)}: a covariance must be positive semidefinite.",
+                cause=NOT_PSD,
             )
         )
-    if rank < thresholds.rank_deficient_fraction * size:
+    if rank < thresholds.eigendecomposition.rank_deficient_fraction * size:
         outcome.findings.append(
-            Finding(
-                check="eigendecomposition.effective_rank",
-                stage=STAGE,
+            warn(
+                "eigendecomposition.effective_rank",
+                f"Only {rank} of {size} eigenvalues are above rounding: the factor is rank-deficient.",
                 subject=subject,
-                severity="warn",
                 value=float(rank),
-                limit=thresholds.rank_deficient_fraction * size,
-                cause="rank-deficient",
-                message=f"Only {rank} of {size} eigenvalues are above rounding: the factor is rank-deficient.",
+                limit=thresholds.eigendecomposition.rank_deficient_fraction * size,
+                cause=RANK_DEFICIENT,
             )
         )
     return outcome

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from influence_doctor.causes import FP16_OVERFLOW
 from influence_doctor.checks.measures import max_abs_finite
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.scores import total_scores
 from influence_doctor.checks.thresholds import Thresholds, max_value
-from influence_doctor.findings import Finding
+from influence_doctor.findings import finding, warn
 
 SCORE_SUBJECTS = {"pairwise_scores": "pairwise", "self_scores": "self"}
 
@@ -117,7 +118,7 @@ def check_projected_headroom(
     """
     outcome = CheckOutcome(metrics={"projected_headroom": headroom.to_dict()})
     share = headroom.share_projected
-    if share <= thresholds.headroom_warn_fraction or headroom.size_full <= headroom.size_rehearsal:
+    if share <= thresholds.covariance.headroom_warn_fraction or headroom.size_full <= headroom.size_rehearsal:
         return outcome
     prefix = "scores" if headroom.stage.endswith("_scores") else headroom.stage
     growth = (
@@ -125,16 +126,16 @@ def check_projected_headroom(
         f"{headroom.size_probe:.0f}, {fmt(headroom.max_rehearsal)} at {headroom.size_rehearsal:.0f}): "
         f"at the full {headroom.size_full:.0f} it reaches {fmt(headroom.max_projected)}"
     )
-    finding = {"check": f"{prefix}.projected_headroom", "stage": headroom.stage, "subject": headroom.subject}
+    check = f"{prefix}.projected_headroom"
     if share <= 1.0:
         outcome.findings.append(
-            Finding(
-                **finding,
-                severity="warn",
+            warn(
+                check,
+                f"{growth}, {share:.0%} of {headroom.dtype}'s range.",
+                subject=headroom.subject,
                 value=headroom.max_projected,
-                limit=thresholds.headroom_warn_fraction * headroom.dtype_max,
-                cause=None,
-                message=f"{growth}, {share:.0%} of {headroom.dtype}'s range.",
+                limit=thresholds.covariance.headroom_warn_fraction * headroom.dtype_max,
+                stage=headroom.stage,
             )
         )
         return outcome
@@ -148,13 +149,10 @@ def check_projected_headroom(
         }
         where = f"after {examples} of the {total} examples (the pass stopped there)" if examples < total else ""
         outcome.findings.append(
-            Finding(
-                **finding,
-                severity="fail" if nonfinite else "info",
-                value=float(nonfinite),
-                limit=0.0,
-                cause="fp16-overflow" if nonfinite else None,
-                message=f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}; measured: "
+            finding(
+                "fail" if nonfinite else "info",
+                check,
+                f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}; measured: "
                 f"accumulated in {headroom.dtype} over the training data in order, "
                 + (
                     f"{nonfinite} of {entries} entries are inf/NaN {where or f'over all {total} examples'}: "
@@ -162,20 +160,26 @@ def check_projected_headroom(
                     if nonfinite
                     else f"every entry is finite over all {total} examples: the projection overestimated."
                 ),
+                subject=headroom.subject,
+                value=float(nonfinite),
+                limit=0.0,
+                cause=FP16_OVERFLOW if nonfinite else None,
+                stage=headroom.stage,
             )
         )
         return outcome
     earliest, latest = crossing(headroom)
     where = _crossing_text(earliest, latest, headroom.size_full, examples_full)
     outcome.findings.append(
-        Finding(
-            **finding,
-            severity="warn",
+        warn(
+            check,
+            f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}: projected to overflow "
+            f"{where}. Not measured{': ' + not_measured if not_measured else ''}.",
+            subject=headroom.subject,
             value=headroom.max_projected,
             limit=headroom.dtype_max,
-            cause="fp16-overflow",
-            message=f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}: projected to overflow "
-            f"{where}. Not measured{': ' + not_measured if not_measured else ''}.",
+            cause=FP16_OVERFLOW,
+            stage=headroom.stage,
         )
     )
     return outcome

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from influence_doctor.causes import FP16_OVERFLOW, NOT_PSD
 from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.covariance import overflow_prone
 from influence_doctor.checks.measures import as_float64, nonfinite_count, spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.spectra import effective_damping
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
+from influence_doctor.findings import fail
 
 STAGE = "lambda"
 
@@ -35,15 +36,13 @@ def check_lambda(
     if bad:
         overflow = low_precision_inputs or overflow_prone(lambda_sum.dtype)
         outcome.findings.append(
-            Finding(
-                check="lambda.finite",
-                stage=STAGE,
+            fail(
+                "lambda.finite",
+                f"{bad} of {lambda_sum.numel()} Lambda entries are inf/NaN.",
                 subject=subject,
-                severity="fail",
                 value=float(bad),
                 limit=0.0,
-                cause="fp16-overflow" if overflow else None,
-                message=f"{bad} of {lambda_sum.numel()} Lambda entries are inf/NaN.",
+                cause=FP16_OVERFLOW if overflow else None,
             )
         )
         return outcome
@@ -51,18 +50,16 @@ def check_lambda(
         return outcome
     values = as_float64(lambda_sum) / float(count)
     smallest, largest, mean = spectrum_extremes(values)
-    negative_limit = -thresholds.negative_eigenvalue_eps * eps(lambda_sum.dtype) * max(largest, 0.0)
+    negative_limit = -thresholds.eigendecomposition.negative_eigenvalue_eps * eps(lambda_sum.dtype) * max(largest, 0.0)
     if smallest < negative_limit:
         outcome.findings.append(
-            Finding(
-                check="lambda.nonnegative",
-                stage=STAGE,
+            fail(
+                "lambda.nonnegative",
+                f"A Lambda entry is {fmt(smallest)}: corrected eigenvalues are sums of squares.",
                 subject=subject,
-                severity="fail",
                 value=smallest,
                 limit=negative_limit,
-                cause="not-psd",
-                message=f"A Lambda entry is {fmt(smallest)}: corrected eigenvalues are sums of squares.",
+                cause=NOT_PSD,
             )
         )
     delta = effective_damping(damping_factor, mean)

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 import torch
 from scipy import stats
 
+from influence_doctor.causes import DTYPE_DRIFT, LOW_PRECISION_LOSS, TINY_DAMPING
 from influence_doctor.checks.measures import as_float64, relative_frobenius
 from influence_doctor.checks.outcome import CheckOutcome, dtype_name, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
+from influence_doctor.findings import finding, warn
 
 TOP_K = 10
 """Training examples per query whose overlap with float64's top ones is reported."""
@@ -96,13 +97,13 @@ def agreement_verdict(agreement: Mapping[str, float], dtype: torch.dtype, thresh
     """
     error = agreement.get("relative_error", math.nan)
     spearman = agreement.get("median_spearman", math.nan)
-    tie_limit = thresholds.precision_tie_eps * eps(dtype)
+    tie_limit = thresholds.precision.precision_tie_eps * eps(dtype)
     lost = agreement.get("only_configured_nonfinite", 0.0)
     if lost:
         return True, f"{lost:.0f} scores are inf/NaN as configured but finite in float64"
-    if not math.isnan(spearman) and spearman < thresholds.precision_min_spearman and not error <= tie_limit:
+    if not math.isnan(spearman) and spearman < thresholds.precision.precision_min_spearman and not error <= tie_limit:
         return True, (
-            f"median per-query Spearman {spearman:.3f} is below {thresholds.precision_min_spearman:g} "
+            f"median per-query Spearman {spearman:.3f} is below {thresholds.precision.precision_min_spearman:g} "
             f"(relative error {fmt(error)}, beyond {dtype_name(dtype)} rounding)"
         )
     return False, ""
@@ -139,17 +140,17 @@ def check_score_agreement(
                 f"{whole.get('median_spearman', math.nan):.4f})"
             )
     outcome.findings.append(
-        Finding(
-            check="scores.precision",
-            stage=stage,
-            subject=subject,
-            severity=severity,
-            value=measured.get("median_spearman"),
-            limit=thresholds.precision_min_spearman,
-            cause="low-precision-loss",
-            message=f"The {subject} scores as configured disagree with the same computation in float64: "
+        finding(
+            severity,
+            "scores.precision",
+            f"The {subject} scores as configured disagree with the same computation in float64: "
             f"{reason} (worst query {measured.get('worst_spearman', math.nan):.3f}, top-{TOP_K} overlap "
             f"{measured.get('top_overlap', math.nan):.2f}).",
+            subject=subject,
+            value=measured.get("median_spearman"),
+            limit=thresholds.precision.precision_min_spearman,
+            cause=LOW_PRECISION_LOSS,
+            stage=stage,
         )
     )
     return outcome
@@ -180,16 +181,16 @@ def check_reference_finite(
         else:
             severity, where = "warn", " on the probe subsample only (the whole rehearsal is finite)"
     outcome.findings.append(
-        Finding(
-            check="scores.reference_finite",
-            stage=stage,
+        finding(
+            severity,
+            "scores.reference_finite",
+            f"{bad:.0f} {subject} scores are inf/NaN in float64 at the same damping{where}: the influence "
+            "is undefined there, so any finite value computed for them is rounding noise.",
             subject=subject,
-            severity=severity,
             value=bad,
             limit=0.0,
-            cause="tiny-damping",
-            message=f"{bad:.0f} {subject} scores are inf/NaN in float64 at the same damping{where}: the influence "
-            "is undefined there, so any finite value computed for them is rounding noise.",
+            cause=TINY_DAMPING,
+            stage=stage,
         )
     )
     return outcome
@@ -208,20 +209,19 @@ def check_factor_precision(
     if configured.shape != reference.shape:
         return CheckOutcome()
     error = relative_frobenius(as_float64(configured) - as_float64(reference), reference)
-    limit = thresholds.precision_error_sqrt_eps * math.sqrt(eps(configured_dtype))
+    limit = thresholds.precision.precision_error_sqrt_eps * math.sqrt(eps(configured_dtype))
     outcome = CheckOutcome(metrics={"error_vs_float64": error})
     if error > limit:
         outcome.findings.append(
-            Finding(
-                check=f"{stage}.precision",
-                stage=stage,
+            warn(
+                f"{stage}.precision",
+                f"In {dtype_name(configured_dtype)} this factor is {fmt(error)} away from float64 "
+                f"(relative): more than half of the dtype's digits ({fmt(limit)}).",
                 subject=subject,
-                severity="warn",
                 value=error,
                 limit=limit,
-                cause="low-precision-loss",
-                message=f"In {dtype_name(configured_dtype)} this factor is {fmt(error)} away from float64 "
-                f"(relative): more than half of the dtype's digits ({fmt(limit)}).",
+                cause=LOW_PRECISION_LOSS,
+                stage=stage,
             )
         )
     return outcome
@@ -241,15 +241,14 @@ def check_stored_dtypes(
             continue
         if eps(stored_dtype) > eps(wanted_dtype):
             outcome.findings.append(
-                Finding(
-                    check=f"{stage}.dtype_drift",
-                    stage=stage,
+                warn(
+                    f"{stage}.dtype_drift",
+                    f"{factor} was configured for {wanted} but stored in {stored_name}.",
                     subject=factor,
-                    severity="warn",
                     value=eps(stored_dtype),
                     limit=eps(wanted_dtype),
-                    cause="dtype-drift",
-                    message=f"{factor} was configured for {wanted} but stored in {stored_name}.",
+                    cause=DTYPE_DRIFT,
+                    stage=stage,
                 )
             )
     return outcome

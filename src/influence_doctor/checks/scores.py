@@ -7,10 +7,11 @@ import math
 
 import torch
 
+from influence_doctor.causes import FP16_OVERFLOW, NOT_PSD, SCORE_OUTLIERS
 from influence_doctor.checks.measures import as_float64, robust_z_max
 from influence_doctor.checks.outcome import CheckOutcome, fmt
 from influence_doctor.checks.thresholds import Thresholds, eps
-from influence_doctor.findings import Finding
+from influence_doctor.findings import Finding, fail, warn
 
 
 def total_scores(per_module: dict[str, torch.Tensor], keep_tokens: bool = False) -> torch.Tensor:
@@ -58,16 +59,15 @@ def check_scores_finite(
     broken = ~torch.isfinite(scores)
     bad = int(broken.sum().item())
     return [
-        Finding(
-            check="scores.finite",
-            stage=stage,
+        fail(
+            "scores.finite",
+            f"{bad} of {scores.numel()} {subject} scores are inf or NaN, the first at "
+            f"{_position(broken, scores.ndim)}.",
             subject=subject,
-            severity="fail",
             value=fraction,
             limit=min_fraction,
             cause=cause,
-            message=f"{bad} of {scores.numel()} {subject} scores are inf or NaN, the first at "
-            f"{_position(broken, scores.ndim)}.",
+            stage=stage,
         )
     ]
 
@@ -100,34 +100,33 @@ def check_scores(
 
     Non-finite and negative self-influence are measured wrong results (`fail`); outliers are a
     heuristic (`warn`): influence is heavy-tailed by nature, so its limit is calibrated on healthy
-    pipelines (`influence_doctor.calibration`). `scores` is one score per example; with per-token
-    scores (`per_token`, queries × examples × tokens) finiteness is checked per token, so that the
-    message names the token, and the largest token score is located in the metrics."""
+    pipelines (`checks/rules.py`; `benchmarks.calibration` generates them). `scores` is one score per
+    example; with per-token scores (`per_token`, queries × examples × tokens) finiteness is checked per
+    token, so that the message names the token, and the largest token score is located in the metrics."""
     finest = scores if per_token is None else per_token
     outcome = CheckOutcome(metrics={"finite_fraction": finite_fraction(finest)})
     outcome.findings += check_scores_finite(
         stage,
         subject,
         finest,
-        cause="fp16-overflow" if overflow_prone and bool(torch.isinf(finest).any()) else None,
+        cause=FP16_OVERFLOW.tag if overflow_prone and bool(torch.isinf(finest).any()) else None,
     )
     if per_token is not None:
         outcome.metrics["per_token"] = _token_extremes(per_token)
     z = robust_z_max(scores)
     outcome.metrics["max_robust_z"] = z
-    limit = thresholds.self_outlier_mad if subject == "self" else thresholds.outlier_mad
+    limit = thresholds.scores.self_outlier_mad if subject == "self" else thresholds.scores.outlier_mad
     if not math.isnan(z) and z > limit:
         outcome.findings.append(
-            Finding(
-                check="scores.outliers",
-                stage=stage,
+            warn(
+                "scores.outliers",
+                f"A {subject} score lies {fmt(z)} robust SDs from the median, beyond what healthy "
+                "pipelines produce: a few examples may dominate the rankings.",
                 subject=subject,
-                severity="warn",
                 value=z,
                 limit=limit,
-                cause="score-outliers",
-                message=f"A {subject} score lies {fmt(z)} robust SDs from the median, beyond what healthy "
-                "pipelines produce: a few examples may dominate the rankings.",
+                cause=SCORE_OUTLIERS,
+                stage=stage,
             )
         )
     if subject == "self":
@@ -135,21 +134,22 @@ def check_scores(
         values = values[torch.isfinite(values)]
         if values.numel():
             lowest = float(values.min().item())
-            limit = -thresholds.negative_self_influence_eps * eps(scores.dtype) * float(values.abs().max().item())
+            limit = (
+                -thresholds.scores.negative_self_influence_eps * eps(scores.dtype) * float(values.abs().max().item())
+            )
             outcome.metrics["min_self_influence"] = lowest
             if lowest < limit:
                 negatives = int((values < limit).sum().item())
                 outcome.findings.append(
-                    Finding(
-                        check="scores.self_nonnegative",
-                        stage=stage,
+                    fail(
+                        "scores.self_nonnegative",
+                        f"{negatives} self-influence scores are negative (lowest {fmt(lowest)}): "
+                        "gᵀ(H+δ)⁻¹g cannot be negative when the curvature is positive semidefinite.",
                         subject=subject,
-                        severity="fail",
                         value=lowest,
                         limit=limit,
-                        cause="not-psd",
-                        message=f"{negatives} self-influence scores are negative (lowest {fmt(lowest)}): "
-                        "gᵀ(H+δ)⁻¹g cannot be negative when the curvature is positive semidefinite.",
+                        cause=NOT_PSD,
+                        stage=stage,
                     )
                 )
     return outcome
@@ -184,19 +184,18 @@ def check_query_scale(stage: str, scores: torch.Tensor, thresholds: Thresholds) 
         return outcome
     ratio = float(typical.max().item()) / center
     outcome.metrics["query_scale_ratio"] = ratio
-    if ratio > thresholds.query_scale_ratio:
+    if ratio > thresholds.scores.query_scale_ratio:
         query = int(typical.argmax().item())
         outcome.findings.append(
-            Finding(
-                check="scores.query_scale",
-                stage=stage,
-                subject=f"query {query}",
-                severity="warn",
-                value=ratio,
-                limit=thresholds.query_scale_ratio,
-                cause="score-outliers",
-                message=f"Query {query}'s scores are typically {fmt(ratio)}× those of the median query: "
+            warn(
+                "scores.query_scale",
+                f"Query {query}'s scores are typically {fmt(ratio)}× those of the median query: "
                 "it may fall where the curvature is nearly flat (out of distribution).",
+                subject=f"query {query}",
+                value=ratio,
+                limit=thresholds.scores.query_scale_ratio,
+                cause=SCORE_OUTLIERS,
+                stage=stage,
             )
         )
     return outcome
@@ -217,17 +216,15 @@ def check_module_dominance(stage: str, per_module: dict[str, torch.Tensor], thre
     share = top_mass / total
     outcome.metrics["dominant_module"] = top_module
     outcome.metrics["dominant_share"] = share
-    if share > thresholds.module_dominance_share:
+    if share > thresholds.scores.module_dominance_share:
         outcome.findings.append(
-            Finding(
-                check="scores.module_dominance",
-                stage=stage,
+            warn(
+                "scores.module_dominance",
+                f"{top_module} carries {share:.0%} of all score mass: the other modules barely count.",
                 subject=top_module,
-                severity="warn",
                 value=share,
-                limit=thresholds.module_dominance_share,
-                cause=None,
-                message=f"{top_module} carries {share:.0%} of all score mass: the other modules barely count.",
+                limit=thresholds.scores.module_dominance_share,
+                stage=stage,
             )
         )
     return outcome

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from influence_doctor.causes import OUT_OF_MEMORY
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.findings import Finding
+from influence_doctor.findings import fail, warn
 
 FIX = (
     "leave it out of the tracked modules (Task.get_influence_tracked_modules; an LM's output layer over its "
@@ -55,19 +56,6 @@ def _side(entry: Mapping[str, Any]) -> int:
     return max(entry["activation"], entry["gradient"])
 
 
-def _memory_finding(module: str, severity: str, peak: int, budget: int, message: str) -> Finding:
-    return Finding(
-        check="preflight.memory",
-        stage="train",
-        subject=module,
-        severity=severity,  # type: ignore[arg-type]
-        value=float(peak),
-        limit=float(budget),
-        cause="out-of-memory",
-        message=message,
-    )
-
-
 def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> CheckOutcome:
     """`preflight.memory` (fail when the counted bytes alone exceed the budget, the device's memory; warn
     when only the estimated workspace tips it over) and `preflight.eigendecomposition_time` (warn: the
@@ -85,31 +73,37 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
         side, peak = _side(modules[module]), peak_bytes(record, module)
         working = modules[module]["eigendecomposition_bytes"]
         outcome.findings.append(
-            _memory_finding(
-                module,
-                "fail",
-                peak,
-                budget,
+            fail(
+                "preflight.memory",
                 f"{module} has a {side}×{side} covariance: its eigendecomposition in {dtype} needs {_gb(working)} "
                 f"(matrix, eigenvectors, workspace) beside {_gb(peak - working)} of covariances, over the "
                 f"{_gb(budget)} budget; nothing was fitted. Fix: {FIX}.",
+                subject=module,
+                value=float(peak),
+                limit=float(budget),
+                cause=OUT_OF_MEMORY,
+                stage="train",
             )
         )
     for module in near_budget(record):
         side, peak = _side(modules[module]), peak_bytes(record, module)
         outcome.findings.append(
-            _memory_finding(
-                module,
-                "warn",
-                peak,
-                budget,
+            warn(
+                "preflight.memory",
                 f"{module} has a {side}×{side} covariance: with an estimated eigh workspace its eigendecomposition "
                 f"in {dtype} would need {_gb(peak)}, over the {_gb(budget)} budget (projected, not measured; the "
                 f"counted bytes fit). Fix if it fails: {FIX}.",
+                subject=module,
+                value=float(peak),
+                limit=float(budget),
+                cause=OUT_OF_MEMORY,
+                stage="train",
             )
         )
     slow = [
-        m for m, e in modules.items() if e.get("eigendecomposition_seconds", 0.0) > thresholds.preflight_eigh_seconds
+        m
+        for m, e in modules.items()
+        if e.get("eigendecomposition_seconds", 0.0) > thresholds.preflight.preflight_eigh_seconds
     ]
     for module in slow:
         if module in over_budget(record):
@@ -117,17 +111,16 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
         seconds = modules[module]["eigendecomposition_seconds"]
         side = _side(modules[module])
         outcome.findings.append(
-            Finding(
-                check="preflight.eigendecomposition_time",
-                stage="train",
-                subject=module,
-                severity="warn",
-                value=seconds,
-                limit=thresholds.preflight_eigh_seconds,
-                cause="out-of-memory",
-                message=f"{module} has a {side}×{side} covariance: its eigendecomposition alone is projected at "
+            warn(
+                "preflight.eigendecomposition_time",
+                f"{module} has a {side}×{side} covariance: its eigendecomposition alone is projected at "
                 f"~{seconds:.3g} s (a measured {record['eigh_reference']['size']}² eigh × (n/"
                 f"{record['eigh_reference']['size']})³; not measured at this size). Fix: {FIX}.",
+                subject=module,
+                value=seconds,
+                limit=thresholds.preflight.preflight_eigh_seconds,
+                cause=OUT_OF_MEMORY,
+                stage="train",
             )
         )
     return outcome

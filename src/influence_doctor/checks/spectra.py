@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,3 +85,60 @@ def damping_reference_points(artifacts: dict[str, Any], strategy: str, precondit
     heuristic = [v for v in module_damping(artifacts, strategy, None).values() if math.isfinite(v)]
     floors = [v for v in rounding_floors(artifacts, strategy, precondition_dtype).values() if math.isfinite(v)]
     return (max(heuristic) if heuristic else None), (max(floors) if floors else None)
+
+
+# --- what the report draws ---------------------------------------------------------------------------
+
+MAX_SPECTRUM_POINTS = 400
+"""Eigenvalues kept per module for drawing: evenly spaced ranks, both ends always kept."""
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One module's spectrum as its preconditioner divides by it, with what the damping adds and the
+    smallest value the precondition dtype can still add to its largest (eps·λmax)."""
+
+    eigenvalues: list[float]  # descending, at most MAX_SPECTRUM_POINTS
+    count: int  # eigenvalues in the module before thinning
+    damping: float
+    floor: float
+    dtype: str
+
+    @property
+    def condition(self) -> float:
+        finite = [v for v in self.eigenvalues if math.isfinite(v)]
+        if not finite or max(finite) <= 0:
+            return math.inf
+        return max(finite) / max(min(finite) + self.damping, 1e-300)
+
+
+def spectra_of(
+    artifacts: Mapping[str, Any], strategy: str, damping_factor: float | None, precondition_dtype: Any
+) -> dict[str, Spectrum]:
+    """Per module: the spectrum kronfluence's preconditioner uses, its damping and rounding floor, thinned
+    for drawing."""
+    from influence_doctor.dtypes import dtype_name
+
+    try:
+        spectra = module_spectra(artifacts, strategy)
+        dtype = precondition_dtype or torch.float32
+        damping = module_damping(artifacts, strategy, damping_factor)
+        floors = rounding_floors(artifacts, strategy, dtype)
+    except Exception:  # a stage that did not complete leaves nothing to draw, never an error
+        return {}
+    out = {}
+    for module, spectrum in spectra.items():
+        values = spectrum.flatten().double()
+        values = torch.sort(torch.nan_to_num(values, nan=-math.inf), descending=True).values
+        count = values.numel()
+        if count > MAX_SPECTRUM_POINTS:
+            index = torch.linspace(0, count - 1, MAX_SPECTRUM_POINTS).round().long()
+            values = values[index]
+        out[module] = Spectrum(
+            values.tolist(),
+            count,
+            float(damping.get(module, math.nan)),
+            floors.get(module, math.nan),
+            dtype_name(dtype),
+        )
+    return out

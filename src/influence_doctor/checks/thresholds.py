@@ -1,8 +1,10 @@
 """Every limit the checks hold numbers to, with the reason for its default.
 
 Limits on rounding-sized quantities are multiples of the relevant dtype's epsilon (see `eps`), so the
-same setting is right for fp16, bf16, fp32 and fp64. Users override any field under
-`[tool.influence-doctor.thresholds]` in pyproject.toml.
+same setting is right for fp16, bf16, fp32 and fp64. The limits are grouped by stage (`Thresholds.covariance`,
+`.eigendecomposition`, `.scores`, `.precision`, `.preflight`, `.training`), but their names are flat and
+unique: users override any limit by its name under `[tool.influence-doctor.thresholds]` in pyproject.toml
+(`outlier_mad = 1e5`), and `Thresholds.value(name)` reads one back.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def max_value(dtype: torch.dtype) -> float:
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    # covariance
+class CovarianceLimits:
+    """The stored covariance sums: headroom and overflow measurement, symmetry, diagonal, dead units."""
+
     headroom_warn_fraction: float = field(
         default=0.1,
         metadata={"help": "Warn when a stored sum reaches this share of its dtype's max: 10x more data overflows."},
@@ -67,7 +70,12 @@ class Thresholds:
             "rank-deficient by that much, and only damping keeps its inverse finite."
         },
     )
-    # eigendecomposition
+
+
+@dataclass(frozen=True)
+class EigendecompositionLimits:
+    """The eigendecomposition of each covariance, and the conditioning of Λ + damping (also used for Λ)."""
+
     orthogonality_eps: float = field(
         default=8.0,
         metadata={
@@ -111,7 +119,12 @@ class Thresholds:
         default=1.0,
         metadata={"help": "Damping below this·eps·λmax vanishes in rounding when added: it damps nothing."},
     )
-    # scores
+
+
+@dataclass(frozen=True)
+class ScoreLimits:
+    """The score matrices: outliers, query scale, negative self-influence, module dominance, damping."""
+
     outlier_mad: float = field(
         default=69000.0,
         metadata={
@@ -151,7 +164,12 @@ class Thresholds:
             "rankings depend on the damping (a modeling choice: never a warn or fail)."
         },
     )
-    # precision: the float64 counterfactual
+
+
+@dataclass(frozen=True)
+class PrecisionLimits:
+    """The float64 counterfactual: how far the configured precision may move rankings and factors."""
+
     precision_min_spearman: float = field(
         default=0.99,
         metadata={
@@ -173,6 +191,12 @@ class Thresholds:
             "by rounding, not a wrong result."
         },
     )
+
+
+@dataclass(frozen=True)
+class PreflightLimits:
+    """What is checked before any factor is fitted: module sizes, the Task's contract, coverage."""
+
     # pre-flight sizes
     preflight_eigh_seconds: float = field(
         default=300.0,
@@ -199,7 +223,12 @@ class Thresholds:
             "reach half)."
         },
     )
-    # training: heuristics on the loss curve; the derived ones come from calibration.LIMIT_RULES on 600 healthy runs
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """Heuristics on the loss curve; the derived ones come from rules.LIMIT_RULES on 600 healthy runs."""
+
     loss_window_fraction: float = field(
         default=0.1,
         metadata={"help": "Share of steps averaged into each window (start, end, lowest level) when comparing losses."},
@@ -326,11 +355,76 @@ class Thresholds:
         },
     )
 
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every limit, grouped by the stage it judges; `from_mapping`, `value` and `flat` speak the flat names."""
+
+    covariance: CovarianceLimits = field(
+        default_factory=CovarianceLimits,
+        metadata={"help": "The covariance sums: headroom, overflow measurement, symmetry, diagonal, dead units."},
+    )
+    eigendecomposition: EigendecompositionLimits = field(
+        default_factory=EigendecompositionLimits,
+        metadata={"help": "Eigenvectors and eigenvalues, rank, and the conditioning of Λ + damping (also for Λ)."},
+    )
+    scores: ScoreLimits = field(
+        default_factory=ScoreLimits,
+        metadata={"help": "Score outliers, query scale, negative self-influence, module dominance, damping."},
+    )
+    precision: PrecisionLimits = field(
+        default_factory=PrecisionLimits,
+        metadata={"help": "The float64 counterfactual: rankings and factor errors against the configured precision."},
+    )
+    preflight: PreflightLimits = field(
+        default_factory=PreflightLimits,
+        metadata={"help": "Before any factor: projected eigh time, the Task's contract tolerance, coverage."},
+    )
+    training: TrainingLimits = field(
+        default_factory=TrainingLimits,
+        metadata={"help": "The loss curve and the trained model's loss on a sample of its training examples."},
+    )
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every limit's flat config name, group by group in declaration order."""
+        return tuple(_GROUP_OF)
+
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> Thresholds:
-        """Build from a config table; an unknown key is a ValueError naming it and the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a config table of flat names; an unknown key is a ValueError naming it and the known ones."""
+        unknown = sorted(set(values) - set(_GROUP_OF))
         if unknown:
-            raise ValueError(f"unknown threshold {unknown[0]!r}; known thresholds are: {', '.join(sorted(known))}")
-        return cls(**{name: float(value) for name, value in values.items()})
+            raise _unknown(unknown[0])
+        grouped: dict[str, dict[str, float]] = {}
+        for name, value in values.items():
+            grouped.setdefault(_GROUP_OF[name], {})[name] = float(value)
+        return cls(**{group.name: group.default_factory(**grouped.get(group.name, {})) for group in fields(cls)})
+
+    def value(self, name: str) -> float:
+        """One limit by its flat config name (`thresholds.value("outlier_mad")`)."""
+        if name not in _GROUP_OF:
+            raise _unknown(name)
+        return getattr(getattr(self, _GROUP_OF[name]), name)
+
+    def flat(self) -> dict[str, float]:
+        """Every limit by its flat config name, in `names()` order."""
+        return {name: self.value(name) for name in _GROUP_OF}
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown threshold {name!r}; known thresholds are: {', '.join(sorted(_GROUP_OF))}")
+
+
+def _group_of() -> dict[str, str]:
+    """Flat name → the group attribute holding it; the names must be unique across groups."""
+    located: dict[str, str] = {}
+    for group in fields(Thresholds):
+        for limit in fields(group.default_factory):
+            if limit.name in located:
+                raise TypeError(f"threshold {limit.name!r} is in both {located[limit.name]} and {group.name}")
+            located[limit.name] = group.name
+    return located
+
+
+_GROUP_OF: dict[str, str] = _group_of()

@@ -4,37 +4,29 @@ For each symptom, earliest stage first:
 1. a symptom downstream of an already convicted inf/NaN or failed stage is explained by it;
 2. causes measured directly (NaN weights, a diverged loss, an allocator failure) need no experiment;
 3. otherwise the symptom is reproduced on the probe subsample (or, if it needs more data, on the whole
-   rehearsal), and each suspect from `causes.CAUSE_RULES` is tested in turn; the first whose
+   rehearsal), and each suspect from the cause table (`causes.py`) is tested in turn; the first whose
    experiments come out as predicted is the cause, and every experiment run is kept as evidence.
 A symptom no experiment explains stays a Problem with cause None, and its refuted experiments.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
 from influence_doctor.causes import RANK_DEFICIENT, Context, Hypothesis, cause, suspects
-from influence_doctor.changes import Settings, Target, plan
+from influence_doctor.changes import Target
 from influence_doctor.checks.precision import agreement_verdict, score_agreement
-from influence_doctor.checks.spectra import damping_reference_points
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis.problem import Experiment, Problem, stage_views
 from influence_doctor.diagnosis.symptoms import PROPAGATING, Symptom, find_symptoms
 from influence_doctor.dtypes import score_path_dtype
-from influence_doctor.lab import FACTOR_STAGES, Lab, Trial, float64_settings
-from influence_doctor.pipeline import STAGES
-
-PROBE_QUERIES = None
-"""Queries in the probe subsample: the rehearsal's own (16 by default), so that the probe and the
-rehearsal differ only in training examples, which is what the time and headroom fits need."""
-
-DEFAULT_FIDELITY_EXAMPLES = 64
-"""Training examples a fix's fidelity is measured on when the probes are off (the probe's default size)."""
+from influence_doctor.labs import Lab, Labs
+from influence_doctor.pipeline import FACTOR_STAGES, STAGES
+from influence_doctor.runner.executor import Trial
 
 TRIAL_KINDS = frozenset(
     {
@@ -53,132 +45,17 @@ TRIAL_KINDS = frozenset(
 """Symptom kinds a trial can measure (training, model and memory are measured on the run itself)."""
 
 
-class Labs:
-    """Where experiments run: the probe subsample first, the whole rehearsal when the probe is too
-    small to show the symptom (an fp16 sum that overflows only with all the examples)."""
-
-    def __init__(
-        self,
-        run: Any,
-        probe_examples: int,
-        thresholds: Thresholds | None = None,
-        note: Callable[[str], None] | None = None,
-        probe: Lab | None = None,
-    ) -> None:
-        self.run = run
-        self.thresholds = thresholds or Thresholds()
-        self.note = note or (lambda text: None)  # progress lines, one per experiment
-        ready = run.analyzer is not None and run.train_subset is not None
-        if probe is not None:  # the pilot that sized the rehearsal: same examples, trials already run
-            self.probe = probe
-        else:
-            self.probe = Lab(run, probe_examples, PROBE_QUERIES, name="probe") if ready and probe_examples > 0 else None
-        self.rehearsal = Lab(run, None, None, name="rehearsal") if ready else None
-        self.asked = (copy.deepcopy(run.factor_args), copy.deepcopy(run.score_args))  # before any remedy
-        self._fidelity_lab: Lab | None = None
-        self.refresh()
-
-    @property
-    def enabled(self) -> bool:
-        return self.probe is not None
-
-    def named(self, name: str | None) -> Lab | None:
-        return self.probe if name == "probe" else self.rehearsal if name == "rehearsal" else None
-
-    def refresh(self) -> None:
-        """After a remedy changed the run: its new results stand for the new settings."""
-        if self.rehearsal is not None:
-            self.rehearsal.adopt_run()
-
-    @property
-    def seconds(self) -> float:
-        return sum(lab.seconds for lab in (self.probe, self.rehearsal, self._fidelity_lab) if lab is not None)
-
-    def fidelity_lab(self) -> Lab | None:
-        """Where a fix's rankings are measured against the reference: the probe, or with the probes off a
-        subsample of the probe's default size, made only when a fix needs measuring."""
-        if self.probe is not None:
-            return self.probe
-        run = self.run
-        if self._fidelity_lab is None and run.analyzer is not None and run.train_subset is not None:
-            self._fidelity_lab = Lab(run, DEFAULT_FIDELITY_EXAMPLES, PROBE_QUERIES, name="fidelity")
-        return self._fidelity_lab
-
-    def reference(self, summed_task: bool = False) -> Trial | None:
-        """The reference that always exists: float64 end to end of the configuration as the user gave it
-        (same strategy, damping and task; no remedy), on the fidelity lab. With `summed_task` the Task's
-        batch mean is made the sum the user meant: a fix of the Task is measured against what it fixes to."""
-        lab = self.fidelity_lab()
-        if lab is None:
-            return None
-        factor_args, score_args = float64_settings(*self.asked)
-        return lab.trial(factor_args, score_args, label="float64 as configured", summed_task=summed_task)
-
-    def candidate(
-        self, factor_args: Any, score_args: Any, shift: tuple[str, float] | None, summed_task: bool = False
-    ) -> Trial | None:
-        """A configuration (a rung on top of the current settings, or the final one) on the fidelity lab."""
-        lab = self.fidelity_lab()
-        if lab is None:
-            return None
-        return lab.trial(factor_args, score_args, label="candidate", shift=shift, summed_task=summed_task)
-
-    def reproduce(self, symptom: Symptom) -> tuple[Lab, Trial, Any] | None:
-        """The smallest lab whose trial of the current settings shows the symptom, with that trial."""
-        if not self.enabled or symptom.kind not in TRIAL_KINDS:
-            return None
-        labs = [self.probe] if symptom.kind in COMPARISONS else [self.probe, self.rehearsal]
-        for lab in labs:
-            base = lab.configured()
-            value, bad = measure(symptom, base, lab, self.thresholds)
-            if bad:
-                return lab, base, value
+def reproduce(labs: Labs, symptom: Symptom, thresholds: Thresholds) -> tuple[Lab, Trial, Any] | None:
+    """The smallest lab whose trial of the current configuration shows the symptom, with that trial."""
+    if not labs.enabled or symptom.kind not in TRIAL_KINDS:
         return None
-
-
-def counterfactual_trial(
-    lab: Lab, base: Trial, change_id: str, target: Target, kinds: tuple[str, ...] | None = None
-) -> tuple[Trial | None, str]:
-    """`base`'s settings with one change of the vocabulary applied, run in `lab` (for the score `kinds`,
-    default all); (None, why) when the change cannot act on `target`. Everything the change leaves
-    alone stays as in `base`, its covariance shift and per-module damping included."""
-    change, why = plan(change_id, target, trial_settings(lab, base))
-    if change is None:
-        return None, why
-    damping = change.module_damping if change.module_damping is not None else base.damping
-    trial = lab.trial(
-        change.factor_args,
-        change.score_args,
-        label=change.description,
-        shift=change.shift or base.shift,
-        damping=damping,
-        kinds=kinds,
-        summed_task=base.summed_task if change.summed_task is None else change.summed_task,
-    )
-    return trial, change.description
-
-
-def trial_settings(lab: Lab, base: Trial) -> Settings:
-    """What a change reads from a trial: its arguments and the factors it measured."""
-    fa, sa = base.factor_args, base.score_args
-    heuristic, floor = damping_reference_points(base.artifacts, fa.strategy, sa.precondition_dtype)
-    return Settings(
-        factor_args=fa,
-        score_args=sa,
-        batch_size=lab.run.train_batch_size,
-        score_stage="pairwise_scores" if "pairwise" in lab.run.pipeline.scores else "self_scores",
-        heuristic_damping=heuristic,
-        damping_floor=floor,
-        artifacts=base.artifacts,
-        module_damping=base.damping,
-        summed_task=base.summed_task,
-    )
-
-
-def reference_for(lab: Lab, trial: Trial) -> Trial:
-    """The same trial in float64 end to end (same damping, same shift)."""
-    fa, sa = float64_settings(trial.factor_args, trial.score_args)
-    return lab.trial(fa, sa, label="float64 end to end, same damping", shift=trial.shift, damping=trial.damping)
+    candidates = [labs.probe] if symptom.kind in COMPARISONS else [labs.probe, labs.rehearsal]
+    for lab in candidates:
+        base = lab.configured()
+        value, bad = measure(symptom, base, lab, thresholds)
+        if bad:
+            return lab, base, value
+    return None
 
 
 def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) -> tuple[Any, bool]:
@@ -196,7 +73,7 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
         if failure:
             return failure, True
         kind = "pairwise" if stage == "pairwise_scores" else "self"
-        reference = reference_for(lab, trial)
+        reference = lab.reference_for(trial)
         if symptom.kind == "undefined":
             missing = reference.failure(stage)
             if missing:
@@ -214,7 +91,7 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
         wrong, _ = agreement_verdict(agreement, dtype, thresholds)
         return agreement["median_spearman"], wrong
     if symptom.kind == "reduction":
-        return task_contract_measured(lab.run, trial.summed_task, thresholds)
+        return task_contract_measured(lab.run, trial.configuration, thresholds)
     if failure:
         return failure, True
     if symptom.kind == "projected":
@@ -232,23 +109,24 @@ def measured_at_full_size(symptom: Symptom, trial: Trial, lab: Lab) -> tuple[flo
     data (one covariance pass, cached per configuration), and the non-finite entries of the symptom's
     subjects. Without a full-size measurement of the run there is nothing to test (a projection alone
     is a warning, never a symptom)."""
-    full = lab.run.full_size
-    if full is None:
+    if not lab.run.executor.full_size_counts:  # the run's own overflow was projected, never measured
         return None, False
-    count = full.measure(trial.factor_args)
+    count = lab.run.executor.full_size_covariance(trial.configuration)
     if count.error is not None:
         return count.error, True
     nonfinite = count.total({f.subject for f in symptom.findings})
     return float(nonfinite), nonfinite > 0
 
 
-def task_contract_measured(run: Any, summed: bool, thresholds: Thresholds) -> tuple[float | str | None, bool]:
-    """The Task's contract measured again with the Task as a trial runs it (made a sum, or not): the
-    training loss's ratio to the sum over examples alone on the largest batch, and whether it still fails."""
+def task_contract_measured(run: Any, configuration: Any, thresholds: Thresholds) -> tuple[float | str | None, bool]:
+    """The Task's contract measured again with the Task as a configuration hands it to kronfluence (made
+    a sum, or not): the training loss's ratio to the sum over examples alone on the largest batch, and
+    whether it still fails."""
     from influence_doctor.checks.contract import check_task_contract
-    from influence_doctor.runner.stages import measure_contract_of
 
-    record = measure_contract_of(run, summed)
+    record = run.session.contract(configuration)
+    if record is None:
+        return None, False
     if "error" in record:
         return record["error"], True
     outcome = check_task_contract(record, thresholds)
@@ -421,7 +299,7 @@ def investigate(symptom: Symptom, context: Context, labs: Labs | None, threshold
         for hypothesis in rule.hypotheses_for(symptom, context):
             if not hypothesis.steps:  # measured directly: the symptom is the proof
                 return _problem(hypothesis, symptom, [], confirmed=True, lab=None)
-    located = labs.reproduce(symptom) if labs is not None else None
+    located = reproduce(labs, symptom, thresholds) if labs is not None else None
     if located is None:  # nothing to experiment on: the checks' suspicion, said to be unconfirmed
         presumed = next((f.cause for f in symptom.findings if f.cause), None)
         why = (
@@ -467,7 +345,7 @@ def _test(
     """Run the hypothesis's experiments in order; True when every one comes out as predicted."""
     target = Target(hypothesis.stage, hypothesis.setting, frozenset(f.stage for f in symptom.findings))
     for index, (change_id, expected) in enumerate(hypothesis.steps, start=1):
-        trial, change = counterfactual_trial(lab, base, change_id, target)
+        trial, change = lab.counterfactual(base, change_id, target)
         if trial is None:  # the change cannot act here (nothing to raise): no experiment, not confirmed
             return False
         after, bad = measure(symptom, trial, lab, thresholds)

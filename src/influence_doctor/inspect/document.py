@@ -12,18 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from influence_doctor import __version__
+from influence_doctor.atomic import write_text_atomic
 from influence_doctor.checks.scores import total_scores
 from influence_doctor.diagnosis import StageView, diagnose_findings, relabel
 from influence_doctor.errors import UsageError
 from influence_doctor.examine import StageExam, examine_artifacts
 from influence_doctor.findings import Finding, worst_severity
+from influence_doctor.findings import info as info_finding
 from influence_doctor.inspect.reader import SCORE_STAGES, Source, read_path
 from influence_doctor.pipeline import STAGES
-from influence_doctor.report.atomic import write_text_atomic
 from influence_doctor.report.document import SCHEMA_VERSION
 from influence_doctor.report.scores import summarize_scores
 from influence_doctor.report.strict_json import dumps, strict
+from influence_doctor.version import __version__
 
 DOCUMENT_NAME = "inspect.json"
 _MERGED_NOUNS = {
@@ -171,16 +172,13 @@ def _partition_findings(source: Source, stage: str) -> list[Finding]:
         return []
     total = info["data_partitions"] * info["module_partitions"]
     return [
-        Finding(
-            check=f"{stage}.partitions",
+        info_finding(
+            f"{stage}.partitions",
+            f"Only {len(info['merged'])} of {total} partitions were computed and none aggregated; "
+            f"the merged {_MERGED_NOUNS[stage]} cover only part of the data or of the modules.",
             stage=stage,
-            subject="",
-            severity="info",
             value=float(len(info["merged"])),
             limit=float(total),
-            cause=None,
-            message=f"Only {len(info['merged'])} of {total} partitions were computed and none aggregated; "
-            f"the merged {_MERGED_NOUNS[stage]} cover only part of the data or of the modules.",
         )
     ]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from influence_doctor.projection.factors import factor_bytes
-from influence_doctor.projection.memory import Settings, advise, module_shapes, project_stage
+from influence_doctor.projection.memory import advise, module_shapes, project_stage
 from influence_doctor.projection.time import batches, fit, from_batch_stamps
 from influence_doctor.runner.memory import device_memory_bytes
 
@@ -29,7 +29,7 @@ def project(run: Any, labs: Any = None, budget: float | None = None) -> dict[str
     queries_full = max(run.query_examples_total, queries)
     budget = budget if budget is not None else device_memory_bytes(run.device)
     shapes = module_shapes(run.artifacts, examples)
-    settings = Settings(run.factor_args, run.score_args, run.train_batch_size, run.pipeline.query_batch_size)
+    settings = run.configuration
     sizes = (queries, examples, queries_full, examples_full)
     probe = labs.probe.configured() if labs is not None and labs.probe is not None else None
     stages: dict[str, Any] = {}

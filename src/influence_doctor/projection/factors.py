@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from influence_doctor.runner.run import Run
 
-
-def factor_bytes(run: Run) -> dict[str, int]:
+def factor_bytes(run: Any) -> dict[str, int]:
     """Bytes kronfluence stores per factor kind under the final arguments; exact, from module shapes."""
     covariance = run.artifacts.get("covariance") or {}
     sizes = {

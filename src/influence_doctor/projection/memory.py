@@ -10,7 +10,6 @@ measured working memory by how much they shrink the tensors that dominate it, fr
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,24 +59,9 @@ def itemsize(dtype: torch.dtype | None) -> int:
     return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
 
 
-@dataclass
-class Settings:
-    """What decides a stage's memory: kronfluence's arguments and the batch sizes."""
-
-    factor_args: Any
-    score_args: Any
-    batch_size: int
-    query_batch_size: int
-
-    def copy(self) -> Settings:
-        return Settings(
-            copy.deepcopy(self.factor_args), copy.deepcopy(self.score_args), self.batch_size, self.query_batch_size
-        )
-
-
-def working_bytes(stage: str, shapes: list[ModuleShape], settings: Settings) -> float:
+def working_bytes(stage: str, shapes: list[ModuleShape], settings: Any) -> float:
     """The tensors that dominate a stage's per-batch memory, in bytes (a model, not a measurement:
-    only its ratios between settings are used, to scale what was measured)."""
+    only its ratios between settings are used, to scale what was measured). `settings` is a Configuration."""
     if not shapes:
         return 0.0
     fa, sa, batch = settings.factor_args, settings.score_args, settings.batch_size
@@ -111,7 +95,7 @@ def working_bytes(stage: str, shapes: list[ModuleShape], settings: Settings) -> 
     return per_sample + modules
 
 
-def score_bytes(stage: str, queries: int, examples: int, settings: Settings, modules: int) -> float:
+def score_bytes(stage: str, queries: int, examples: int, settings: Any, modules: int) -> float:
     """The score matrix kronfluence keeps whole: one entry per (query, example) pair, or per example."""
     if stage not in SCORE_STAGES:
         return 0.0
@@ -124,8 +108,8 @@ def project_stage(
     stage: str,
     measured: dict[str, Any],
     shapes: list[ModuleShape],
-    settings: Settings,
-    new_settings: Settings,
+    settings: Any,
+    new_settings: Any,
     sizes: tuple[int, int, int, int],
 ) -> float:
     """Peak bytes of `stage` at full size under `new_settings`, from its peak measured under `settings`.
@@ -142,27 +126,23 @@ def project_stage(
     return start + scaled + score_bytes(stage, queries_full, examples_full, new_settings, modules)
 
 
-def candidates(
-    stage: str, settings: Settings, shapes: list[ModuleShape], device: str
-) -> Iterator[tuple[str, Settings]]:
+def candidates(stage: str, settings: Any, shapes: list[ModuleShape], device: str) -> Iterator[tuple[str, Any]]:
     """kronfluence's documented order of settings to try when a stage runs out of memory, each a little
-    stronger than the last (cumulative within a stage)."""
-    current = settings.copy()
+    stronger than the last (cumulative within a stage): (the setting, the Configuration it makes)."""
+    current = settings
     if stage == "covariance":
         batch = current.batch_size
         while batch > 1:
             batch //= 2
-            trial = current.copy()
-            trial.batch_size = batch
-            yield f"per_device_batch_size={batch}", trial
+            yield f"per_device_batch_size={batch}", _set(current, "batch_size", batch)
         yield from _module_partitions(current, len(shapes), "factor_args", "covariance_module_partitions")
     elif stage == "lambda":
         if not current.factor_args.use_iterative_lambda_aggregation:
-            current.factor_args.use_iterative_lambda_aggregation = True
-            yield "use_iterative_lambda_aggregation=True", current.copy()
+            current = _set(current, "factor_args.use_iterative_lambda_aggregation", True)
+            yield "use_iterative_lambda_aggregation=True", current
         if device.startswith("cuda") and not current.factor_args.offload_activations_to_cpu:
-            current.factor_args.offload_activations_to_cpu = True
-            yield "offload_activations_to_cpu=True", current.copy()
+            current = _set(current, "factor_args.offload_activations_to_cpu", True)
+            yield "offload_activations_to_cpu=True", current
         yield from _module_partitions(current, len(shapes), "factor_args", "lambda_module_partitions")
     elif stage in SCORE_STAGES:
         # A rank helps where it is below a module's smaller side: the widest module decides.
@@ -170,21 +150,24 @@ def candidates(
         if stage == "pairwise_scores" and current.score_args.query_gradient_low_rank is None:
             for rank in LOW_RANKS:
                 if rank < widest:
-                    trial = current.copy()
-                    trial.score_args.query_gradient_low_rank = rank
-                    yield f"query_gradient_low_rank={rank}", trial
+                    yield f"query_gradient_low_rank={rank}", _set(current, "score_args.query_gradient_low_rank", rank)
         yield from _module_partitions(current, len(shapes), "score_args", "module_partitions")
         for parts in PARTITIONS:
-            trial = current.copy()
-            trial.score_args.data_partitions = parts
-            yield f"data_partitions={parts}", trial
+            yield f"data_partitions={parts}", _set(current, "score_args.data_partitions", parts)
+
+
+def _set(configuration: Any, name: str, value: Any) -> Any:
+    """One setting changed, through the vocabulary of changes (`set:<name>=<value>`)."""
+    from influence_doctor.changes import apply
+
+    return apply(f"set:{name}={value}", configuration)
 
 
 def advise(
     stage: str,
     measured: dict[str, Any],
     shapes: list[ModuleShape],
-    settings: Settings,
+    settings: Any,
     sizes: tuple[int, int, int, int],
     budget: float,
     device: str,
@@ -202,6 +185,4 @@ def _module_partitions(current: Any, modules: int, arguments: str, knob: str) ->
     for parts in PARTITIONS:
         if parts > modules:
             break
-        trial = current.copy()
-        setattr(getattr(trial, arguments), knob, parts)
-        yield f"{knob}={parts}", trial
+        yield f"{knob}={parts}", _set(current, f"{arguments}.{knob}", parts)

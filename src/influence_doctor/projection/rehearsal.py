@@ -87,6 +87,24 @@ def plan_rehearsal(
     return RehearsalPlan(examples, full, rehearsal, budget, reason)
 
 
+DEFAULT_PROBE_EXAMPLES = 64
+"""Size of the pilot that times the stages when the probes themselves are off."""
+
+
+def size_rehearsal(run: Any, note: Any, spent_seconds: float) -> Any:
+    """Size the run's rehearsal by a share of the projected full run (timed on two pilots) and record the
+    plan; returns the probe pilot's Lab so its trials serve the probes too. `spent_seconds` (imports,
+    building and training the model) is paid by the rehearsal and the full run alike."""
+    from influence_doctor.labs import PROBE_QUERIES
+
+    note("timing two small pilots to size the rehearsal")
+    probe_examples = run.options.probe_examples or DEFAULT_PROBE_EXAMPLES
+    plan, probe = choose_rehearsal(run, probe_examples, PROBE_QUERIES, spent_seconds=spent_seconds)
+    run.rehearsal_plan = plan.to_dict()
+    note(f"rehearsing on {plan.examples} of {run.train_examples_total} examples: {plan.reason}")
+    return probe
+
+
 def choose_rehearsal(
     run: Any, probe_examples: int, probe_queries: int, spent_seconds: float = 0.0
 ) -> tuple[RehearsalPlan, Any]:
@@ -98,20 +116,19 @@ def choose_rehearsal(
     the model): for the rehearsal's whole wall time to stay within the share of the full run's, the
     rehearsal's own work gets share·F − (1 − share)·spent."""
     from influence_doctor.distributed import decide
-    from influence_doctor.lab import Lab
+    from influence_doctor.labs import Lab
     from influence_doctor.projection.time import fit
-    from influence_doctor.runner.stages import resize_rehearsal
 
     total, batch = len(run.train_subset), run.train_batch_size
     queries = (len(run.query_subset), run.query_examples_total)
     if total <= MIN_REHEARSAL:
-        resize_rehearsal(run, total)
+        run.session.resize_rehearsal(total)
         return RehearsalPlan(total, 0.0, 0.0, 0.0, f"{total} examples: no more than the minimum"), None
-    small = Lab(run, max(probe_examples, 1), probe_queries, name="probe")
-    large = Lab(run, max(2 * small.examples, 2 * batch), probe_queries, name="pilot")
+    small = Lab.at(run, "probe", max(probe_examples, 1), probe_queries)
+    large = Lab.at(run, "pilot", max(2 * small.examples, 2 * batch), probe_queries)
     # The first call of every kronfluence stage pays one-off costs (threads, kernels, allocations) that
     # would pass for per-batch time: one throwaway batch through every stage first.
-    warmup = Lab(run, min(batch, small.examples), probe_queries, name="warmup")
+    warmup = Lab.at(run, "warmup", min(batch, small.examples), probe_queries)
     warmup.configured()
     points: dict[str, list[tuple[float, float]]] = {}
     for lab in (small, large):
@@ -127,7 +144,7 @@ def choose_rehearsal(
         plan = plan_rehearsal(models, total, queries, batch, run.pipeline.query_batch_size, overhead_seconds=overhead)
     plan = dataclasses.replace(plan, pilot_points=points)  # the time projection fits them with the rehearsal
     plan = decide(plan)  # under torchrun the clocks differ: rank 0's plan for every rank
-    resize_rehearsal(run, plan.examples)
+    run.session.resize_rehearsal(plan.examples)
     # Everything rehearsed is the data in its own order, whose first examples are not the pilot's.
     return plan, (small if plan.examples < total else None)
 

@@ -1,50 +1,37 @@
 """The healing loop: one rung at a time, re-run only what it invalidates, re-check, stop when healed.
 
-Each rung applies on top of the current configuration (the dtype and damping ladders supersede their
-own earlier rungs); a diagonal shift always starts from the last undoctored covariances. Every rung
-tried is recorded with what it changed, the stages it re-ran, the kronfluence calls and the outcome.
+Each rung is a change of the run's current configuration (the dtype and damping ladders supersede their
+own earlier rungs; a diagonal shift replaces an earlier one, computed from the same undoctored
+covariances); the executor re-runs only the stages from the first one the change invalidates. Every
+rung tried is recorded with what it changed, the stages it re-ran, the kronfluence calls and the outcome.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import distributed
 from influence_doctor.causes import cause, ladder_for
-from influence_doctor.changes import Change, Settings, plan
-from influence_doctor.checks.spectra import damping_reference_points
+from influence_doctor.changes import Change, Facts, plan
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.diagnosis import Problem
-from influence_doctor.diagnosis.differential import Labs, differential_diagnosis, judge_change
+from influence_doctor.diagnosis.differential import differential_diagnosis, judge_change
 from influence_doctor.diagnosis.problem import stage_views
 from influence_doctor.diagnosis.symptoms import find_symptoms
-from influence_doctor.examine import examine_stage, reexamine
-from influence_doctor.fidelity import FLOAT64_REFERENCE, below, rankings_against
-from influence_doctor.lab import FACTOR_STAGES
-from influence_doctor.pipeline import STAGES
-from influence_doctor.probes import run_probes
+from influence_doctor.examine import Examiner
+from influence_doctor.fidelity import FLOAT64_REFERENCE, Snapshot, below, rankings_against, snapshot
+from influence_doctor.labs import Labs
+from influence_doctor.pipeline import FACTOR_STAGES, INFLUENCE_STAGES, STAGES
+from influence_doctor.probes import measure_probes
 from influence_doctor.progress import StageProgress
-from influence_doctor.remedies.doctored import doctor_covariances, write_factors
 from influence_doctor.runner.run import Run
-from influence_doctor.runner.stages import measure_contract_of, run_influence_stages
 
 MAX_RUNGS = 12
 """Rungs tried before the doctor gives up: every ladder is shorter, so this only stops pathologies
 that trade one problem for another forever."""
-
-
-@dataclass
-class Snapshot:
-    """Scores of one configuration, for the fidelity comparison."""
-
-    label: str
-    scores: dict[str, Any]
-    trusted: bool  # every score finite, and no measurement showed them or the factors behind them wrong
-    regularization: dict[str, Any]
-    spectra: dict[str, Any] = field(default_factory=dict)  # module → report.charts.Spectrum, for the plots
 
 
 @dataclass
@@ -94,12 +81,14 @@ class HealResult:
     exhausted: list[str]  # problems ("cause at stage") whose ladder ran out
     advice: list[dict[str, Any]] = field(default_factory=list)  # per exhausted cause, the best rung the bar rejected
     revealed: list[Problem] = field(default_factory=list)  # problems uncovered by a rung, diagnosed on top
+    probes: Any = None  # the last probes taken, of the configuration the treatment ended with
 
 
 def heal(
     run: Run,
     problems: list[Problem],
     labs: Labs,
+    examiner: Examiner,
     progress: StageProgress,
     thresholds: Thresholds | None = None,
     ladders: Mapping[str, list[str]] | None = None,
@@ -122,8 +111,7 @@ def heal(
     exhausted: list[str] = []
     advice: list[dict[str, Any]] = []
     revealed_problems: list[Problem] = []
-    base_covariance = run.artifacts.get("covariance")
-    base_factors = run.factors_name
+    latest_probes = None
     while len(remedies) < MAX_RUNGS:
         treatable = [p for p in problems if p.treatable and _label(p) not in exhausted]
         if not treatable:
@@ -155,31 +143,25 @@ def heal(
         progress.note(f"remedy {len(remedies) + 1}: {problem.cause} → {change.rung} ({change.description})")
         started = time.perf_counter()
         index = len(remedies) + 1
-        before = {name: id(record) for name, record in run.stages.items()}
-        saved = _Saved(run, base_covariance, base_factors)
+        saved = _Saved(run)
         outcome, error = "not-resolved", None
         try:
-            if change.shift is None and change.first_stage == "covariance":
-                base_covariance = None  # a fresh covariance becomes the new base once computed
-            _apply(run, change, index, base_factors, base_covariance, progress, thresholds)
-            if change.first_stage == "covariance":
-                base_covariance = run.artifacts.get("covariance")
-                base_factors = run.factors_name
+            latest_probes = _apply(run, change, labs, examiner, thresholds)
         except Exception as exc:  # writing doctored files can fail (disk full): record, stop climbing
             outcome, error = "error", f"{type(exc).__name__}: {exc}"
             progress.note(f"remedy failed: {error}")
+            saved.restore(run)
+            latest_probes = _reexamine(run, labs, examiner, thresholds)
         outcome, error = distributed.decide((outcome, error))
-        rerun = [name for name in STAGES if id(run.stages[name]) != before[name]]
-        labs.refresh()
-        run_probes(run, labs, thresholds, damping=False)
+        rerun = [name for name in INFLUENCE_STAGES if STAGES.index(name) >= STAGES.index(change.first_stage)]
+        rerun = rerun if outcome != "error" else []
         problems = differential_diagnosis(run, labs, thresholds)
         broken = _broken_on_the_run(saved.symptoms, run) if outcome != "error" else []
         if broken:  # worse than before where it counts: undo it, keep the record, climb on
             outcome, error = "rejected", f"applied, it broke {', '.join(broken)}, which passed before: undone"
             progress.note(f"remedy {index} {error}")
-            base_covariance, base_factors = saved.restore(run)
-            labs.refresh()
-            run_probes(run, labs, thresholds, damping=False)
+            saved.restore(run)
+            latest_probes = _reexamine(run, labs, examiner, thresholds)
             problems = differential_diagnosis(run, labs, thresholds)
         causes_after = [p.cause or "unexplained" for p in problems]
         uncovered = [p for p in problems if not _known(p, problems_before)] if outcome != "rejected" else []
@@ -197,7 +179,7 @@ def heal(
             changes=change.changes,
             first_stage=change.first_stage,
             stages_rerun=rerun,
-            calls=[call for name in rerun for call in run.stages[name].calls],
+            calls=[call for name in rerun for call in saved.calls_after(run, name)],
             outcome=outcome,
             seconds=time.perf_counter() - started,
             problems_after=causes_after,
@@ -214,31 +196,28 @@ def heal(
             on_rung(remedy)
         if outcome == "error":
             break
-    return HealResult(remedies, problems, snapshots, exhausted, advice, revealed_problems)
+    return HealResult(remedies, problems, snapshots, exhausted, advice, revealed_problems, latest_probes)
 
 
 class _Saved:
-    """The run as it was before a rung, to undo a rung that made it worse: its configuration, stage
-    records and artifacts (kronfluence's files of each rung live under their own names, so the earlier
-    ones are still there), and the symptoms it showed."""
+    """The run as it was before a rung, to undo a rung that made it worse: its configuration and its
+    trial (kronfluence's files of every configuration live under their own names, so nothing is lost),
+    and the symptoms it showed."""
 
-    def __init__(self, run: Run, base_covariance: dict[str, Any] | None, base_factors: str) -> None:
+    def __init__(self, run: Run) -> None:
         self.configuration = run.configuration
-        # copies: re-checking the stages a rung does not re-run edits their records in place
-        self.stages = {
-            name: replace(record, findings=list(record.findings), metrics=dict(record.metrics))
-            for name, record in run.stages.items()
-        }
-        self.artifacts = dict(run.artifacts)
-        self.base = (base_covariance, base_factors)
+        self.trial = run.trial
         self.symptoms = {(s.kind, s.stage) for s in find_symptoms(stage_views(run))}
-        self.completed = {name for name, record in run.stages.items() if record.completed}
 
-    def restore(self, run: Run) -> tuple[dict[str, Any] | None, str]:
+    def restore(self, run: Run) -> None:
         run.configuration = self.configuration
-        run.stages = dict(self.stages)
-        run.artifacts = dict(self.artifacts)
-        return self.base
+        run.trial = self.trial
+
+    @staticmethod
+    def calls_after(run: Run, stage: str) -> list[str]:
+        """The kronfluence calls the stage made in the run's trial after the rung."""
+        result = run.trial.stages.get(stage) if run.trial is not None else None
+        return list(result.calls) if result is not None and result.status in ("ok", "error") else []
 
 
 def _broken_on_the_run(symptoms_before: set[tuple[str, str]], run: Run) -> list[str]:
@@ -284,25 +263,14 @@ def _next_change(
 ) -> tuple[Change | None, dict[str, Any] | None, list[dict[str, str]], list[dict[str, Any]]]:
     """The next rung that plans a change and, rehearsed where the problem reproduced, heals it without
     falling below the fidelity bar; also the rungs the bar alone rejected, with their measured cost."""
-    heuristic, floor = damping_reference_points(
-        run.artifacts, run.factor_args.strategy, run.score_args.precondition_dtype
-    )
-    settings = Settings(
-        factor_args=run.factor_args,
-        score_args=run.score_args,
-        batch_size=run.train_batch_size,
-        score_stage="pairwise_scores" if "pairwise" in run.pipeline.scores else "self_scores",
-        heuristic_damping=heuristic,
-        damping_floor=floor,
-        summed_task=run.summed_task,
-    )
+    facts = Facts.measured(run.configuration, run.artifacts, tuple(run.pipeline.scores))
     skipped: list[dict[str, str]] = []
     rejected: list[dict[str, Any]] = []
     for rung in ladder_for(problem.cause, ladders):
         if rung in tried:
             continue
         tried.add(rung)
-        change, reason = plan(rung, problem, settings)
+        change, reason = plan(rung, problem, run.configuration, facts)
         if change is None:
             skipped.append({"rung": rung, "reason": reason})
             continue
@@ -325,10 +293,7 @@ def _next_change(
             return change, {"rehearsed": False, "reason": why}, skipped, rejected
         progress.note(f"rehearsing {rung} on {lab.examples} examples")
         base = lab.configured()
-        # The rung's own shift, or the one the run carries unless the rung recomputes the covariances.
-        shift = change.shift or (run.shift if change.first_stage != "covariance" else None)
-        summed = run.summed_task if change.summed_task is None else change.summed_task
-        trial = lab.trial(change.factor_args, change.score_args, label=rung, shift=shift, summed_task=summed)
+        trial = lab.trial(change.after, label=rung)
         verdict = judge_change(problem, base, trial, lab, thresholds)
         rehearsal = {
             "rehearsed": True,
@@ -346,7 +311,7 @@ def _next_change(
                 {"rung": rung, "reason": f"rehearsed on {lab.examples} examples, did not heal: {verdict.reason}"}
             )
             continue
-        fidelity = _fidelity_on_probe(labs, change, shift)
+        fidelity = _fidelity_on_probe(labs, change)
         rehearsal["fidelity"] = fidelity
         if fidelity is not None and below(fidelity, min_fix_spearman):
             if verdict.revealed:  # the low rankings may be the revealed problem's: held to the bar once treated
@@ -360,11 +325,10 @@ def _next_change(
     return None, None, skipped, rejected
 
 
-def _fidelity_on_probe(labs: Labs, change: Change, shift: tuple[str, float] | None) -> dict[str, Any] | None:
+def _fidelity_on_probe(labs: Labs, change: Change) -> dict[str, Any] | None:
     """The rung's rankings against float64 of the configuration as given, on the probe."""
-    summed = labs.run.summed_task if change.summed_task is None else change.summed_task
-    reference = labs.reference(summed)
-    candidate = labs.candidate(change.factor_args, change.score_args, shift, summed)
+    reference = labs.reference(change.after.summed_task)
+    candidate = labs.candidate(change.after)
     if reference is None or candidate is None:
         return None
     return rankings_against(candidate, reference, tuple(labs.run.pipeline.scores), FLOAT64_REFERENCE)
@@ -389,73 +353,23 @@ def _known(problem: Problem, before: list[Problem]) -> bool:
     return any((p.cause, p.stage) == (problem.cause, problem.stage) for p in before)
 
 
-def _apply(
-    run: Run,
-    change: Change,
-    index: int,
-    base_factors: str,
-    base_covariance: dict[str, Any] | None,
-    progress: StageProgress,
-    thresholds: Thresholds | None,
-) -> None:
-    """Replace the run's configuration with the change's, re-run from the first invalidated stage, then
-    re-check the stages before it (their checks may read the changed arguments)."""
-    slug = f"r{index}"
-    first = change.first_stage
-    covariance_from = None
-    updates: dict[str, Any] = {"factor_args": change.factor_args, "score_args": change.score_args, "scores_tag": ""}
-    if change.batch_size is not None:
-        updates["batch_size"] = change.batch_size
-    if change.summed_task is not None:
-        updates["summed_task"] = change.summed_task
-    if change.shift is not None:
-        if base_covariance is None:
-            raise RuntimeError("no covariance to shift")
-        doctored_name = f"{base_factors}__doctored_{slug}"
-        doctored = doctor_covariances(base_covariance, *change.shift)
-        write_factors(run.analyzer.factors_output_dir(doctored_name), doctored, change.factor_args)
-        run.artifacts["covariance"] = doctored
-        updates.update(covariance_shift=change.description, shift=change.shift, factors_name=f"{base_factors}__{slug}")
-        covariance_from, first = doctored_name, "eigendecomposition"
-    elif first in ("covariance", "eigendecomposition", "lambda"):
-        if first == "covariance":  # fresh covariances: the shift they carried is gone with them
-            updates.update(covariance_shift=None, shift=None)
-        else:
-            covariance_from, first = run.factors_name, "eigendecomposition"
-        updates["factors_name"] = f"{base_factors.split('__')[0]}__{slug}"
-    else:
-        updates["scores_tag"] = f"__{slug}"
-    run.configuration = replace(run.configuration, **updates)
-    examine = lambda record: examine_stage(run, record, thresholds)  # noqa: E731
-    run_influence_stages(run, progress, first_stage=first, load_covariance_from=covariance_from, on_stage_done=examine)
-    earlier = [name for name in STAGES[1:] if STAGES.index(name) < STAGES.index(first)]
-    if change.summed_task is not None:  # the Task itself changed: its contract is measured again
-        run.stages["train"].metrics["task_contract"] = measure_contract_of(run, run.summed_task)
-        earlier = ["train", *earlier]
-    reexamine(run, earlier, thresholds)
+def _apply(run: Run, change: Change, labs: Labs, examiner: Examiner, thresholds: Thresholds | None) -> Any:
+    """Make the change's configuration the run's: the executor re-runs the stages from the first one it
+    invalidates (the earlier ones are shared), then the probes and the checks see the new configuration."""
+    run.configuration = change.after
+    run.trial = run.executor.trial(
+        change.after, run.rehearsal, label=change.rung, announce=True, verdict=examiner.verdict
+    )
+    return _reexamine(run, labs, examiner, thresholds)
 
 
-def snapshot(run: Run, label: str) -> Snapshot:
-    import torch
-
-    from influence_doctor.checks.scores import total_scores
-    from influence_doctor.report.charts import spectra_of
-
-    scores = {
-        kind: total_scores(run.artifacts[stage]).detach().clone()
-        for kind, stage in (("pairwise", "pairwise_scores"), ("self", "self_scores"))
-        if run.artifacts.get(stage) and run.stages[stage].completed
-    }
-    finite = bool(scores) and all(bool(torch.isfinite(tensor).all()) for tensor in scores.values())
-    # trustworthy: no measured wrong number in the scores or anything they were computed from (finite
-    # scores from an overflowed covariance are garbage, however well they rank against float64 on a probe)
-    measured_wrong = any(f.severity == "fail" for name in STAGES[1:] for f in run.stages[name].findings)
-    regularization = {
-        "damping_factor": run.score_args.damping_factor,
-        "covariance_shift": run.covariance_shift,
-        "strategy": run.factor_args.strategy,
-    }
-    return Snapshot(label, scores, finite and not measured_wrong, regularization, spectra_of(run))
+def _reexamine(run: Run, labs: Labs, examiner: Examiner, thresholds: Thresholds | None) -> Any:
+    """The run's verdicts under its current configuration: the probes again (precision, headroom), then
+    the checks on everything; returns what the probes measured."""
+    examiner.examine()
+    probes = measure_probes(run, labs, thresholds, damping=False)
+    examiner.examine(probes)
+    return probes
 
 
 def _plain(value: Any) -> Any:
@@ -472,3 +386,24 @@ def _plain_tree(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain_tree(inner) for inner in value]
     return _plain(value)
+
+
+@dataclass
+class Treatment:
+    """What the doctor did, kept current so an interrupted run still reports it."""
+
+    initial_problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] | None = None  # the latest diagnosis (None: not diagnosed yet)
+    remedies: list[Remedy] = field(default_factory=list)
+    result: HealResult | None = None
+    exact: dict[str, Any] | None = None
+    fix: dict[str, Any] | None = None  # the final configuration's rankings against its reference
+    min_fix_spearman: float = 0.9  # the bar a fix is held to (`min_fix_spearman`)
+    labs: Labs | None = None
+    probes: Any = None  # the latest probes' measurements (`probes.Probes`)
+
+    @property
+    def applied(self) -> list[Remedy]:
+        """Rungs that changed the run (an exhausted ladder, or a rung undone because it made the run worse,
+        is on record but changed nothing)."""
+        return [remedy for remedy in self.remedies if remedy.outcome not in ("exhausted", "rejected")]

@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from influence_doctor import __version__
 from influence_doctor.checks.scores import tokens_of, total_scores
 from influence_doctor.diagnosis import Problem, relabel
 from influence_doctor.environment import describe_environment
 from influence_doctor.pipeline import STAGES
 from influence_doctor.report.scores import summarize_scores
 from influence_doctor.runner.run import Run
+from influence_doctor.version import __version__
 
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS: tuple[str, ...] = (

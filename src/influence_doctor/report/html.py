@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (plots embedded as PNG) for a person to look at rather than read.
+"""report.html: one self-contained page (plots drawn as inline SVG) for a person to look at rather than read.
 
 Seven figures with stable ids (FIGURES): the loss curve; spectra per module before and after every
 remedy, damping and the dtype's resolution floor marked; headroom of accumulated quantities; the
@@ -50,13 +50,14 @@ FIGURES = ("loss", "spectra", "headroom", "evidence", "fidelity", "remedy-timeli
 
 def render_html(
     document: dict[str, Any],
-    run: Any = None,
     snapshots: list[Any] | None = None,
     probe_scores: dict[str, tuple[Any, Any]] | None = None,
+    exact: tuple[Any, Any] | None = None,
 ) -> str:
-    """The report as HTML. `run` supplies the final tensors; `snapshots` every configuration the doctor
-    ran (as configured, then after each rung) for the before/after plots; `probe_scores` maps a score
-    kind to (configured, float64) scores on the probe, the fidelity of a run no remedy touched."""
+    """The report as HTML. `snapshots` are every configuration the doctor ran (as configured, then after
+    each rung: `fidelity.Snapshot`) for the before/after plots; `probe_scores` maps a score kind to
+    (configured, float64) scores on the probe, the fidelity of a run no remedy touched; `exact` the final
+    and the exact pairwise scores, where exact influence was computed."""
     pipeline = document["pipeline"]
     status = document["status"]
     where = "<a href='#prescription'>below</a>" if status == "healed" else "<a href='#evidence'>below</a>"
@@ -80,7 +81,7 @@ def render_html(
             parts.append(f"<p>Treatment: {html.escape(chain)}</p>")
     if findings := finding_rows(document):
         parts += ["<h2>Findings</h2>", _table(findings, ["severity", "stage", "check", "subject", "cause", "message"])]
-    parts += ["<h2>Figures</h2>", *render_figures(document, run, snapshots, probe_scores)]
+    parts += ["<h2>Figures</h2>", *render_figures(document, snapshots, probe_scores, exact)]
     if scores := score_rows(document):
         parts += ["<h2>Scores</h2>", _table(scores, ["scores", "shape", "finite", "min", "median", "max"])]
     if influences := influence_lines(document):
@@ -95,19 +96,12 @@ def render_html(
 
 def render_figures(
     document: dict[str, Any],
-    run: Any = None,
     snapshots: list[Any] | None = None,
     probe_scores: dict[str, tuple[Any, Any]] | None = None,
+    exact: tuple[Any, Any] | None = None,
 ) -> list[str]:
     """One <figure> per id in FIGURES, each with a caption and either a plot or the reason there is none."""
     snapshots = list(snapshots or [])
-    if not snapshots and run is not None:
-        from influence_doctor.remedies.heal import snapshot
-
-        try:
-            snapshots = [snapshot(run, "as configured")]
-        except Exception:  # a run stopped early has nothing to compare; the figures say so
-            snapshots = []
     makers = {
         "loss": ("Training loss", lambda: _loss_figure(document)),
         "spectra": ("Eigenvalue spectra per module, before and after every remedy", lambda: _spectra_figure(snapshots)),
@@ -115,7 +109,7 @@ def render_figures(
         "evidence": ("Evidence: the experiment behind each cause", lambda: _evidence(document["pipeline"])),
         "fidelity": (
             "Fidelity: how far the scores moved",
-            lambda: _fidelity_figure(document, run, snapshots, probe_scores),
+            lambda: _fidelity_figure(document, snapshots, probe_scores, exact),
         ),
         "remedy-timeline": ("Remedy timeline: rungs tried, skipped and why", lambda: _timeline_figure(document)),
         "scores": ("Scores before and after", lambda: _scores_figure(snapshots)),
@@ -280,7 +274,7 @@ def _float(text: str) -> float:
         return 0.0
 
 
-def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], probe_scores: Any) -> list[tuple]:
+def _scatter_pairs(document: dict[str, Any], snapshots: list[Any], probe_scores: Any, exact: Any) -> list[tuple]:
     """(title, x label, x, y label, y, Spearman) for each comparison a person would check."""
     from influence_doctor.checks.precision import rank_agreement
 
@@ -294,7 +288,6 @@ def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], pro
                 if x.shape == y.shape:
                     title = f"{kind}: healed vs {reference.label}"
                     pairs.append((title, reference.label, x, "healed", y, rank_agreement(y, x)))
-    exact = getattr(run, "exact_pairwise", None) if run is not None else None
     if exact is not None:
         approx, truth = exact
         pairs.append(("pairwise: final vs exact", "exact", truth, "final", approx, rank_agreement(approx, truth)))
@@ -309,10 +302,10 @@ def _scatter_pairs(document: dict[str, Any], run: Any, snapshots: list[Any], pro
     return pairs
 
 
-def _fidelity_figure(document: dict[str, Any], run: Any, snapshots: list[Any], probe_scores: Any) -> str:
+def _fidelity_figure(document: dict[str, Any], snapshots: list[Any], probe_scores: Any, exact: Any) -> str:
     import torch
 
-    pairs = _scatter_pairs(document, run, snapshots, probe_scores)
+    pairs = _scatter_pairs(document, snapshots, probe_scores, exact)
     if not pairs:
         return _note("Nothing to compare: no remedy changed the scores and the probes were off.")
     charts = []

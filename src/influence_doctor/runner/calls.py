@@ -1,8 +1,10 @@
 """The one place that calls kronfluence's stages: fit, eigendecompose, score, and load what was written.
 
-The runner (the pipeline's own stages) and the lab (trials on a subsample) both go through these
-functions, so a stage is called the same way wherever a verdict is reached, and a newcomer finds every
-kronfluence call in one file. Each call overwrites its own output folder; none touches another.
+Only the executor (`runner/executor.py`) calls these functions, for the run, the probes, the experiments
+and the rungs alike, so a stage is called the same way wherever a verdict is reached, and a newcomer finds
+every kronfluence call in one file. Each call overwrites its own output folder and gets fresh kronfluence
+argument objects (kronfluence switches options off in the ones it is given), so nothing the doctor keeps
+is changed by a call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,25 @@ CALL_NAMES: dict[str, str] = {
 """Stage → the kronfluence call that computes it (recorded on each stage and remedy)."""
 
 
+def skipped_because(stage: str, strategy: str, kinds: tuple[str, ...]) -> str | None:
+    """Why `stage` does not run for this strategy and these score kinds (None: it runs)."""
+    from kronfluence.factor.config import FactorConfig
+
+    config = FactorConfig.CONFIGS[strategy]
+    needed = {
+        "covariance": config.requires_covariance_matrices,
+        "eigendecomposition": config.requires_eigendecomposition,
+        "lambda": config.requires_lambda_matrices,
+        "pairwise_scores": "pairwise" in kinds,
+        "self_scores": "self" in kinds,
+    }[stage]
+    if needed:
+        return None
+    if stage in ("pairwise_scores", "self_scores"):
+        return f"the pipeline does not ask for {stage.split('_')[0]} scores"
+    return f"strategy {strategy!r} does not need it"
+
+
 @contextmanager
 def quiet_kronfluence() -> Iterator[None]:
     """kronfluence emits deprecation warnings from torch on every call; they are noise to our users."""
@@ -31,6 +52,17 @@ def quiet_kronfluence() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def task_in_force(analyzer: Any, task: Any) -> Iterator[None]:
+    """kronfluence's Analyzer reads its Task at every call: the configuration's Task for the calls inside."""
+    previous = analyzer.task
+    analyzer.task = task
+    try:
+        yield
+    finally:
+        analyzer.task = previous
+
+
 def fit_covariance(analyzer: Any, factors_name: str, dataset: Any, batch_size: int, factor_args: Any) -> None:
     """Covariance sums (also records the factor arguments when the strategy needs no covariance)."""
     with quiet_kronfluence():
@@ -38,7 +70,7 @@ def fit_covariance(analyzer: Any, factors_name: str, dataset: Any, batch_size: i
             factors_name=factors_name,
             dataset=dataset,
             per_device_batch_size=batch_size,
-            factor_args=factor_args,
+            factor_args=factor_args.build(),
             overwrite_output_dir=True,
         )
 
@@ -48,20 +80,24 @@ def eigendecompose(analyzer: Any, factors_name: str, factor_args: Any, load_from
     with quiet_kronfluence():
         analyzer.perform_eigendecomposition(
             factors_name=factors_name,
-            factor_args=factor_args,
+            factor_args=factor_args.build(),
             overwrite_output_dir=True,
             load_from_factors_name=load_from,
         )
 
 
-def fit_lambda(analyzer: Any, factors_name: str, dataset: Any, batch_size: int, factor_args: Any) -> None:
+def fit_lambda(
+    analyzer: Any, factors_name: str, dataset: Any, batch_size: int, factor_args: Any, load_from: str | None = None
+) -> None:
+    """Λ; `load_from` names another factors folder whose eigendecomposition it starts from."""
     with quiet_kronfluence():
         analyzer.fit_lambda_matrices(
             factors_name=factors_name,
             dataset=dataset,
             per_device_batch_size=batch_size,
-            factor_args=factor_args,
+            factor_args=factor_args.build(),
             overwrite_output_dir=True,
+            load_from_factors_name=load_from,
         )
 
 
@@ -83,7 +119,7 @@ def pairwise_scores(
             train_dataset=train_dataset,
             per_device_query_batch_size=query_batch_size,
             per_device_train_batch_size=train_batch_size,
-            score_args=_copy(score_args),
+            score_args=score_args.build(),
             overwrite_output_dir=True,
         )
 
@@ -97,28 +133,9 @@ def self_scores(
             factors_name=factors_name,
             train_dataset=train_dataset,
             per_device_train_batch_size=batch_size,
-            score_args=_copy(score_args),
+            score_args=score_args.build(),
             overwrite_output_dir=True,
         )
-
-
-@contextmanager
-def task_in_force(analyzer: Any, task: Any) -> Iterator[None]:
-    """kronfluence's Analyzer reads its Task at every call: the configuration's Task for the calls inside."""
-    previous = analyzer.task
-    analyzer.task = task
-    try:
-        yield
-    finally:
-        analyzer.task = previous
-
-
-def _copy(arguments: Any) -> Any:
-    """kronfluence switches options off in the ScoreArguments it is given (per-token scores for
-    self-influence, aggregation it cannot do): it gets a copy, so the user's arguments stay as written."""
-    import copy
-
-    return copy.copy(arguments)
 
 
 def load(analyzer: Any, stage: str, name: str) -> Any:

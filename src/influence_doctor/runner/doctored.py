@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from influence_doctor.report.atomic import write_tensors_atomic, write_text_atomic
+from influence_doctor.atomic import write_tensors_atomic, write_text_atomic
 
 COVARIANCE_FACTORS = ("activation_covariance", "gradient_covariance")
 COUNT_FACTORS = ("num_activation_covariance_processed", "num_gradient_covariance_processed")

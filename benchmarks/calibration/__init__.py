@@ -5,6 +5,10 @@ cases here are real: tiny torch models really trained on synthetic data (loss cu
 pipelines really run through kronfluence under the doctor (score matrices), varied on purpose in
 everything a user varies (model, data noise, batch size, optimizer, learning rate, run length, seed,
 damping). None of the project's fixtures is among them, so no threshold can be tuned to one.
+
+The rules that turn these cases into the library's limits live in the library, beside the limits
+(`influence_doctor.checks.rules`); this package generates the cases, applies the rules and measures the
+false-alarm rates (`python -m benchmarks.calibration` prints the tables, see `__main__.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from influence_doctor.causes import TRAINING_DIVERGED, TRAINING_OSCILLATING
 from influence_doctor.checks.measures import robust_z_max
+from influence_doctor.checks.rules import LIMIT_RULES, SCORE_LIMIT_RULES, LimitRule
 from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores, total_scores
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import SampleLoss, check_loss_curve
@@ -333,68 +339,15 @@ def training_alarms(curves: Sequence[HealthyCurve], thresholds: Thresholds | Non
 # --- limits derived from the healthy curves ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LimitRule:
-    """A threshold set from healthy cases: the `percentile` of `metric` over them, times `margin`, to two
-    significant digits. The percentile 1.0 is the largest healthy value. With a `gate` (metric, threshold)
-    only the cases whose gate metric exceeds that threshold count: those on which the limit decides."""
-
-    threshold: str
-    metric: str
-    percentile: float
-    margin: float
-    gate: tuple[str, str] | None = None
-
-    def derive(self, values: Sequence[float]) -> float:
-        finite = sorted(value for value in values if math.isfinite(value))
-        if not finite:
-            return math.nan
-        at = finite[min(len(finite) - 1, int(self.percentile * len(finite)))] if self.percentile < 1.0 else finite[-1]
-        return float(f"{at * self.margin:.2g}")
-
-
-LIMIT_RULES: tuple[LimitRule, ...] = (
-    # warnings: the 99.5th healthy percentile, so about 0.5% of healthy runs warn
-    LimitRule("loss_rise_significance", "loss_rise_significance", 0.995, 1.0),
-    LimitRule("max_generalization_gap", "generalization_gap", 0.995, 1.0),
-    LimitRule("trained_loss_warn_ratio", "trained_loss_ratio", 0.995, 1.0),
-    # failures: the largest healthy value × 1.5
-    LimitRule("loss_rise_fail_significance", "loss_rise_significance", 1.0, 1.5),
-    LimitRule("start_rise_significance", "start_rise_significance", 1.0, 1.5),
-    LimitRule("divergence_significance", "divergence_significance", 1.0, 1.5),
-    LimitRule(
-        "oscillation_significance",
-        "oscillation_significance",
-        1.0,
-        1.5,
-        gate=("oscillation_amplitude", "oscillation_min_amplitude"),
-    ),
-    LimitRule("trained_loss_fail_ratio", "reference_loss_ratio", 1.0, 1.5),
-    # against the start alone (no fresh copy measured): ×3, as restarting an optimizer on a converged
-    # model lifts a near-zero loss severalfold
-    LimitRule("trained_loss_unreferenced_fail_ratio", "trained_loss_ratio", 1.0, 3.0),
-    LimitRule("uphill_cosine", "uphill_cosine", 1.0, 1.5),
-    LimitRule("explosion_height", "explosion_height", 1.0, 1.5),
-)
-"""The training limits the calibration derives from healthy curves. The rest are definitions, stated:
-`divergence_ratio` (3× the lowest level), `start_rise_ratio` (2× the first loss), `divergence_min_share`
-(a climb undoing 1% of an untrained model's loss), the oscillation's amplitude and progress, the window
-sizes."""
-
-DERIVATION_CURVES = 600
-DERIVATION_SEED = 0
-"""The healthy curves the limits are derived from; rates are measured on other seeds."""
-
-
 def derive_limits(curves: Sequence[HealthyCurve], rules: Sequence[LimitRule] = LIMIT_RULES) -> dict[str, float]:
-    """Each rule's limit from the healthy curves' measured values."""
+    """Each rule's limit (`influence_doctor.checks.rules`) from the healthy curves' measured values."""
     defaults = Thresholds()
     metrics = [training_findings(curve, defaults)[1] for curve in curves]
 
     def counts(rule: LimitRule, m: dict[str, Any]) -> bool:
         if m.get(rule.metric) is None:
             return False
-        return rule.gate is None or float(m.get(rule.gate[0], -math.inf)) > getattr(defaults, rule.gate[1])
+        return rule.gate is None or float(m.get(rule.gate[0], -math.inf)) > defaults.value(rule.gate[1])
 
     return {rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if counts(rule, m)]) for rule in rules}
 
@@ -402,10 +355,10 @@ def derive_limits(curves: Sequence[HealthyCurve], rules: Sequence[LimitRule] = L
 # --- sick training curves ------------------------------------------------------------------------------
 
 SICK_FAMILIES: dict[str, str] = {
-    "explosion-plateau": "training-diverged",
-    "explosion-nan": "training-diverged",
-    "steady-rise": "training-diverged",
-    "oscillation": "training-oscillating",
+    "explosion-plateau": TRAINING_DIVERGED.tag,
+    "explosion-nan": TRAINING_DIVERGED.tag,
+    "steady-rise": TRAINING_DIVERGED.tag,
+    "oscillation": TRAINING_OSCILLATING.tag,
 }
 """Families of broken training runs, each with the cause the training checks must give it (a `fail`)."""
 
@@ -688,33 +641,23 @@ def score_metrics(case: HealthyScores) -> dict[str, float]:
     """The measured values the score heuristics hold to their limits, per case: the largest robust z of
     the pairwise and of the self scores, the query scale ratio and the dominant module's share."""
     metrics: dict[str, float] = {}
-    for subject, per_module in (("pairwise", case.pairwise), ("self", case.self_scores)):
+    for stage, subject, per_module in (
+        ("pairwise_scores", "pairwise", case.pairwise),
+        ("self_scores", "self", case.self_scores),
+    ):
         if not per_module:
             continue
         total = total_scores(per_module)
         metrics[f"{subject}_max_robust_z"] = robust_z_max(total)
         if subject == "pairwise" and total.ndim == 2 and total.shape[0] >= 3:
-            ratio = check_query_scale("", total, Thresholds()).metrics.get("query_scale_ratio")
+            ratio = check_query_scale(stage, total, Thresholds()).metrics.get("query_scale_ratio")
             if ratio is not None:
                 metrics["query_scale_ratio"] = float(ratio)
         if "all_modules" not in per_module and len(per_module) > 1:
-            share = check_module_dominance("", per_module, Thresholds()).metrics.get("dominant_share")
+            share = check_module_dominance(stage, per_module, Thresholds()).metrics.get("dominant_share")
             if share is not None:
                 metrics["dominant_share"] = max(float(share), metrics.get("dominant_share", 0.0))
     return metrics
-
-
-SCORE_LIMIT_RULES: tuple[LimitRule, ...] = (
-    # score heuristics only warn: each at the 99.5th healthy percentile
-    LimitRule("outlier_mad", "pairwise_max_robust_z", 0.995, 1.0),
-    LimitRule("self_outlier_mad", "self_max_robust_z", 0.995, 1.0),
-    LimitRule("query_scale_ratio", "query_scale_ratio", 0.995, 1.0),
-    LimitRule("module_dominance_share", "dominant_share", 0.995, 1.0),
-)
-"""The score limits the calibration derives from healthy pipelines run through kronfluence."""
-
-SCORE_DERIVATION_CASES = 200
-"""Healthy pipelines (seed `DERIVATION_SEED`) the score limits are derived from (about 45 s on one core)."""
 
 
 def derive_score_limits(

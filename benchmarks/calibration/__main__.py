@@ -1,15 +1,16 @@
 """False-alarm rates of the training and score heuristics on generated healthy cases (SPEC 4.1).
 
 Healthy loss curves come from tiny models really trained with varied optimizers, batch sizes, run
-lengths and noise; healthy score matrices from small pipelines really run through kronfluence
-(`influence_doctor.calibration`). Every finding on them is a false alarm: the tables give, per check,
-how many cases it failed and warned. The margin table sets each heuristic's measured value on the
-healthy cases (99th percentile, maximum) beside its limit and beside the sick fixtures, for contrast:
+lengths and noise; healthy score matrices from small pipelines really run through kronfluence (the
+generator, `__init__.py`). Every finding on them is a false alarm: the tables give, per check, how many
+cases it failed and warned. The margin table sets each heuristic's measured value on the healthy cases
+(99th percentile, maximum) beside its limit and beside the sick fixtures, for contrast (from the
+repository's root):
 
-    .venv/bin/python benchmarks/calibration.py                    # 600 curves, 100 score cases, seed 2
-    .venv/bin/python benchmarks/calibration.py --curves 1200 --score-cases 200 --seed 3
+    .venv/bin/python -m benchmarks.calibration                    # 600 curves, 100 score cases, seed 2
+    .venv/bin/python -m benchmarks.calibration --curves 1200 --score-cases 200 --seed 3
 
-The training limits of `influence_doctor.calibration.LIMIT_RULES` and the score limits of
+The training limits of `influence_doctor.checks.rules.LIMIT_RULES` and the score limits of
 `SCORE_LIMIT_RULES` are derived first, from the derivation sets (600 healthy runs and 200 healthy
 pipelines, seed 0), beside the values in use; every rate after that is measured on the held-out seed,
 with real runs of four sick families (their detection rate per family).
@@ -28,7 +29,35 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures package lives at the top level
+from tabulate import tabulate
+
+from benchmarks.calibration import (
+    SICK_FAMILIES,
+    TABLE_HEADERS,
+    HealthyCurve,
+    HealthyScores,
+    derive_limits,
+    derive_score_limits,
+    family_outcome,
+    healthy_loss_curves,
+    healthy_score_cases,
+    measured_findings,
+    score_alarms,
+    score_metrics,
+    sick_loss_curves,
+    training_alarms,
+    training_findings,
+)
+from influence_doctor.checks.rules import (
+    DERIVATION_CURVES,
+    DERIVATION_SEED,
+    LIMIT_RULES,
+    SCORE_DERIVATION_CASES,
+    SCORE_LIMIT_RULES,
+)
+from influence_doctor.checks.thresholds import Thresholds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the fixtures package lives at the top level
 
 SICK_FIXTURES = ("oscillating_training", "diverging_training", "zero_damping")
 MAX_FALSE_WARN = 0.05
@@ -51,9 +80,6 @@ TRAINING_MARGINS: tuple[tuple[str, str, str], ...] = (
 
 
 def training_metrics(curve: Any) -> dict[str, Any]:
-    from influence_doctor.calibration import training_findings
-    from influence_doctor.checks.thresholds import Thresholds
-
     return training_findings(curve, Thresholds())[1]
 
 
@@ -76,7 +102,6 @@ def sick_fixtures(names: Sequence[str]) -> dict[str, Any]:
     """Diagnose each sick fixture (no fixes, no probes): its train findings and measured values."""
     from fixtures import load_fixture
     from influence_doctor import diagnose
-    from influence_doctor.calibration import HealthyCurve, HealthyScores, score_metrics
     from influence_doctor.checks.train import SampleLoss
 
     results = {}
@@ -114,8 +139,6 @@ def margin_rows(
     sick: dict[str, dict[str, Any]],
     metrics_of: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> list[list[Any]]:
-    from influence_doctor.checks.thresholds import Thresholds
-
     thresholds = Thresholds()
     rows = []
     for metric, limit in names:
@@ -124,7 +147,7 @@ def margin_rows(
         rows.append(
             [
                 metric,
-                f"{getattr(thresholds, limit):.3g}",
+                f"{thresholds.value(limit):.3g}",
                 f"{quantile(values, 0.99):.3g}",
                 f"{max((v for v in values if math.isfinite(v)), default=math.nan):.3g}",
                 ", ".join(sick_values),
@@ -134,17 +157,7 @@ def margin_rows(
 
 
 def main() -> None:
-    from tabulate import tabulate
-
-    from influence_doctor.calibration import (
-        TABLE_HEADERS,
-        healthy_loss_curves,
-        healthy_score_cases,
-        score_alarms,
-        training_alarms,
-    )
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration", description=__doc__.splitlines()[0])
     parser.add_argument("--curves", type=int, default=600, help="healthy training curves (default 600)")
     parser.add_argument("--score-cases", type=int, default=100, help="healthy score cases (default 100)")
     parser.add_argument(
@@ -158,20 +171,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-
-    from influence_doctor.calibration import (
-        DERIVATION_CURVES,
-        DERIVATION_SEED,
-        LIMIT_RULES,
-        SCORE_DERIVATION_CASES,
-        SCORE_LIMIT_RULES,
-        SICK_FAMILIES,
-        derive_limits,
-        derive_score_limits,
-        family_outcome,
-        sick_loss_curves,
-    )
-    from influence_doctor.checks.thresholds import Thresholds
 
     defaults = Thresholds()
     headers = ["limit", "healthy metric", "percentile", "margin", "derived", "in use", "equal"]
@@ -194,8 +193,8 @@ def main() -> None:
                 "maximum" if rule.percentile >= 1.0 else f"{rule.percentile:.1%} percentile",
                 f"×{rule.margin:g}",
                 f"{derived[rule.threshold]:g}",
-                f"{getattr(defaults, rule.threshold):g}",
-                "yes" if derived[rule.threshold] == getattr(defaults, rule.threshold) else "NO",
+                f"{defaults.value(rule.threshold):g}",
+                "yes" if derived[rule.threshold] == defaults.value(rule.threshold) else "NO",
             ]
             for rule in rules
         ]
@@ -233,8 +232,6 @@ def main() -> None:
             f"{'met' if met else 'NOT MET'}\n"
         )
 
-    from influence_doctor.calibration import measured_findings
-
     drawn_sick = measured_findings(score_cases)
     print(f"Measured wrong numbers among the {len(score_cases)} generated pipelines (sick as drawn, not false alarms):")
     for name, finding in drawn_sick or [("none", None)]:
@@ -252,8 +249,6 @@ def main() -> None:
             tablefmt="simple",
         )
     )
-    from influence_doctor.calibration import score_metrics
-
     healthy_scores = [score_metrics(case) for case in score_cases]
     print("\nScore heuristics: healthy values against the limit and the sick fixtures")
     print(
