@@ -1,2 +1,3 @@
-"""Healing: escalation ladders per cause (data), how each rung changes the configuration, and the loop
-that applies one rung at a time, re-runs only what it invalidates and re-checks."""
+"""Healing: the loop that climbs each problem's ladder (from the cause table) one rung at a time; each rung
+is a change of the run's configuration, rehearsed first, kept when it heals, undone when it breaks
+something that passed before."""
