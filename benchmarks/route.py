@@ -52,12 +52,12 @@ def trace(demo: str, root: Path) -> Route:
     modules: dict[str, str | None] = {}
     stack: list[list | None] = []  # per frame: [module, crossed in, crossed out, caller module]
 
-    def where(code) -> str | None:  # noqa: ANN001
+    def where(code) -> str | None:
         if code.co_filename not in modules:
             modules[code.co_filename] = module_of(code.co_filename, root)
         return modules[code.co_filename]
 
-    def hook(frame, event, _arg) -> None:  # noqa: ANN001
+    def hook(frame, event, _arg) -> None:
         if event == "call":
             module = where(frame.f_code)
             if module is None:
@@ -107,7 +107,7 @@ def main() -> int:
     return 0
 
 
-def _layers():  # noqa: ANN202
+def _layers():
     """A module's layer in tests/test_architecture.py's LAYERS, or None (another checkout's layers differ)."""
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -62,6 +62,7 @@ def keys(config: Configuration) -> dict[str, str]:
         (lambda c: c.with_(factor_args=c.factor_args.replace(activation_covariance_dtype=FP16)), "covariance"),
         (lambda c: c.with_(task="summed"), "covariance"),
         (lambda c: c.with_(batch_size=4), "covariance"),
+        (lambda c: c.with_(tracked_modules=("fc1",)), "covariance"),
     ],
 )
 def test_each_stage_key_covers_what_the_stage_and_those_before_it_read(edit, first):
@@ -79,6 +80,7 @@ def test_each_stage_key_covers_what_the_stage_and_those_before_it_read(edit, fir
 def every_change() -> list[tuple[str, Target]]:
     rungs = {rung for row in CAUSES for rung in row.ladder} | set(STRATEGY_FALLBACK)
     rungs |= {"float64:end-to-end", "damping:x10-exact", "batch:three-quarters", "task:sum", "set:batch_size=2"}
+    rungs |= {"track:fc1,fc2", "low-rank:off"}
     targets = [Target(stage, None, frozenset({stage})) for stage in STAGES[1:]]
     return [(rung, target) for rung in sorted(rungs) for target in targets]
 

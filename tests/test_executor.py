@@ -115,3 +115,28 @@ def test_the_covariance_over_all_the_data_is_the_sum_of_its_slices(prepared):
         for factor in ("activation_covariance", "gradient_covariance")
         for t in whole.artifacts["covariance"][factor].values()
     )
+
+
+def test_a_configuration_tracking_other_modules_runs_a_copy_prepared_for_them(prepared):
+    """`track:` replaces the Task's choice of modules: the stages run on a copy of the trained model
+    prepared to track those alone, and the run's own model is left as it was."""
+    from kronfluence.module.tracked_module import TrackedModule
+
+    session, configuration = prepared
+    executor = Executor(session)
+    scope = executor.scope("probe", 32)
+    everything = executor.trial(configuration, scope)
+    last = apply("track:2", configuration)
+    only_last = executor.trial(last, scope)
+    assert set(everything.artifacts["covariance"]["activation_covariance"]) == {"0", "2"}
+    assert set(only_last.artifacts["covariance"]["activation_covariance"]) == {"2"}
+    assert only_last.stages["covariance"] is not everything.stages["covariance"]
+    copy, _analyzer = session.prepared_for(last)
+    assert copy is not session.model and session.prepared_for(configuration)[0] is session.model
+    assert [n for n, m in copy.named_modules() if isinstance(m, TrackedModule)] == ["2"]
+    assert [n for n, m in session.model.named_modules() if isinstance(m, TrackedModule)] == ["0", "2"]
+    one_module = only_last.artifacts["pairwise_scores"]["all_modules"]
+    per_module = executor.trial(
+        configuration.with_(score_args=configuration.score_args.replace(compute_per_module_scores=True)), scope
+    ).artifacts["pairwise_scores"]["2"]
+    assert torch.allclose(one_module, per_module, rtol=1e-4, atol=1e-6)  # same module, same factors

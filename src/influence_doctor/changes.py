@@ -12,7 +12,7 @@ no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covari
 `shift:<ε>` / `shift-trace:<ε>` (doctored covariances); `damping:floor|floor-x100|heuristic|heuristic-x10`
 (one damping for all modules) and `damping:x10` / `damping:x10-exact` (each module's own damping ×10,
 the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
-`batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `strategy:<name>`;
+`batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `track:<module>,<module>`; `strategy:<name>`;
 `set:<field>=<value>` (one setting, e.g. `set:score_args.data_partitions=4`, for the memory advice).
 A new setting is one planner in `PLANNERS`.
 """
@@ -375,6 +375,19 @@ def _task(rung, argument, on, configuration, facts):
     return _make(rung, changes, configuration, configuration.with_(task="summed"), facts, description)
 
 
+def _track(rung, argument, on, configuration, facts):
+    """`track:<module>,<module>,...`: kronfluence tracks these modules only (the Task's own choice is
+    replaced): what the scores then describe changes, so it is a coverage change, never a repair."""
+    modules = tuple(sorted({name.strip() for name in argument.split(",") if name.strip()}))
+    if not modules:
+        return None, "no module named to track"
+    if modules == configuration.tracked_modules:
+        return None, "these modules are already the ones tracked"
+    changes = {"task.tracked_modules": (configuration.tracked_modules, modules)}
+    description = f"track {len(modules)} module(s): {', '.join(modules)} (a coverage change)"
+    return _make(rung, changes, configuration, configuration.with_(tracked_modules=modules), facts, description)
+
+
 def _strategy(rung, argument, on, configuration, facts):
     current = configuration.factor_args.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
@@ -429,6 +442,7 @@ PLANNERS: dict[str, Planner] = {
     "batch": _batch,
     "low-rank": _low_rank,
     "task": _task,
+    "track": _track,
     "strategy": _strategy,
     "set": _set,
 }

@@ -94,6 +94,7 @@ class Configuration:
     task: str = "as given"  # one of TASK_FORMS
     shift: tuple[str, float] | None = None  # ("mean" | "trace", ε): a diagonal shift added to every covariance
     module_damping: tuple[tuple[str, float], ...] | None = None  # per-module damping (experiments only)
+    tracked_modules: tuple[str, ...] | None = None  # the modules kronfluence tracks (None: the Task's own choice)
     _keys: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -109,6 +110,8 @@ class Configuration:
     def __post_init__(self) -> None:
         if self.task not in TASK_FORMS:
             raise ValueError(f"task must be one of {TASK_FORMS}, not {self.task!r}")
+        if self.tracked_modules is not None and not self.tracked_modules:
+            raise ValueError("tracked_modules names at least one module (None: the Task's own choice)")
 
     @property
     def summed_task(self) -> bool:
@@ -139,7 +142,7 @@ class Configuration:
     def _stage_settings(self, stage: str) -> Any:
         factor = self.factor_args.to_dict()
         covariance = {k: v for k, v in factor.items() if k not in EIGENDECOMPOSITION_FIELDS | LAMBDA_FIELDS}
-        settings: list[Any] = [covariance, self.batch_size, self.task]
+        settings: list[Any] = [covariance, self.batch_size, self.task, self.tracked_modules]
         if STAGES.index(stage) >= STAGES.index("eigendecomposition"):
             settings += [{k: factor[k] for k in sorted(EIGENDECOMPOSITION_FIELDS)}, self.shift]
         if STAGES.index(stage) >= STAGES.index("lambda"):

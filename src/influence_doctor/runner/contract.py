@@ -193,19 +193,31 @@ def batch_size_of(batch: Any) -> int:
 def summed_task(task: Any) -> Any:
     """The user's Task with each batch's loss and measurement multiplied by the batch's size: exact for a
     batch mean, which it makes the sum over examples kronfluence needs (the `task:sum` rung)."""
+    return wrapped_task(task, summed=True)
+
+
+def wrapped_task(task: Any, summed: bool = False, tracked: tuple[str, ...] | None = None) -> Any:
+    """The user's Task as a configuration hands it to kronfluence: with each batch's loss and measurement
+    multiplied by the batch's size (`summed`), and naming the modules to track (`tracked`); the Task
+    itself when neither applies."""
     from kronfluence.task import Task
 
-    class BatchSummedTask(Task):
+    if not summed and tracked is None:
+        return task
+
+    class ConfiguredTask(Task):
         enable_post_process_per_sample_gradient = getattr(task, "enable_post_process_per_sample_gradient", False)
 
         def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
-            return task.compute_train_loss(batch, model, sample) * batch_size_of(batch)
+            loss = task.compute_train_loss(batch, model, sample)
+            return loss * batch_size_of(batch) if summed else loss
 
         def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
-            return task.compute_measurement(batch, model) * batch_size_of(batch)
+            measurement = task.compute_measurement(batch, model)
+            return measurement * batch_size_of(batch) if summed else measurement
 
         def get_influence_tracked_modules(self) -> Any:
-            return task.get_influence_tracked_modules()
+            return list(tracked) if tracked is not None else task.get_influence_tracked_modules()
 
         def get_attention_mask(self, batch: Any) -> Any:
             return task.get_attention_mask(batch)
@@ -213,6 +225,6 @@ def summed_task(task: Any) -> Any:
         def post_process_per_sample_gradient(self, module_name: str, gradient: torch.Tensor) -> torch.Tensor:
             return task.post_process_per_sample_gradient(module_name, gradient)
 
-    wrapped = BatchSummedTask()
+    wrapped = ConfiguredTask()
     wrapped.user_task = task  # type: ignore[attr-defined]
     return wrapped

@@ -339,13 +339,14 @@ class Executor:
         seed_everything(self.session.seed + STAGES.index(stage))
         started = time.perf_counter()
         measured = scope.name == "rehearsal"  # the run's stages: what the projection reads
+        model, analyzer = self.session.prepared_for(configuration)
         try:
             with (
-                calls.task_in_force(self.session.analyzer, self.session.task_for(configuration)),
+                calls.task_in_force(analyzer, self.session.task_for(configuration)),
                 PeakMemory(self.session.device) if measured else nullcontext() as peak,
-                ForwardClock(self.session.model) if measured else nullcontext() as clock,
+                ForwardClock(model) if measured else nullcontext() as clock,
             ):
-                result.artifact = self._compute(stage, configuration, scope, name, source)
+                result.artifact = self._compute(stage, configuration, scope, name, source, analyzer)
             result.seconds = time.perf_counter() - started
             if measured:
                 result.memory, result.forward_stamps = peak.to_dict(), clock.stamps
@@ -368,9 +369,11 @@ class Executor:
             self.session.progress.end(stage, status, result.seconds, result.error_text or "")
         return result
 
-    def _compute(self, stage: str, configuration: Configuration, scope: Scope, name: str, source: str | None) -> Any:
+    def _compute(
+        self, stage: str, configuration: Configuration, scope: Scope, name: str, source: str | None, analyzer: Any
+    ) -> Any:
         """One kronfluence call (a scoring pass per distinct damping for a per-module damping), and what it wrote."""
-        analyzer, fa, batch = self.session.analyzer, configuration.factor_args, configuration.batch_size
+        fa, batch = configuration.factor_args, configuration.batch_size
         load_from = None if source == name else source
         if stage == "covariance":
             calls.fit_covariance(analyzer, name, scope.train, batch, fa)
@@ -379,15 +382,21 @@ class Executor:
         elif stage == "lambda":
             calls.fit_lambda(analyzer, name, scope.train, batch, fa, load_from)
         elif configuration.module_damping is not None:
-            return self._scores_per_module_damping(stage, name, source, configuration, scope)
+            return self._scores_per_module_damping(stage, name, source, configuration, scope, analyzer)
         else:
-            self._scores(stage, name, source, configuration.score_args, configuration, scope)
+            self._scores(stage, name, source, configuration.score_args, configuration, scope, analyzer)
         return calls.load(analyzer, stage, name)
 
     def _scores(
-        self, stage: str, name: str, factors: str | None, score_args: Any, configuration: Configuration, scope: Scope
+        self,
+        stage: str,
+        name: str,
+        factors: str | None,
+        score_args: Any,
+        configuration: Configuration,
+        scope: Scope,
+        analyzer: Any,
     ) -> None:
-        analyzer = self.session.analyzer
         if stage == "pairwise_scores":
             calls.pairwise_scores(
                 analyzer,
@@ -403,7 +412,7 @@ class Executor:
             calls.self_scores(analyzer, name, factors, scope.train, configuration.batch_size, score_args)
 
     def _scores_per_module_damping(
-        self, stage: str, name: str, factors: str | None, configuration: Configuration, scope: Scope
+        self, stage: str, name: str, factors: str | None, configuration: Configuration, scope: Scope, analyzer: Any
     ) -> dict[str, torch.Tensor]:
         """kronfluence takes one damping for every module: with a per-module damping, one scoring pass per
         distinct value, each module's own scores taken from the pass that used its damping."""
@@ -415,8 +424,8 @@ class Executor:
             score_args = configuration.score_args.replace(damping_factor=value, compute_per_module_scores=True)
             part = f"{name}-d{index}"
             seed_everything(self.session.seed + STAGES.index(stage))
-            self._scores(stage, part, factors, score_args, configuration, scope)
-            per_module = calls.load(self.session.analyzer, stage, part)
+            self._scores(stage, part, factors, score_args, configuration, scope, analyzer)
+            per_module = calls.load(analyzer, stage, part)
             combined.update({module: per_module[module] for module in modules if module in per_module})
         return combined
 
@@ -451,8 +460,9 @@ class Executor:
         if (folder, "arguments") in self._recorded_arguments:
             return
         session = self.session
+        _model, analyzer = session.prepared_for(configuration)
         calls.fit_covariance(
-            session.analyzer, folder, session.train_subset, configuration.batch_size, configuration.factor_args
+            analyzer, folder, session.train_subset, configuration.batch_size, configuration.factor_args
         )
         self._recorded_arguments.add((folder, "arguments"))
 
@@ -487,9 +497,10 @@ class Executor:
             part = Subset(dataset, range(start, min(total, start + width)))
             name = f"full-covariance-{key}-{index + 1}"
             try:
-                with calls.task_in_force(session.analyzer, session.task_for(configuration)):
-                    calls.fit_covariance(session.analyzer, name, part, batch, configuration.factor_args)
-                artifact = calls.load(session.analyzer, "covariance", name)
+                _model, analyzer = session.prepared_for(configuration)
+                with calls.task_in_force(analyzer, session.task_for(configuration)):
+                    calls.fit_covariance(analyzer, name, part, batch, configuration.factor_args)
+                artifact = calls.load(analyzer, "covariance", name)
             except Exception as exc:  # an allocator or kronfluence failure: the measurement did not happen
                 text = str(exc).strip().splitlines()
                 error = f"{type(exc).__name__}: {text[0] if text else ''}"

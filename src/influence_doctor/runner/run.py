@@ -57,7 +57,8 @@ class Run:
 
     @property
     def model(self) -> Any:
-        return self.session.model
+        """The prepared model the configuration's stages run (the run's, or a copy tracking other modules)."""
+        return self.session.prepared_for(self.configuration)[0]
 
     @property
     def analyzer(self) -> Any:

@@ -104,7 +104,10 @@ class Session:
     train_result: StageResult = field(default_factory=lambda: StageResult("train"))
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
     preflight_blocked: list[str] = field(default_factory=list)  # modules too large to factor within the budget
-    _tasks: dict[str, Any] = field(default_factory=dict, repr=False)  # task form → the Task kronfluence is given
+    _tasks: dict[tuple[str, tuple[str, ...] | None], Any] = field(default_factory=dict, repr=False)
+    _forms: dict[tuple[str, ...], tuple[Any, Any]] = field(
+        default_factory=dict, repr=False
+    )  # tracked → model, Analyzer
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -130,13 +133,26 @@ class Session:
         return self.analyzer is not None and self.train_subset is not None
 
     def task_for(self, configuration: Configuration) -> Any:
-        """The Task kronfluence is given: the user's, or the user's made a sum over examples (one wrapper)."""
-        form = configuration.task
+        """The Task kronfluence is given: the user's, made a sum over examples and naming the tracked
+        modules where the configuration says so (one wrapper per form)."""
+        form = (configuration.task, configuration.tracked_modules)
         if form not in self._tasks:
-            from influence_doctor.runner.contract import summed_task
+            from influence_doctor.runner.contract import wrapped_task
 
-            self._tasks[form] = summed_task(self.pipeline.task) if form == "summed" else self.pipeline.task
+            self._tasks[form] = wrapped_task(
+                self.pipeline.task, configuration.summed_task, configuration.tracked_modules
+            )
         return self._tasks[form]
+
+    def prepared_for(self, configuration: Configuration) -> tuple[Any, Any]:
+        """The prepared model and kronfluence's Analyzer for the configuration's tracked modules: the run's
+        own, or (made once) a copy of the trained model prepared to track exactly those modules."""
+        tracked = configuration.tracked_modules
+        if tracked is None:
+            return self.model, self.analyzer
+        if tracked not in self._forms:
+            self._forms[tracked] = _prepared_copy(self, self.task_for(configuration))
+        return self._forms[tracked]
 
     def contract(self, configuration: Configuration) -> dict[str, Any] | None:
         """The Task's contract as the configuration hands the Task to kronfluence, measured once per form
@@ -337,10 +353,8 @@ def _synchronise_ranks(model: Any) -> float | None:
 def _prepare_analysis(session: Session, model: Any) -> None:
     """Subsample, wrap the model for kronfluence and create its Analyzer; on a terminal kronfluence's
     own progress bars show the work inside each long stage."""
-    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.analyzer import prepare_model
     from torch.utils.data import Subset
-
-    from influence_doctor.runner.calls import quiet_kronfluence
 
     pipeline, options = session.pipeline, session.options
     session.train_indices = subsample(len(session.train_dataset), options.examples, session.seed)
@@ -349,35 +363,62 @@ def _prepare_analysis(session: Session, model: Any) -> None:
     session.query_subset = Subset(session.query_dataset, session.query_indices)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}  # prepare_model turns them all off
     session.model = prepare_model(model=model, task=pipeline.task)
+    session.analyzer = _analyzer(session, session.model, pipeline.task)
+    session.evidence.tracked_modules = _tracked_module_names(session.model)
+    session.evidence.coverage = _coverage(session, trainable)
+
+
+def _analyzer(session: Session, model: Any, task: Any) -> Any:
+    """kronfluence's Analyzer for a prepared model, writing into the run's own folder."""
+    from kronfluence.analyzer import Analyzer
+
+    from influence_doctor.runner.calls import quiet_kronfluence
+
     with quiet_kronfluence():
-        session.analyzer = Analyzer(
-            analysis_name=pipeline.name,
-            model=_wrapped_for_kronfluence(session),
-            task=pipeline.task,
+        analyzer = Analyzer(
+            analysis_name=session.pipeline.name,
+            model=_wrapped_for_kronfluence(session, model),
+            task=task,
             cpu=session.device == "cpu",
             disable_tqdm=not session.progress.interactive,
             log_level=logging.WARNING,
             output_dir=str(session.analysis_dir),
         )
-        if pipeline.dataloader_kwargs is not None:
-            session.analyzer.set_dataloader_kwargs(pipeline.dataloader_kwargs)
-    session.evidence.tracked_modules = _tracked_module_names(session.model)
-    session.evidence.coverage = _coverage(session, trainable)
+        if session.pipeline.dataloader_kwargs is not None:
+            analyzer.set_dataloader_kwargs(session.pipeline.dataloader_kwargs)
+    return analyzer
 
 
-def _wrapped_for_kronfluence(session: Session) -> Any:
+def _prepared_copy(session: Session, task: Any) -> tuple[Any, Any]:
+    """A copy of the trained model with kronfluence's wrappers taken off and put back on the modules `task`
+    names, and its own Analyzer; the run's model is left as it is."""
+    import copy
+
+    from kronfluence.analyzer import prepare_model
+    from kronfluence.module.tracked_module import TrackedModule
+
+    model = copy.deepcopy(session.model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TrackedModule):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.original_module)
+    model = prepare_model(model=model, task=task)
+    return model, _analyzer(session, model, task)
+
+
+def _wrapped_for_kronfluence(session: Session, model: Any) -> Any:
     """The model as kronfluence's Analyzer should get it. Where kronfluence distributes (torchrun on
     CUDA), its documented order: `prepare_model` first, then DistributedDataParallel, then the Analyzer.
-    `session.model` stays the prepared module itself, whose names the checks and reports use."""
+    The session keeps the prepared module itself, whose names the checks and reports use."""
     from influence_doctor.distributed import current, kronfluence_distributes
 
     world = current()
     if not (world.distributed and kronfluence_distributes()):
-        return session.model
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
-    session.model.to(session.device)
-    return DistributedDataParallel(session.model, device_ids=[world.local_rank], output_device=world.local_rank)
+    model.to(session.device)
+    return DistributedDataParallel(model, device_ids=[world.local_rank], output_device=world.local_rank)
 
 
 def _coverage(session: Session, trainable: set[int]) -> CoverageFacts:
