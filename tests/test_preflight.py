@@ -95,3 +95,74 @@ def test_over_budget_counts_every_modules_covariances_and_the_working_set(budget
     findings = check_module_sizes(record, Thresholds()).findings
     expected = [(m, "fail") for m in blocked] + [(m, "warn") for m in projected]
     assert [(f.subject, f.severity) for f in findings] == expected
+
+
+def test_the_preflight_comes_before_the_users_training_and_stops_the_run(tmp_path):
+    """A module that cannot be factored is named before the user's loop runs: nothing is trained or fitted."""
+    calls = []
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4000))
+
+    def train(model, dataset, monitor):  # noqa: ARG001
+        calls.append("trained")
+
+    pipeline = small_pipeline(name="wide-head-trained", model=model, task=FirstOutput(), train=train)
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, memory_budget=256 * 2**20)
+    assert calls == []
+    train_stage = next(s for s in report.document["stages"] if s["name"] == "train")
+    assert "neither trained nor analysed" in train_stage["reason"] and train_stage["calls"] == []
+    assert {f.check for f in report.findings if f.severity == "fail"} == {"preflight.memory"}
+    assert report.status == "sick"
+
+
+def test_a_module_beyond_the_eigensolvers_limit_is_named_even_when_memory_fits(tmp_path):
+    """46,341 outputs: a 46341² gradient covariance has more than 2³¹ entries, past what 32-bit LAPACK and
+    cuSOLVER index (kronfluence issue #42); a budget of a petabyte does not change that."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 46_341))
+
+    pipeline = small_pipeline(name="past-the-solver", model=model, task=FirstOutput(), train=None)
+    report = diagnose(pipeline, out_dir=tmp_path, progress=False, memory_budget=2**50)
+    (finding,) = [f for f in report.findings if f.severity == "fail"]
+    assert (finding.check, finding.subject, finding.value, finding.limit) == (
+        "preflight.solver_limit",
+        "0",
+        46_341.0,
+        46_340.0,
+    )
+    assert "2³¹" in finding.message and "issue #42" in finding.message
+    assert report.status == "sick" and report.document["stages"][1]["status"] == "not-run"
+    assert module_dimensions(nn.Sequential(nn.Linear(4, 46_340))) == {"0": (5, 46_340)}
+
+
+class TiedLM(nn.Module):
+    """A token embedding and an output layer sharing one matrix, as GPT-2's `lm_head` and `wte` do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.body(self.wte(tokens))))
+
+
+def test_a_tracked_weight_tied_to_another_module_is_named():
+    from influence_doctor.runner.preflight import tied_weights
+
+    assert tied_weights(TiedLM()) == {"lm_head": ["wte"]}
+    assert tied_weights(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))) == {}
+    record = {
+        "modules": {"lm_head": {"activation": 4, "gradient": 10, "covariance_bytes": 464}},
+        "budget_bytes": None,
+        "tied": {"lm_head": ["wte"]},
+    }
+    (finding,) = check_module_sizes(record, Thresholds()).findings
+    assert (finding.check, finding.severity, finding.cause) == ("preflight.tied_weights", "warn", "shared-parameters")
+    assert "tied to wte" in finding.message

@@ -88,8 +88,9 @@ class Cause:
     hypotheses: Hypotheses | None = None  # None: the symptom is the proof (measured directly)
     ladder: tuple[str, ...] = ()  # rungs to climb, least distorting first
     treatable: bool = True  # a setting can fix it (a broken model, a wrong Task cannot be fixed by one)
-    repairs_task: bool = False  # its rungs wrap the Task: treatable at the train stage, and no other method
-    # computes a wrong Task right (no strategy fallback)
+    repairs_task: bool = False  # its rungs wrap the Task: treatable at the train stage
+    fallback: bool = True  # the strategy fallback follows its ladder (no other method mends a wrong Task or
+    # a hook that misses part of a gradient)
     explains_downstream: bool = False  # a broken model: everything computed from it fails with it
     rehearsable: bool = True  # its rungs can be rehearsed on a subsample (memory depends on the full size)
     presumed_for: frozenset[str] = frozenset()  # symptom kinds ("kind" or "kind@stage") `inspect` presumes it for
@@ -229,6 +230,7 @@ LOSS_NOT_SUMMED = Cause(
     frozenset({"reduction"}),
     ladder=("task:sum",),
     repairs_task=True,
+    fallback=False,
 )
 BATCH_DEPENDENT = Cause(
     "batch-dependent",
@@ -343,6 +345,15 @@ NONFINITE_MODEL = Cause(
     explains_downstream=True,
     advice=TRAINING_ADVICE,
 )
+SHARED_PARAMETERS = Cause(
+    "shared-parameters",
+    "a tracked module runs more than once per forward, or its weight is tied to another module's: kronfluence's "
+    "hooks see part of its gradient",
+    "a warning before any factor for a tied weight; measured by the hooks against autograd: a module's gradient "
+    "inner products disagree",
+    ladder=("shared:true",),
+    fallback=False,
+)
 ASYMMETRIC = Cause(
     "asymmetric",
     "a covariance that must be symmetric is not",
@@ -376,6 +387,7 @@ CAUSES: tuple[Cause, ...] = (
     ILL_CONDITIONED,
     NOT_PSD,
     NONFINITE_MODEL,
+    SHARED_PARAMETERS,
     ASYMMETRIC,
     SCORE_OUTLIERS,
     UNTRACKED_MODULES,
@@ -416,7 +428,7 @@ def ladder_for(tag: str | None, overrides: Mapping[str, list[str]] | None = None
     if row is None:
         return STRATEGY_FALLBACK
     rungs = tuple((overrides or {}).get(row.tag, row.ladder))
-    if row.repairs_task:
+    if not row.fallback:
         return rungs
     return rungs + tuple(r for r in STRATEGY_FALLBACK if r not in rungs)
 
@@ -435,7 +447,7 @@ def markdown_table() -> str:
     lines = ["| cause | what it is | confirmed by | ladder |", "|---|---|---|---|"]
     for row in CAUSES:
         rungs = ", ".join(f"`{rung}`" for rung in row.ladder) if row.ladder else "—"
-        if row.ladder and not row.repairs_task:
+        if row.ladder and row.fallback:
             rungs += ", then the strategy fallback"
         lines.append(f"| `{row.tag}` | {row.explanation} | {row.confirmed_by} | {rungs} |")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covari
 `shift:<ε>` / `shift-trace:<ε>` (doctored covariances); `damping:floor|floor-x100|heuristic|heuristic-x10`
 (one damping for all modules) and `damping:x10` / `damping:x10-exact` (each module's own damping ×10,
 the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
-`batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `track:<module>,<module>`; `strategy:<name>`;
+`batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `track:<module>,<module>`;
+`shared:true` (kronfluence's `has_shared_parameters`); `strategy:<name>`;
 `set:<field>=<value>` (one setting, e.g. `set:score_args.data_partitions=4`, for the memory advice).
 A new setting is one planner in `PLANNERS`.
 """
@@ -443,6 +444,7 @@ PLANNERS: dict[str, Planner] = {
     "low-rank": _low_rank,
     "task": _task,
     "track": _track,
+    "shared": _flag((("factor_args", "has_shared_parameters"),)),
     "strategy": _strategy,
     "set": _set,
 }

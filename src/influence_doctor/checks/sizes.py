@@ -1,12 +1,13 @@
-"""Pre-flight sizes (`projection/preflight.py`), judged: a module too large to factor is named before
-its factors are fitted, with the fix."""
+"""Pre-flight sizes (`runner/preflight.py`), judged: a module too large to factor, or beyond the
+eigensolver's 32-bit limit, is named before the user's training runs, with the fix; a tracked weight tied
+to another module is named too."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from influence_doctor.causes import OUT_OF_MEMORY
+from influence_doctor.causes import OUT_OF_MEMORY, SHARED_PARAMETERS
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.findings import fail, warn
@@ -41,6 +42,20 @@ def over_budget(record: Mapping[str, Any]) -> list[str]:
     if not budget:
         return []
     return [module for module in record.get("modules", {}) if certain_bytes(record, module) > budget]
+
+
+def beyond_solver(record: Mapping[str, Any]) -> list[str]:
+    """Modules whose larger covariance has more than 2³¹ entries: no 32-bit eigensolver can take it."""
+    limit = record.get("solver_limit")
+    if not limit:
+        return []
+    return [module for module, entry in record.get("modules", {}).items() if _side(entry) > limit]
+
+
+def blocked(record: Mapping[str, Any]) -> list[str]:
+    """Modules that cannot be factored as configured: over the memory budget, or beyond the solver."""
+    found = over_budget(record)
+    return found + [module for module in beyond_solver(record) if module not in found]
 
 
 def near_budget(record: Mapping[str, Any]) -> list[str]:
@@ -100,13 +115,42 @@ def check_module_sizes(record: Mapping[str, Any], thresholds: Thresholds) -> Che
                 stage="train",
             )
         )
+    limit = record.get("solver_limit")
+    for module in beyond_solver(record):
+        side = _side(modules[module])
+        outcome.findings.append(
+            fail(
+                "preflight.solver_limit",
+                f"{module} has a {side}×{side} covariance, {side * side:,} entries: more than 2³¹, which the "
+                f"32-bit LAPACK and cuSOLVER eigensolvers cannot index (kronfluence issue #42: "
+                f"CUSOLVER_STATUS_INVALID_VALUE), whatever the memory; nothing was fitted. Fix: {FIX}.",
+                subject=module,
+                value=float(side),
+                limit=float(limit),
+                cause=OUT_OF_MEMORY,
+                stage="train",
+            )
+        )
+    for module, others in (record.get("tied") or {}).items():
+        outcome.findings.append(
+            warn(
+                "preflight.tied_weights",
+                f"{module}'s weight is tied to {', '.join(others)}: kronfluence tracks it through {module} alone, "
+                "so the gradient the other use adds is invisible to its factors and scores.",
+                subject=module,
+                value=float(len(others)),
+                limit=0.0,
+                cause=SHARED_PARAMETERS,
+                stage="train",
+            )
+        )
     slow = [
         m
         for m, e in modules.items()
         if e.get("eigendecomposition_seconds", 0.0) > thresholds.preflight.preflight_eigh_seconds
     ]
     for module in slow:
-        if module in over_budget(record):
+        if module in blocked(record):
             continue
         seconds = modules[module]["eigendecomposition_seconds"]
         side = _side(modules[module])

@@ -299,7 +299,7 @@ class Executor:
         for stage in INFLUENCE_STAGES:
             skip = calls.skipped_because(stage, strategy, trial.kinds)
             if blocked:
-                reason = f"pre-flight: {', '.join(blocked)} cannot be factored within the memory budget"
+                reason = f"pre-flight: {', '.join(blocked)} cannot be factored as configured"
                 result = StageResult(stage, "not-run", reason=reason)
             elif skip is not None:
                 result = StageResult(stage, "skipped", reason=skip)

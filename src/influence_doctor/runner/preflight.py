@@ -1,5 +1,8 @@
-"""Before any factor is fitted: each tracked module's factor sizes, the memory its eigendecomposition
-needs and the time it would take, so that a module too large to factor is named before it runs.
+"""Before anything else: each module kronfluence will track, its factor sizes, the memory its
+eigendecomposition needs and the time it would take, and the tracked weights tied to another module's,
+so that a module that cannot be factored as configured is named before the user's training runs.
+
+It reads the model as built (kronfluence's own rules say which modules it will wrap), or as prepared.
 
 The sizes are exact (from the module's shape and the configured dtypes); the eigendecomposition's
 time is a small eigh measured on the device, extrapolated as n³. An LM's output layer over a 50k
@@ -18,16 +21,35 @@ REFERENCE_SIZE = 256
 """The eigh measured on the device to extrapolate from (n³): large enough to be timed, a few ms."""
 
 
-def module_dimensions(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """(activation, gradient) covariance dimensions per tracked module, as kronfluence forms them: the
-    input (with a 1 appended for the bias; a convolution's unfolded patch) and the output features."""
+SOLVER_LIMIT = 46_340
+"""The largest n whose n×n matrix has fewer than 2³¹ entries: 32-bit LAPACK and cuSOLVER index their
+eigh workspaces with 32-bit integers (kronfluence issue #42: CUSOLVER_STATUS_INVALID_VALUE at the last
+module), whatever the memory."""
+
+
+def tracked_modules(model: torch.nn.Module, task: Any = None) -> dict[str, torch.nn.Module]:
+    """The modules kronfluence tracks, by name: those it wrapped in a prepared model, or, in a model as
+    built, the leaves of a type it supports (exactly: a subclass is not wrapped) that the Task names."""
     from kronfluence.module.tracked_module import TrackedModule
 
-    dimensions = {}
+    named = task.get_influence_tracked_modules() if task is not None else None
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, TrackedModule)]
+    found: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, TrackedModule):
+        if isinstance(module, TrackedModule):
+            found[name] = module.original_module
+        elif wrapped or any(True for _ in module.children()) or (named is not None and name not in named):
             continue
-        inner = module.original_module
+        elif type(module) in TrackedModule.SUPPORTED_MODULES:
+            found[name] = module
+    return found
+
+
+def module_dimensions(model: torch.nn.Module, task: Any = None) -> dict[str, tuple[int, int]]:
+    """(activation, gradient) covariance dimensions per tracked module, as kronfluence forms them: the
+    input (with a 1 appended for the bias; a convolution's unfolded patch) and the output features."""
+    dimensions = {}
+    for name, inner in tracked_modules(model, task).items():
         bias = int(getattr(inner, "bias", None) is not None)
         if isinstance(inner, torch.nn.Conv2d):
             kernel = inner.kernel_size[0] * inner.kernel_size[1]
@@ -35,6 +57,25 @@ def module_dimensions(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
         elif isinstance(inner, torch.nn.Linear):
             dimensions[name] = (inner.in_features + bias, inner.out_features)
     return dimensions
+
+
+def tied_weights(model: torch.nn.Module, task: Any = None) -> dict[str, list[str]]:
+    """Tracked module → the other modules that hold one of its parameters (GPT-2's `lm_head` and the token
+    embedding `transformer.wte`): a gradient kronfluence sees through one of them only."""
+    from kronfluence.module.tracked_module import TrackedModule
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TrackedModule):
+            continue
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name.removesuffix(".original_module"))
+    tied = {}
+    for name, module in tracked_modules(model, task).items():
+        others = {other for p in module.parameters(recurse=False) for other in owners.get(id(p), []) if other != name}
+        if others:
+            tied[name] = sorted(others)
+    return tied
 
 
 def eigh_reference_seconds(dtype: torch.dtype, device: str, size: int = REFERENCE_SIZE) -> float:
@@ -58,11 +99,13 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def preflight(model: torch.nn.Module, factor_args: Any, device: str, budget_bytes: int | None) -> dict[str, Any]:
+def preflight(
+    model: torch.nn.Module, factor_args: Any, device: str, budget_bytes: int | None, task: Any = None
+) -> dict[str, Any]:
     """Per tracked module: covariance dimensions, bytes stored, bytes its eigendecomposition works in
     (matrix, eigenvectors and workspace for its larger factor), and the eigendecomposition's projected
-    seconds. JSON-ready."""
-    dimensions = module_dimensions(model)
+    seconds; the solver's limit, and the tracked weights tied to another module. JSON-ready."""
+    dimensions = module_dimensions(model, task)
     activation_size = _itemsize(factor_args.activation_covariance_dtype)
     gradient_size = _itemsize(factor_args.gradient_covariance_dtype)
     eigen_dtype = factor_args.eigendecomposition_dtype
@@ -86,4 +129,6 @@ def preflight(model: torch.nn.Module, factor_args: Any, device: str, budget_byte
         "budget_bytes": budget_bytes,
         "eigendecomposition_dtype": str(eigen_dtype).replace("torch.", ""),
         "eigh_reference": {"size": REFERENCE_SIZE, "seconds": reference} if reference is not None else None,
+        "solver_limit": SOLVER_LIMIT if factors else None,
+        "tied": tied_weights(model, task),
     }

@@ -103,7 +103,7 @@ class Session:
     evidence: TrainEvidence = field(default_factory=TrainEvidence)
     train_result: StageResult = field(default_factory=lambda: StageResult("train"))
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
-    preflight_blocked: list[str] = field(default_factory=list)  # modules too large to factor within the budget
+    preflight_blocked: list[str] = field(default_factory=list)  # modules that cannot be factored as configured
     _tasks: dict[tuple[str, tuple[str, ...] | None], Any] = field(default_factory=dict, repr=False)
     _forms: dict[tuple[str, ...], tuple[Any, Any]] = field(
         default_factory=dict, repr=False
@@ -205,28 +205,17 @@ def train(session: Session, verdict: Callable[[StageResult], str] | None = None)
         session.train_dataset = resolve(pipeline.train_dataset)
         session.query_dataset = resolve(pipeline.query_dataset)
         model.to(session.device)
-        if pipeline.train is not None:
-            result.calls.append("train")
-            sample = _loss_sample(session)
-            start = _measure_start(session, model, sample)
-            began = time.perf_counter()
-            pipeline.train(model, session.train_dataset, session.monitor)
-            evidence.training_seconds = time.perf_counter() - began  # the user's own loop
-            evidence.trained = True
-            _measure_end(session, model, sample, start)
-        else:
-            result.reason = "the pipeline gives no train function: the model is analysed as built"
-        evidence.rank_parameter_drift = _synchronise_ranks(model)
-        evidence.steps = len(session.monitor.loss)
+        evidence.preflight = _preflight(session, model)  # before the user's training and every other measurement
+        session.preflight_blocked = _blocked(evidence.preflight)
         evidence.parameters = sum(p.numel() for p in model.parameters())
         evidence.parameter_dtypes = sorted({_dtype_name(p.dtype) for p in model.parameters()})
-        evidence.contracts["as given"] = _measure_contract(
-            session, model, session.train_dataset, session.query_dataset, pipeline.task
-        )
-        _prepare_analysis(session, model)
-        evidence.examples_alone = _examples_alone(session)
-        evidence.preflight = _preflight(session)
-        session.preflight_blocked = _over_budget(evidence.preflight)
+        if session.preflight_blocked:
+            result.reason = (
+                f"pre-flight: {', '.join(session.preflight_blocked)} cannot be factored as configured, so the model "
+                "was neither trained nor analysed"
+            )
+        else:
+            _train_and_measure(session, model)
         result.status = "ok"
     except KeyboardInterrupt:
         result.status, result.seconds = "interrupted", time.perf_counter() - started
@@ -239,6 +228,30 @@ def train(session: Session, verdict: Callable[[StageResult], str] | None = None)
     status = verdict(result) if verdict is not None else result.status
     progress.end("train", status, result.seconds, result.error_text or "")
     return result
+
+
+def _train_and_measure(session: Session, model: Any) -> None:
+    """The user's loop, with the doctor's sample loss before and after it; the Task's contract; the model
+    prepared for kronfluence, what it will see of it, and every analysed example alone."""
+    pipeline, evidence, result = session.pipeline, session.evidence, session.train_result
+    if pipeline.train is not None:
+        result.calls.append("train")
+        sample = _loss_sample(session)
+        start = _measure_start(session, model, sample)
+        began = time.perf_counter()
+        pipeline.train(model, session.train_dataset, session.monitor)
+        evidence.training_seconds = time.perf_counter() - began  # the user's own loop
+        evidence.trained = True
+        _measure_end(session, model, sample, start)
+    else:
+        result.reason = "the pipeline gives no train function: the model is analysed as built"
+    evidence.rank_parameter_drift = _synchronise_ranks(model)
+    evidence.steps = len(session.monitor.loss)
+    evidence.contracts["as given"] = _measure_contract(
+        session, model, session.train_dataset, session.query_dataset, pipeline.task
+    )
+    _prepare_analysis(session, model)
+    evidence.examples_alone = _examples_alone(session)
 
 
 def _loss_sample(session: Session) -> Any:
@@ -306,23 +319,25 @@ def _measure_contract(
         return measure_contract(task, model, train_part, queries, session.pipeline.collate, session.device)
 
 
-def _preflight(session: Session) -> dict[str, Any]:
-    """Each tracked module's factor sizes and eigendecomposition cost, before anything is fitted."""
+def _preflight(session: Session, model: Any) -> dict[str, Any]:
+    """Each module kronfluence will track: its factor sizes and eigendecomposition cost, from the model as
+    built and the configured arguments, before anything else runs."""
     from influence_doctor.runner.memory import device_memory_bytes
     from influence_doctor.runner.preflight import preflight
 
     budget = session.options.memory_budget or device_memory_bytes(session.device)
+    pipeline = session.pipeline
     try:
-        return preflight(session.model, session.pipeline.factor_args, session.device, int(budget) if budget else None)
+        return preflight(model, pipeline.factor_args, session.device, int(budget) if budget else None, pipeline.task)
     except Exception as exc:  # a report on sizes, never a reason to stop the run
         return {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
 
 
-def _over_budget(record: dict[str, Any]) -> list[str]:
-    """Tracked modules the pre-flight found too large to factor within the memory budget."""
-    from influence_doctor.checks.sizes import over_budget
+def _blocked(record: dict[str, Any]) -> list[str]:
+    """Tracked modules the pre-flight found impossible to factor as configured (memory, the solver's limit)."""
+    from influence_doctor.checks.sizes import blocked
 
-    return over_budget(record) if "modules" in record else []
+    return blocked(record) if "modules" in record else []
 
 
 def _examples_alone(session: Session) -> dict[str, Any]:
