@@ -106,7 +106,7 @@ class Cause:
         return [Hypothesis(self.tag, symptom.stage, None, ())]
 
 
-SELF_NAMING_KINDS = frozenset({"training", "reduction", "examples", "preflight"})
+SELF_NAMING_KINDS = frozenset({"training", "reduction", "examples", "preflight", "unsupported"})
 """Symptom kinds whose findings name their own cause (a diverged curve, a mean-reduced loss)."""
 
 
@@ -345,6 +345,14 @@ NONFINITE_MODEL = Cause(
     explains_downstream=True,
     advice=TRAINING_ADVICE,
 )
+UNSUPPORTED_MODULE = Cause(
+    "unsupported-module",
+    "kronfluence's default tracking cannot wrap a module of the model (a subclass of Linear or Conv2d, or the "
+    "model itself when it is one)",
+    "measured directly, before any factor: the modules the default tracking would wrap and cannot, named",
+    frozenset({"unsupported"}),
+    treatable=False,
+)
 SHARED_PARAMETERS = Cause(
     "shared-parameters",
     "a tracked module runs more than once per forward, or its weight is tied to another module's: kronfluence's "
@@ -387,6 +395,7 @@ CAUSES: tuple[Cause, ...] = (
     ILL_CONDITIONED,
     NOT_PSD,
     NONFINITE_MODEL,
+    UNSUPPORTED_MODULE,
     SHARED_PARAMETERS,
     ASYMMETRIC,
     SCORE_OUTLIERS,

@@ -151,6 +151,7 @@ def _treat(
     """Train, size the rehearsal, run and check the stages, probe, diagnose, heal, and measure the fix."""
     session = run.session
     train(session, examiner.verdict)
+    run.configuration = session.configuration_to_run(run.asked)
     examiner.examine()
     gc.freeze()  # the model, data and Analyzer are long-lived too: keep them out of every collection
     spent = options.prior_seconds + time.perf_counter() - (run.started or time.perf_counter())

@@ -21,7 +21,7 @@ import torch
 from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.contract import check_examples_finite, check_task_contract
 from influence_doctor.checks.covariance import check_covariance_sum, check_examples_processed, overflow_prone
-from influence_doctor.checks.coverage import check_coverage
+from influence_doctor.checks.coverage import check_coverage, check_unsupported
 from influence_doctor.checks.damping import check_damping_sensitivity, check_low_rank_cost
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.headroom import check_projected_headroom
@@ -294,6 +294,7 @@ def examine_training(evidence: Any, monitor: Any, model: Any, contract: Any, thr
         exam.add("task", check_task_contract(contract, thresholds))
     if (sizes := evidence.preflight) and "modules" in sizes:
         exam.add("preflight", check_module_sizes(sizes, thresholds))
+        exam.add("preflight", check_unsupported(sizes))
     if alone := evidence.examples_alone:
         exam.add("examples", check_examples_finite(alone.get("train"), alone.get("query")))
     if evidence.coverage is not None:

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from influence_doctor.causes import UNTRACKED_MODULES
+from influence_doctor.causes import UNSUPPORTED_MODULE, UNTRACKED_MODULES
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
-from influence_doctor.findings import info, warn
+from influence_doctor.findings import fail, info, warn
 
 REPLACEABLE: dict[str, str] = {
     "Conv1D": "replace each Conv1D by an equivalent nn.Linear (weight transposed), as kronfluence's docs recommend",
@@ -152,6 +152,45 @@ def check_coverage(facts: CoverageFacts | Mapping[str, Any], thresholds: Thresho
             )
             + ".",
             value=share,
+        )
+    )
+    return outcome
+
+
+def check_unsupported(record: Mapping[str, Any]) -> CheckOutcome:
+    """`preflight.unsupported_modules` (fail, `unsupported-module`): modules kronfluence's default tracking
+    raises on (a subclass of a supported type; the model itself when it is one supported leaf), named with
+    the fix, and the bare parameters (held beside a module's children) no tracked module carries."""
+    outcome = CheckOutcome()
+    unsupported = dict(record.get("unsupported") or {})
+    if not unsupported:
+        return outcome
+    bare = {module: names for module, names in (record.get("bare_parameters") or {}).items() if names}
+    left_out = "; ".join(f"{module}.{name}" for module, names in bare.items() for name in names)
+    if "" in unsupported:
+        message = (
+            f"The model is itself one {unsupported['']}: kronfluence wraps a tracked module inside its parent, and "
+            "the model has none (prepare_model recurses without end). Wrap it, e.g. nn.Sequential(model)."
+        )
+    else:
+        named = ", ".join(f"{name} ({kind})" for name, kind in unsupported.items())
+        message = (
+            f"kronfluence's default tracking cannot wrap {len(unsupported)} module(s): {named}; it wraps exactly "
+            "nn.Linear and nn.Conv2d, and prepare_model raises KeyError on a subclass."
+            + (f" Bare parameters no tracked module carries are left out too: {left_out}." if left_out else "")
+            + " The diagnosis went on with the modules kronfluence can track, a coverage change, not a repair: "
+            "name them in your Task's get_influence_tracked_modules, as the prescription shows."
+        )
+    outcome.metrics["unsupported"] = unsupported
+    outcome.findings.append(
+        fail(
+            "preflight.unsupported_modules",
+            message,
+            subject=next(iter(unsupported)),
+            value=float(len(unsupported)),
+            limit=0.0,
+            cause=UNSUPPORTED_MODULE,
+            stage="train",
         )
     )
     return outcome

@@ -48,6 +48,8 @@ TASK_CHECKS: dict[str, str] = {
     "task.batch_independence": "reduction",
     "task.examples_finite": "examples",
     "preflight.memory": "preflight",
+    "preflight.solver_limit": "preflight",
+    "preflight.unsupported_modules": "unsupported",
     "train.parameters_finite": "model",
 }
 """The Task's contract, measured in the train stage: symptoms of their own, apart from the curve."""
@@ -61,6 +63,7 @@ MEASUREMENTS: dict[str, str] = {
     "reduction": "the Task's loss of a batch against the sum over its examples alone",
     "examples": "examples whose loss alone is inf/NaN",
     "preflight": "bytes a module's eigendecomposition needs against the memory budget",
+    "unsupported": "modules kronfluence's default tracking cannot wrap",
     "nonfinite": "non-finite entries in {stage}",
     "raised": "{stage} raised",
     "undefined": "non-finite {stage} in float64 at the same damping",

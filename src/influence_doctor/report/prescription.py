@@ -75,6 +75,14 @@ def prescription_for(asked: Any, final: Any) -> dict[str, Any]:
     if final.summed_task and not asked.summed_task:
         prescription["task"] = TASK_PRESCRIPTION
         prescription["python"] = f"{prescription['python']}\n# {TASK_PRESCRIPTION}".lstrip("\n")
+    if final.tracked_modules != asked.tracked_modules and final.tracked_modules is not None:
+        prescription["tracked_modules"] = list(final.tracked_modules)
+        method = (
+            "# in your Task (a coverage change: the scores describe these modules only)\n"
+            "def get_influence_tracked_modules(self):\n"
+            f"    return {list(final.tracked_modules)!r}"
+        )
+        prescription["python"] = f"{prescription['python']}\n\n{method}".lstrip("\n")
     return prescription
 
 

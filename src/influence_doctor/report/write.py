@@ -42,7 +42,7 @@ def write_report(
     fidelity: dict[str, Any] = {"probes": run.probes}
     if float64 := _final_float64_agreement(run.probes):
         fidelity["float64"] = float64
-    if treatment.applied:
+    if treatment.applied or run.configuration != run.asked:  # a rung, or the coverage the run went on with
         prescription = prescription_for(run.asked, run.configuration)
         if treatment.fix is not None:
             fidelity["fix"] = treatment.fix

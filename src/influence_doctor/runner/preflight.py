@@ -40,9 +40,39 @@ def tracked_modules(model: torch.nn.Module, task: Any = None) -> dict[str, torch
             found[name] = module.original_module
         elif wrapped or any(True for _ in module.children()) or (named is not None and name not in named):
             continue
-        elif type(module) in TrackedModule.SUPPORTED_MODULES:
+        elif type(module) in TrackedModule.SUPPORTED_MODULES and name:  # the root has no parent to wrap it in
             found[name] = module
     return found
+
+
+def unsupported_modules(model: torch.nn.Module, task: Any = None) -> dict[str, str]:
+    """Leaves kronfluence's default tracking would try to wrap and cannot, by name → their type: a subclass
+    of a supported type (PyTorch's attention `out_proj` is a `NonDynamicallyQuantizableLinear`, on which
+    `prepare_model` raises KeyError), or the model itself when it is one supported leaf (kronfluence wraps a
+    module in its parent, and the root has none)."""
+    from kronfluence.module.tracked_module import TrackedModule
+
+    supported = tuple(TrackedModule.SUPPORTED_MODULES)
+    named = task.get_influence_tracked_modules() if task is not None else None
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TrackedModule) or any(True for _ in module.children()):
+            continue
+        if named is not None and name not in named:
+            continue
+        if isinstance(module, supported) and (type(module) not in TrackedModule.SUPPORTED_MODULES or name == ""):
+            found[name] = type(module).__name__
+    return found
+
+
+def bare_parameters(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Trainable parameters a module holds beside its children (attention's `in_proj_weight`): no leaf
+    module owns them, so nothing kronfluence tracks carries their gradient."""
+    return {
+        name: [key for key, parameter in module.named_parameters(recurse=False) if parameter.requires_grad]
+        for name, module in model.named_modules()
+        if any(True for _ in module.children()) and any(p.requires_grad for p in module.parameters(recurse=False))
+    }
 
 
 def module_dimensions(model: torch.nn.Module, task: Any = None) -> dict[str, tuple[int, int]]:
@@ -112,6 +142,8 @@ def preflight(
     factors = factor_args.strategy in ("kfac", "ekfac")
     reference = eigh_reference_seconds(eigen_dtype, device) if factors and dimensions else None
     modules = {}
+    unsupported = unsupported_modules(model, task)
+    dimensions = {name: sides for name, sides in dimensions.items() if name not in unsupported}
     for name, (a, g) in dimensions.items():
         largest = max(a, g)
         entry: dict[str, Any] = {
@@ -131,4 +163,6 @@ def preflight(
         "eigh_reference": {"size": REFERENCE_SIZE, "seconds": reference} if reference is not None else None,
         "solver_limit": SOLVER_LIMIT if factors else None,
         "tied": tied_weights(model, task),
+        "unsupported": unsupported,
+        "bare_parameters": bare_parameters(model),
     }

@@ -104,6 +104,7 @@ class Session:
     train_result: StageResult = field(default_factory=lambda: StageResult("train"))
     private_analysis_dir: Path | None = None  # a rank's own kronfluence folder when kronfluence does not shard
     preflight_blocked: list[str] = field(default_factory=list)  # modules that cannot be factored as configured
+    tracked: tuple[str, ...] | None = None  # modules tracked instead of the Task's choice, where that cannot be
     _tasks: dict[tuple[str, tuple[str, ...] | None], Any] = field(default_factory=dict, repr=False)
     _forms: dict[tuple[str, ...], tuple[Any, Any]] = field(
         default_factory=dict, repr=False
@@ -143,6 +144,13 @@ class Session:
                 self.pipeline.task, configuration.summed_task, configuration.tracked_modules
             )
         return self._tasks[form]
+
+    def configuration_to_run(self, asked: Configuration) -> Configuration:
+        """The configuration the run starts from: the one asked for, made to track the modules kronfluence can
+        where its default tracking cannot wrap them all (a coverage change, in the vocabulary of changes)."""
+        from influence_doctor.changes import apply
+
+        return apply(f"track:{','.join(self.tracked)}", asked) if self.tracked else asked
 
     def prepared_for(self, configuration: Configuration) -> tuple[Any, Any]:
         """The prepared model and kronfluence's Analyzer for the configuration's tracked modules: the run's
@@ -207,6 +215,7 @@ def train(session: Session, verdict: Callable[[StageResult], str] | None = None)
         model.to(session.device)
         evidence.preflight = _preflight(session, model)  # before the user's training and every other measurement
         session.preflight_blocked = _blocked(evidence.preflight)
+        session.tracked = _trackable(session, model)
         evidence.parameters = sum(p.numel() for p in model.parameters())
         evidence.parameter_dtypes = sorted({_dtype_name(p.dtype) for p in model.parameters()})
         if session.preflight_blocked:
@@ -334,10 +343,22 @@ def _preflight(session: Session, model: Any) -> dict[str, Any]:
 
 
 def _blocked(record: dict[str, Any]) -> list[str]:
-    """Tracked modules the pre-flight found impossible to factor as configured (memory, the solver's limit)."""
+    """Tracked modules the pre-flight found impossible to factor as configured (memory, the solver's limit),
+    or the model itself, when it is one module kronfluence cannot wrap."""
     from influence_doctor.checks.sizes import blocked
 
-    return blocked(record) if "modules" in record else []
+    root = ["the model itself"] if "" in (record.get("unsupported") or {}) else []
+    return root + (blocked(record) if "modules" in record else [])
+
+
+def _trackable(session: Session, model: Any) -> tuple[str, ...] | None:
+    """Where kronfluence's default tracking cannot wrap some module, the modules it can: the diagnosis
+    goes on with them (a coverage change); None where the Task's own choice works."""
+    from influence_doctor.runner.preflight import tracked_modules
+
+    if not (session.evidence.preflight or {}).get("unsupported"):
+        return None
+    return tuple(sorted(tracked_modules(model, session.pipeline.task))) or None
 
 
 def _examples_alone(session: Session) -> dict[str, Any]:
@@ -371,14 +392,19 @@ def _prepare_analysis(session: Session, model: Any) -> None:
     from kronfluence.analyzer import prepare_model
     from torch.utils.data import Subset
 
+    from influence_doctor.runner.contract import wrapped_task
+
     pipeline, options = session.pipeline, session.options
     session.train_indices = subsample(len(session.train_dataset), options.examples, session.seed)
     session.query_indices = list(range(len(session.query_dataset)))[: options.queries]
     session.train_subset = Subset(session.train_dataset, session.train_indices)
     session.query_subset = Subset(session.query_dataset, session.query_indices)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}  # prepare_model turns them all off
-    session.model = prepare_model(model=model, task=pipeline.task)
-    session.analyzer = _analyzer(session, session.model, pipeline.task)
+    task = wrapped_task(pipeline.task, tracked=session.tracked)
+    session.model = prepare_model(model=model, task=task)
+    session.analyzer = _analyzer(session, session.model, task)
+    if session.tracked is not None:  # the configuration that names them runs this model, not a copy
+        session._forms[session.tracked] = (session.model, session.analyzer)
     session.evidence.tracked_modules = _tracked_module_names(session.model)
     session.evidence.coverage = _coverage(session, trainable)
 
