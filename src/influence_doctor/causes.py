@@ -199,6 +199,18 @@ def _not_psd(symptom: Any, context: Context) -> list[Hypothesis]:
     return [Hypothesis("not-psd", symptom.stage, "covariance", steps)]
 
 
+HOOK_ON_A_GRADIENT_FREE_TENSOR = "register a hook on a tensor that doesn't require gradient"
+"""PyTorch's words when kronfluence's hooks meet the gradient-free first pass of a reentrant checkpoint."""
+
+
+def _recomputed_forward(symptom: Any, context: Context) -> list[Hypothesis]:
+    """A stage raised where kronfluence registers its hooks on a tensor without gradient: a reentrant
+    activation checkpoint; made non-reentrant (the same numbers), the stage must run."""
+    if HOOK_ON_A_GRADIENT_FREE_TENSOR not in getattr(symptom, "error", ""):
+        return []
+    return [Hypothesis("recomputed-forward", symptom.stage, "model", (("checkpoint:non-reentrant", "clears"),))]
+
+
 def _nonfinite_model(symptom: Any, context: Context) -> list[Hypothesis]:
     """NaN weights are the proof; inf/NaN in a stage that no precision removes comes from the model or data."""
     if symptom.kind == "model":
@@ -255,6 +267,19 @@ OUT_OF_MEMORY = Cause(
     ladder=MEMORY_RUNGS,
     rehearsable=False,
     presumed_for=frozenset({"oom"}),
+)
+RECOMPUTED_FORWARD = Cause(
+    "recomputed-forward",
+    "the model recomputes its forward under reentrant activation checkpointing, where kronfluence's hooks "
+    "cannot register",
+    "a stage raised on a hook registered on a tensor without gradient, and the same stage with every checkpoint "
+    "made non-reentrant runs",
+    frozenset({"raised"}),
+    _recomputed_forward,
+    ("checkpoint:non-reentrant",),
+    fallback=False,
+    note="the fix in your model: torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or no "
+    "checkpointing while you compute influence",
 )
 FP16_OVERFLOW = Cause(
     "fp16-overflow",
@@ -385,6 +410,7 @@ CAUSES: tuple[Cause, ...] = (
     BATCH_DEPENDENT,
     NONFINITE_EXAMPLES,
     OUT_OF_MEMORY,
+    RECOMPUTED_FORWARD,
     FP16_OVERFLOW,
     EIGENDECOMPOSITION_FAILED,
     DTYPE_DRIFT,

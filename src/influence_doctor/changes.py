@@ -13,7 +13,7 @@ no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covari
 (one damping for all modules) and `damping:x10` / `damping:x10-exact` (each module's own damping ×10,
 the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
 `batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `track:<module>,<module>`;
-`shared:true` (kronfluence's `has_shared_parameters`); `strategy:<name>`;
+`shared:true` (kronfluence's `has_shared_parameters`); `checkpoint:non-reentrant`; `strategy:<name>`;
 `set:<field>=<value>` (one setting, e.g. `set:score_args.data_partitions=4`, for the memory advice).
 A new setting is one planner in `PLANNERS`.
 """
@@ -389,6 +389,18 @@ def _track(rung, argument, on, configuration, facts):
     return _make(rung, changes, configuration, configuration.with_(tracked_modules=modules), facts, description)
 
 
+def _checkpoint(rung, argument, on, configuration, facts):
+    """`checkpoint:non-reentrant`: every activation checkpoint of the model runs non-reentrant under
+    kronfluence, which computes the same numbers and lets its hooks see the recomputed forward."""
+    if argument != "non-reentrant":
+        return None, f"unknown checkpoint change {argument!r}"
+    if configuration.recompute == "non-reentrant":
+        return None, "the checkpoints are already non-reentrant"
+    changes = {"model.checkpointing": ("reentrant", "non-reentrant")}
+    description = "every torch.utils.checkpoint call non-reentrant (the same numbers, a forward the hooks see)"
+    return _make(rung, changes, configuration, configuration.with_(recompute="non-reentrant"), facts, description)
+
+
 def _strategy(rung, argument, on, configuration, facts):
     current = configuration.factor_args.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
@@ -445,6 +457,7 @@ PLANNERS: dict[str, Planner] = {
     "task": _task,
     "track": _track,
     "shared": _flag((("factor_args", "has_shared_parameters"),)),
+    "checkpoint": _checkpoint,
     "strategy": _strategy,
     "set": _set,
 }

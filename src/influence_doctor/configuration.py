@@ -33,6 +33,11 @@ LAMBDA_FIELDS = frozenset(
 """FactorArguments fields only the lambda stage reads; every other field counts as the covariance's (a
 field kronfluence adds later is then conservatively one that invalidates everything)."""
 
+RECOMPUTE_FORMS = ("as given", "non-reentrant")
+"""How the model's activation checkpointing runs under kronfluence: as the model does it, or every
+`torch.utils.checkpoint` call made non-reentrant (kronfluence's hooks cannot register on the outputs of
+a reentrant checkpoint's first, gradient-free pass; the non-reentrant one computes the same numbers)."""
+
 TASK_FORMS = ("as given", "summed")
 """How the user's Task is handed to kronfluence: as written, or with each batch's loss and measurement
 multiplied by the batch's size (a batch mean made the sum kronfluence needs: the `task:sum` rung)."""
@@ -95,6 +100,7 @@ class Configuration:
     shift: tuple[str, float] | None = None  # ("mean" | "trace", ε): a diagonal shift added to every covariance
     module_damping: tuple[tuple[str, float], ...] | None = None  # per-module damping (experiments only)
     tracked_modules: tuple[str, ...] | None = None  # the modules kronfluence tracks (None: the Task's own choice)
+    recompute: str = "as given"  # the model's activation checkpointing: one of RECOMPUTE_FORMS
     _keys: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -110,6 +116,8 @@ class Configuration:
     def __post_init__(self) -> None:
         if self.task not in TASK_FORMS:
             raise ValueError(f"task must be one of {TASK_FORMS}, not {self.task!r}")
+        if self.recompute not in RECOMPUTE_FORMS:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_FORMS}, not {self.recompute!r}")
         if self.tracked_modules is not None and not self.tracked_modules:
             raise ValueError("tracked_modules names at least one module (None: the Task's own choice)")
 
@@ -142,7 +150,7 @@ class Configuration:
     def _stage_settings(self, stage: str) -> Any:
         factor = self.factor_args.to_dict()
         covariance = {k: v for k, v in factor.items() if k not in EIGENDECOMPOSITION_FIELDS | LAMBDA_FIELDS}
-        settings: list[Any] = [covariance, self.batch_size, self.task, self.tracked_modules]
+        settings: list[Any] = [covariance, self.batch_size, self.task, self.tracked_modules, self.recompute]
         if STAGES.index(stage) >= STAGES.index("eigendecomposition"):
             settings += [{k: factor[k] for k in sorted(EIGENDECOMPOSITION_FIELDS)}, self.shift]
         if STAGES.index(stage) >= STAGES.index("lambda"):

@@ -218,7 +218,7 @@ def _fix_fidelity(run: Run, labs: Labs, treatment: Treatment) -> dict[str, Any]:
     result = treatment.result
     pair = None
     if not any(snapshot.trusted for snapshot in result.snapshots[:-1]):
-        reference = labs.reference(run.summed_task)
+        reference = labs.reference(run.configuration)
         final = labs.candidate(run.configuration)
         pair = (final, reference) if reference is not None and final is not None else None
     return fix_fidelity(result.snapshots, treatment.min_fix_spearman, pair, tuple(run.pipeline.scores))

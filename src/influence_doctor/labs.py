@@ -78,6 +78,19 @@ class Lab:
         return self.trial(change.after, kinds, label=change.description), change.description
 
 
+def as_asked(asked: Configuration, final: Configuration) -> Configuration:
+    """`asked` in `final`'s form: its Task, its checkpointing and its tracked modules (none of them a change
+    of what is computed, but what makes the asked configuration computable), through the changes."""
+    form = asked
+    if final.summed_task and not form.summed_task:
+        form = changes.apply("task:sum", form)
+    if final.recompute != form.recompute:
+        form = changes.apply(f"checkpoint:{final.recompute}", form)
+    if final.tracked_modules != form.tracked_modules and final.tracked_modules is not None:
+        form = changes.apply(f"track:{','.join(final.tracked_modules)}", form)
+    return form
+
+
 def float64(configuration: Configuration) -> Configuration:
     """The same configuration in float64 end to end and without autocast (damping, shift and task kept)."""
     return changes.apply(changes.FLOAT64, configuration)
@@ -124,15 +137,15 @@ class Labs:
             self._fidelity = Lab.at(self.run, "fidelity", DEFAULT_FIDELITY_EXAMPLES, PROBE_QUERIES)
         return self._fidelity
 
-    def reference(self, summed_task: bool = False) -> Trial | None:
+    def reference(self, final: Configuration) -> Trial | None:
         """The reference that always exists: float64 end to end of the configuration as the user gave it
-        (same strategy, damping and task; no remedy), on the fidelity lab. With `summed_task` the Task's
-        batch mean is made the sum the user meant: a fix of the Task is measured against what it fixes to."""
+        (same strategy and damping; no remedy), on the fidelity lab, in the form `final` runs the model and
+        the Task (a batch mean made the sum the user meant, checkpoints made non-reentrant, the modules it
+        can track): what the user asked for, computed where it can be computed."""
         lab = self.fidelity_lab()
         if lab is None:
             return None
-        asked = changes.apply("task:sum", self.run.asked) if summed_task else self.run.asked
-        return lab.trial(float64(asked), label="float64 as configured")
+        return lab.trial(float64(as_asked(self.run.asked, final)), label="float64 as configured")
 
     def candidate(self, configuration: Configuration) -> Trial | None:
         """A configuration (a rung on top of the current one, or the final one) on the fidelity lab."""

@@ -327,7 +327,7 @@ def _next_change(
 
 def _fidelity_on_probe(labs: Labs, change: Change) -> dict[str, Any] | None:
     """The rung's rankings against float64 of the configuration as given, on the probe."""
-    reference = labs.reference(change.after.summed_task)
+    reference = labs.reference(change.after)
     candidate = labs.candidate(change.after)
     if reference is None or candidate is None:
         return None

@@ -14,6 +14,11 @@ TASK_PRESCRIPTION = (
     "the doctor multiplied each batch's mean by its size"
 )
 
+CHECKPOINT_PRESCRIPTION = (
+    "in your model, torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or no checkpointing while "
+    "you compute influence: the doctor ran every checkpoint non-reentrant (the same numbers)"
+)
+
 FIDELITY_KEYS = ("reference", "median_spearman", "worst_spearman", "top_overlap", "examples", "queries")
 
 
@@ -75,6 +80,9 @@ def prescription_for(asked: Any, final: Any) -> dict[str, Any]:
     if final.summed_task and not asked.summed_task:
         prescription["task"] = TASK_PRESCRIPTION
         prescription["python"] = f"{prescription['python']}\n# {TASK_PRESCRIPTION}".lstrip("\n")
+    if final.recompute != asked.recompute:
+        prescription["checkpointing"] = final.recompute
+        prescription["python"] = f"{prescription['python']}\n# {CHECKPOINT_PRESCRIPTION}".lstrip("\n")
     if final.tracked_modules != asked.tracked_modules and final.tracked_modules is not None:
         prescription["tracked_modules"] = list(final.tracked_modules)
         method = (

@@ -21,8 +21,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,6 +343,7 @@ class Executor:
         try:
             with (
                 calls.task_in_force(analyzer, self.session.task_for(configuration)),
+                model_form(configuration),
                 PeakMemory(self.session.device) if measured else nullcontext() as peak,
                 ForwardClock(model) if measured else nullcontext() as clock,
             ):
@@ -498,7 +499,7 @@ class Executor:
             name = f"full-covariance-{key}-{index + 1}"
             try:
                 _model, analyzer = session.prepared_for(configuration)
-                with calls.task_in_force(analyzer, session.task_for(configuration)):
+                with calls.task_in_force(analyzer, session.task_for(configuration)), model_form(configuration):
                     calls.fit_covariance(analyzer, name, part, batch, configuration.factor_args)
                 artifact = calls.load(analyzer, "covariance", name)
             except Exception as exc:  # an allocator or kronfluence failure: the measurement did not happen
@@ -523,6 +524,27 @@ class Executor:
     @property
     def full_size_counts(self) -> list[FullSizeCount]:
         return list(self._full_size.values())
+
+
+@contextmanager
+def model_form(configuration: Configuration) -> Iterator[None]:
+    """The model as the configuration runs it: with `recompute="non-reentrant"`, every reentrant
+    `torch.utils.checkpoint` call (however the model reached the function) runs the non-reentrant way."""
+    if configuration.recompute != "non-reentrant":
+        yield
+        return
+    import torch.utils.checkpoint as checkpointing
+
+    reentrant = checkpointing.CheckpointFunction.apply
+
+    def non_reentrant(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
+        return checkpointing.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+
+    checkpointing.CheckpointFunction.apply = non_reentrant
+    try:
+        yield
+    finally:
+        checkpointing.CheckpointFunction.apply = reentrant
 
 
 def _nonfinite(value: Any) -> int:
