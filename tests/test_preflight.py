@@ -105,7 +105,7 @@ def test_the_preflight_comes_before_the_users_training_and_stops_the_run(tmp_pat
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4000))
 
-    def train(model, dataset, monitor):  # noqa: ARG001
+    def train(model, dataset, monitor):
         calls.append("trained")
 
     pipeline = small_pipeline(name="wide-head-trained", model=model, task=FirstOutput(), train=train)
