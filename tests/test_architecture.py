@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("checks", ("checks",)),
     ("configuration", ("configuration", "changes", "config")),
     ("executor", ("runner",)),
-    ("examination", ("examine", "labs", "probes", "diagnosis", "fidelity", "exact", "projection")),
+    ("examination", ("examine", "labs", "audit", "probes", "diagnosis", "fidelity", "exact", "projection")),
     ("treatment", ("remedies",)),
     ("reports", ("report", "gates")),
     ("orchestration", ("doctor",)),

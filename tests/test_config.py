@@ -113,6 +113,8 @@ CONFIG_KEYS = (
     "precision_min_spearman",
     "precision_error_sqrt_eps",
     "precision_tie_eps",
+    "hooks_error_sqrt_eps",
+    "seed_min_spearman",
     # before any factor
     "preflight_eigh_seconds",
     "contract_rtol_sqrt_eps",

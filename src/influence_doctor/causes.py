@@ -106,7 +106,7 @@ class Cause:
         return [Hypothesis(self.tag, symptom.stage, None, ())]
 
 
-SELF_NAMING_KINDS = frozenset({"training", "reduction", "examples", "preflight", "unsupported"})
+SELF_NAMING_KINDS = frozenset({"training", "reduction", "examples", "preflight", "unsupported", "hooks"})
 """Symptom kinds whose findings name their own cause (a diverged curve, a mean-reduced loss)."""
 
 
@@ -382,10 +382,13 @@ SHARED_PARAMETERS = Cause(
     "shared-parameters",
     "a tracked module runs more than once per forward, or its weight is tied to another module's: kronfluence's "
     "hooks see part of its gradient",
-    "a warning before any factor for a tied weight; measured by the hooks against autograd: a module's gradient "
-    "inner products disagree",
+    "measured by the hooks against autograd: a module's gradient inner products disagree, it runs more than once "
+    "per forward and the hooks agree with its last call alone; a tied weight is a warning with the share it sees",
+    frozenset({"hooks"}),
     ladder=("shared:true",),
     fallback=False,
+    advice="If has_shared_parameters=True does not heal it, leave the module untracked (a "
+    "get_influence_tracked_modules without it) or give each call its own module.",
 )
 ASYMMETRIC = Cause(
     "asymmetric",

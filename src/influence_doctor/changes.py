@@ -14,6 +14,7 @@ no autocast (the precision counterfactual); `eigendecomposition-dtype:`, `covari
 the experiments' per-module counterfactual); `partitions:x2`, `offload:on`, `iterative-lambda:on`,
 `batch:half`, `batch:three-quarters`; `low-rank:off`; `task:sum`; `track:<module>,<module>`;
 `shared:true` (kronfluence's `has_shared_parameters`); `checkpoint:non-reentrant`; `strategy:<name>`;
+`sampling-seed:<n>` (the true Fisher's targets drawn from another seed: the noise measurement only);
 `set:<field>=<value>` (one setting, e.g. `set:score_args.data_partitions=4`, for the memory advice).
 A new setting is one planner in `PLANNERS`.
 """
@@ -401,6 +402,21 @@ def _checkpoint(rung, argument, on, configuration, facts):
     return _make(rung, changes, configuration, configuration.with_(recompute="non-reentrant"), facts, description)
 
 
+def _sampling_seed(rung, argument, on, configuration, facts):
+    """`sampling-seed:<n>`: the true Fisher's sampled targets drawn independently (only the measurement of
+    the rankings' Monte-Carlo noise compares two seeds; every other comparison holds one)."""
+    if not argument.isdigit():
+        return None, f"a sampling seed is a non-negative integer, not {argument!r}"
+    seed = int(argument)
+    if configuration.factor_args.use_empirical_fisher:
+        return None, "the empirical Fisher samples no targets"
+    if seed == configuration.sampling_seed:
+        return None, f"the targets are already drawn with sampling seed {seed}"
+    changes = {"sampling_seed": (configuration.sampling_seed, seed)}
+    description = f"the true Fisher's targets drawn with sampling seed {seed}"
+    return _make(rung, changes, configuration, configuration.with_(sampling_seed=seed), facts, description)
+
+
 def _strategy(rung, argument, on, configuration, facts):
     current = configuration.factor_args.strategy
     if STRATEGY_ORDER.index(argument) <= STRATEGY_ORDER.index(current):
@@ -458,6 +474,7 @@ PLANNERS: dict[str, Planner] = {
     "track": _track,
     "shared": _flag((("factor_args", "has_shared_parameters"),)),
     "checkpoint": _checkpoint,
+    "sampling-seed": _sampling_seed,
     "strategy": _strategy,
     "set": _set,
 }

@@ -101,6 +101,7 @@ class Configuration:
     module_damping: tuple[tuple[str, float], ...] | None = None  # per-module damping (experiments only)
     tracked_modules: tuple[str, ...] | None = None  # the modules kronfluence tracks (None: the Task's own choice)
     recompute: str = "as given"  # the model's activation checkpointing: one of RECOMPUTE_FORMS
+    sampling_seed: int = 0  # the true Fisher's sampled targets: 0 the run's draw, another an independent one
     _keys: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -151,6 +152,8 @@ class Configuration:
         factor = self.factor_args.to_dict()
         covariance = {k: v for k, v in factor.items() if k not in EIGENDECOMPOSITION_FIELDS | LAMBDA_FIELDS}
         settings: list[Any] = [covariance, self.batch_size, self.task, self.tracked_modules, self.recompute]
+        if self.sampling_seed:  # (absent at 0, so that the keys of the run's own draw stay as they were)
+            settings.append({"sampling_seed": self.sampling_seed})
         if STAGES.index(stage) >= STAGES.index("eigendecomposition"):
             settings += [{k: factor[k] for k in sorted(EIGENDECOMPOSITION_FIELDS)}, self.shift]
         if STAGES.index(stage) >= STAGES.index("lambda"):

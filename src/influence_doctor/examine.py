@@ -25,6 +25,7 @@ from influence_doctor.checks.coverage import check_coverage, check_unsupported
 from influence_doctor.checks.damping import check_damping_sensitivity, check_low_rank_cost
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.headroom import check_projected_headroom
+from influence_doctor.checks.hooks import check_hooks
 from influence_doctor.checks.lambda_matrix import check_lambda
 from influence_doctor.checks.measures import spectrum_extremes
 from influence_doctor.checks.outcome import CheckOutcome
@@ -38,7 +39,12 @@ from influence_doctor.checks.scores import check_module_dominance, check_query_s
 from influence_doctor.checks.sizes import check_module_sizes
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import check_loss_curve, check_parameters
-from influence_doctor.checks.verdicts import check_fix_fidelity, refute_bounds, with_measured_effect
+from influence_doctor.checks.verdicts import (
+    check_fix_fidelity,
+    explain_recounted_covariance,
+    refute_bounds,
+    with_measured_effect,
+)
 from influence_doctor.findings import SEVERITY_RANK, Finding, fail, warn
 from influence_doctor.pipeline import STAGES
 
@@ -357,6 +363,9 @@ class Examiner:
                     record.findings = refute_bounds(record.findings, probes.refutes_bounds)
             if probes.batch_effect is not None:
                 stages["train"].findings = with_measured_effect(stages["train"].findings, probes.batch_effect)
+            if probes.hooks is not None:
+                record = stages["covariance"]
+                record.findings = explain_recounted_covariance(record.findings, probes.hooks, self.thresholds)
         if fix is not None:
             stage = next((n for n in ("pairwise_scores", "self_scores") if stages[n].completed), None)
             if stage is not None:
@@ -468,6 +477,8 @@ def probes_outcomes(
     if probes.low_rank is not None:
         rank, agreement = probes.low_rank
         yield "pairwise_scores", "low_rank", check_low_rank_cost("pairwise_scores", rank, agreement), "probes"
+    if probes.hooks is not None:
+        yield probes.score_stage, "hooks", check_hooks(probes.hooks, probes.score_stage, thresholds), "probes"
 
 
 def configured_dtypes(configuration: Any, stage: str) -> dict[str, str | None]:

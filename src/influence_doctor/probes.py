@@ -8,7 +8,8 @@
   all the data when one covariance pass fits the budget;
 - damping sensitivity: the rankings again with every module's own damping ×10 (damping is the user's
   modeling choice: the doctor only says how much it matters);
-- low-rank query gradients against full rank, and a Task that is not a sum at two train batch sizes.
+- low-rank query gradients against full rank, and a Task that is not a sum at two train batch sizes;
+- the hooks against autograd (`audit/hooks.py`), for the run's current configuration.
 
 Probes only measure: `examine.py` turns what they measured into findings with the pure checks.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from influence_doctor.audit.hooks import HooksAudit, audited
 from influence_doctor.changes import Target
 from influence_doctor.checks.headroom import Headroom, accumulated_maxima, project_headroom
 from influence_doctor.checks.precision import (
@@ -64,6 +66,8 @@ class Probes:
     low_rank: tuple[int, dict[str, float]] | None = None  # (rank, rankings against full rank)
     refutes_bounds: float | None = None  # float64 agrees: its worst median Spearman, which refutes the bounds
     batch_effect: str | None = None  # a Task that is not a sum: its measured effect on the rankings
+    hooks: HooksAudit | None = None  # the hooks against autograd (report.json's fidelity.hooks)
+    score_stage: str = "pairwise_scores"  # where the audits' findings go: the first score stage the run computes
 
 
 def measure_probes(run: Any, labs: Labs, thresholds: Thresholds | None = None, damping: bool = True) -> Probes:
@@ -84,6 +88,8 @@ def measure_probes(run: Any, labs: Labs, thresholds: Thresholds | None = None, d
         summary["low_rank"] = _timed(lambda: measure_low_rank_cost(run, labs, probes), labs)
     if _contract_broken(run):
         summary["batch_size"] = _timed(lambda: measure_batch_sensitivity(run, labs, probes), labs)
+    probes.score_stage = "pairwise_scores" if "pairwise" in run.session.kinds else "self_scores"
+    probes.hooks = audited(run, run.configuration, labs.probe)
     summary.update(examples=labs.probe.examples, queries=labs.probe.queries)
     return probes
 

@@ -126,21 +126,21 @@ class ScoreLimits:
     """The score matrices: outliers, query scale, negative self-influence, module dominance, damping."""
 
     outlier_mad: float = field(
-        default=69000.0,
+        default=65000.0,
         metadata={
             "help": "Warn when a pairwise score lies this many robust SDs (1.4826·MAD) from the median; influence "
             "is heavy-tailed (derived: healthy 99.5th percentile)."
         },
     )
     self_outlier_mad: float = field(
-        default=330000.0,
+        default=290000.0,
         metadata={
             "help": "The same for self-influence, whose tail is heavier still: a few hard examples carry most of "
             "it (derived: healthy 99.5th percentile)."
         },
     )
     query_scale_ratio: float = field(
-        default=36.0,
+        default=41.0,
         metadata={
             "help": "Warn when one query's median |score| is this many times the median query's (derived: "
             "healthy 99.5th percentile)."
@@ -151,7 +151,7 @@ class ScoreLimits:
         metadata={"help": "A self-influence below −this·eps·max|self| is negative for real: H was not PSD."},
     )
     module_dominance_share: float = field(
-        default=0.98,
+        default=0.99,
         metadata={
             "help": "Warn when one module carries more than this share of total |score| mass; the last layer of "
             "a healthy MLP often carries 90% (derived: healthy 99.5th percentile)."
@@ -189,6 +189,20 @@ class PrecisionLimits:
         metadata={
             "help": "Rankings reordered by a relative error below this many eps of the dtype are ties broken "
             "by rounding, not a wrong result."
+        },
+    )
+    hooks_error_sqrt_eps: float = field(
+        default=1.0,
+        metadata={
+            "help": "Relative error of kronfluence's hooks against autograd allowed, in √eps of the model's dtype: "
+            "a call the hooks miss is a share of the gradient (O(1)), rounding stays far below √eps (fp32 3.5e-4)."
+        },
+    )
+    seed_min_spearman: float = field(
+        default=0.9,
+        metadata={
+            "help": "Median per-query Spearman between two sampling seeds of the true Fisher (projected to the full "
+            "run) below which the rankings are one draw among many (a fidelity requirement, as for a fix)."
         },
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.findings import Finding, warn
@@ -37,6 +38,29 @@ def refute_bounds(findings: list[Finding], worst_spearman: float) -> list[Findin
         else f
         for f in findings
     ]
+
+
+def explain_recounted_covariance(findings: list[Finding], audit: Any, thresholds: Any) -> list[Finding]:
+    """A module whose activation covariance counted other examples than its gradient covariance, while the
+    covariance as a sum over its count agrees with plain forward passes (the hooks audit): a forward run
+    again (non-reentrant activation checkpointing) doubles the sum and the count alike, which changes nothing
+    kronfluence computes from them. The warning stays an `info`, saying so."""
+    from influence_doctor.checks.hooks import hooks_tolerance
+
+    if audit is None or audit.skipped:
+        return findings
+    tolerance = hooks_tolerance(audit.dtype, thresholds)
+    result = []
+    for f in findings:
+        error = audit.factors.get(f.subject) if f.check == "covariance.examples_equal" else None
+        if f.severity == "warn" and error is not None and error <= tolerance:
+            note = (
+                f" — the covariance as a sum over its count agrees with plain forward passes ({error:.1e}): the "
+                "forward ran again (e.g. activation checkpointing), counting the sum and the count alike."
+            )
+            f = dataclasses.replace(f, severity="info", message=f.message.rstrip(".") + note)
+        result.append(f)
+    return result
 
 
 def with_measured_effect(findings: list[Finding], effect: str) -> list[Finding]:

@@ -39,6 +39,7 @@ TRIAL_KINDS = frozenset(
         "reconstruction",
         "negative",
         "empty",
+        "hooks",
         "other",
     }
 )
@@ -92,6 +93,8 @@ def measure(symptom: Symptom, trial: Trial, lab: Lab, thresholds: Thresholds) ->
         return agreement["median_spearman"], wrong
     if symptom.kind == "reduction":
         return task_contract_measured(lab.run, trial.configuration, thresholds)
+    if symptom.kind == "hooks":
+        return hooks_measured(lab, trial.configuration, symptom, thresholds)
     if failure:
         return failure, True
     if symptom.kind == "projected":
@@ -133,6 +136,22 @@ def task_contract_measured(run: Any, configuration: Any, thresholds: Thresholds)
     probes = [p for p in record["probes"] if p["quantity"] == "train loss" and p.get("alone_sum")]
     ratio = probes[-1]["batch_value"] / probes[-1]["alone_sum"] if probes else None
     return ratio, any(f.severity == "fail" for f in outcome.findings)
+
+
+def hooks_measured(lab: Lab, configuration: Any, symptom: Symptom, thresholds: Thresholds) -> tuple[float | None, bool]:
+    """The hooks audited again under `configuration`: the worst relative error of the symptom's modules, and
+    whether any is still beyond its tolerance."""
+    from influence_doctor.audit.hooks import audited
+    from influence_doctor.checks.hooks import failing_modules
+
+    audit = audited(lab.run, configuration, lab)
+    if audit is None or audit.skipped:
+        return None, False
+    modules = {f.subject for f in symptom.findings}
+    wrong = {m: e for m, e in failing_modules(audit, thresholds).items() if m in modules}
+    errors = [audit.gradients.get(m, audit.factors.get(m, audit.scores.get(m, math.nan))) for m in modules]
+    finite = [e for e in errors if not math.isnan(e)]
+    return (max(wrong.values()) if wrong else max(finite, default=math.nan)), bool(wrong)
 
 
 def _trial_findings(trial: Trial, stage: str, thresholds: Thresholds) -> list:
@@ -298,7 +317,8 @@ def investigate(symptom: Symptom, context: Context, labs: Labs | None, threshold
     for rule in rules:
         for hypothesis in rule.hypotheses_for(symptom, context):
             if not hypothesis.steps:  # measured directly: the symptom is the proof
-                return _problem(hypothesis, symptom, [], confirmed=True, lab=None)
+                lab = "probe" if symptom.kind == "hooks" and labs is not None and labs.enabled else None
+                return _problem(hypothesis, symptom, [], confirmed=True, lab=lab)
     located = reproduce(labs, symptom, thresholds) if labs is not None else None
     if located is None:  # nothing to experiment on: the checks' suspicion, said to be unconfirmed
         presumed = next((f.cause for f in symptom.findings if f.cause), None)

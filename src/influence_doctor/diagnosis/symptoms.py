@@ -40,6 +40,9 @@ KIND_OF_CHECK: dict[str, str] = {
     "covariance.projected_headroom": "projected",
     "lambda.projected_headroom": "projected",
     "scores.projected_headroom": "projected",
+    "hooks.gradients": "hooks",
+    "hooks.factors": "hooks",
+    "hooks.scores": "hooks",
 }
 """Fail checks → symptom kind. Training fails are `training`, stage errors `raised` (or `oom`)."""
 
@@ -74,6 +77,7 @@ MEASUREMENTS: dict[str, str] = {
     "projected": "non-finite entries in {stage} accumulated over all the training data",
     "empty": "modules that saw no examples",
     "oom": "{stage} ran out of memory",
+    "hooks": "worst relative error of a module's hooks against autograd",
     "other": "failing checks in {stage}",
 }
 

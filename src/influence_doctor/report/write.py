@@ -42,6 +42,8 @@ def write_report(
     fidelity: dict[str, Any] = {"probes": run.probes}
     if float64 := _final_float64_agreement(run.probes):
         fidelity["float64"] = float64
+    if treatment.probes is not None and treatment.probes.hooks is not None:
+        fidelity["hooks"] = treatment.probes.hooks.summary()
     if treatment.applied or run.configuration != run.asked:  # a rung, or the coverage the run went on with
         prescription = prescription_for(run.asked, run.configuration)
         if treatment.fix is not None:

@@ -198,18 +198,21 @@ def summed_task(task: Any) -> Any:
 
 def wrapped_task(task: Any, summed: bool = False, tracked: tuple[str, ...] | None = None) -> Any:
     """The user's Task as a configuration hands it to kronfluence: with each batch's loss and measurement
-    multiplied by the batch's size (`summed`), and naming the modules to track (`tracked`); the Task
-    itself when neither applies."""
+    multiplied by the batch's size (`summed`), naming the modules to track (`tracked`), and drawing the
+    true Fisher's sampled targets per example from the stage's seed (`runner.sampling`)."""
     from kronfluence.task import Task
 
-    if not summed and tracked is None:
-        return task
+    from influence_doctor.runner.sampling import sampled_batch
 
     class ConfiguredTask(Task):
         enable_post_process_per_sample_gradient = getattr(task, "enable_post_process_per_sample_gradient", False)
 
         def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
-            loss = task.compute_train_loss(batch, model, sample)
+            if sample:
+                with sampled_batch(batch_size_of(batch)):
+                    loss = task.compute_train_loss(batch, model, sample)
+            else:
+                loss = task.compute_train_loss(batch, model, sample)
             return loss * batch_size_of(batch) if summed else loss
 
         def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:

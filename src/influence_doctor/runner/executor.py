@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from influence_doctor import distributed
 from influence_doctor.configuration import Configuration
 from influence_doctor.environment import seed_everything
 from influence_doctor.pipeline import FACTOR_STAGES, INFLUENCE_STAGES, SCORE_STAGE_OF, STAGES
-from influence_doctor.runner import calls
+from influence_doctor.runner import calls, sampling
 from influence_doctor.runner.batch_clock import ForwardClock
 from influence_doctor.runner.doctored import doctor_covariances, write_factors
 from influence_doctor.runner.memory import PeakMemory
@@ -344,6 +345,7 @@ class Executor:
             with (
                 calls.task_in_force(analyzer, self.session.task_for(configuration)),
                 model_form(configuration),
+                self._draws(configuration, stage),
                 PeakMemory(self.session.device) if measured else nullcontext() as peak,
                 ForwardClock(model) if measured else nullcontext() as clock,
             ):
@@ -455,6 +457,14 @@ class Executor:
             )
         return self._results[cache_key]
 
+    def _draws(self, configuration: Configuration, stage: str, first_example: int = 0) -> Any:
+        """The true Fisher's targets for one stage: drawn per example from the run's seed, the
+        configuration's sampling seed and the stage, identical in every trial at that seed."""
+        world = distributed.current()  # each rank draws its own examples' targets when kronfluence shards them
+        rank = world.rank if world.distributed and distributed.kronfluence_distributes() else 0
+        seed = sampling.stage_seed(self.session.seed, configuration.sampling_seed, STAGES.index(stage), rank)
+        return sampling.drawing(seed, first_example)
+
     def _record_arguments(self, configuration: Configuration, folder: str) -> None:
         """For a strategy that fits no covariance, kronfluence's covariance call still writes the factor
         arguments that the later stages read."""
@@ -499,7 +509,11 @@ class Executor:
             name = f"full-covariance-{key}-{index + 1}"
             try:
                 _model, analyzer = session.prepared_for(configuration)
-                with calls.task_in_force(analyzer, session.task_for(configuration)), model_form(configuration):
+                with (
+                    calls.task_in_force(analyzer, session.task_for(configuration)),
+                    model_form(configuration),
+                    self._draws(configuration, "covariance", first_example=start),
+                ):
                     calls.fit_covariance(analyzer, name, part, batch, configuration.factor_args)
                 artifact = calls.load(analyzer, "covariance", name)
             except Exception as exc:  # an allocator or kronfluence failure: the measurement did not happen

@@ -31,6 +31,7 @@ class Run:
     started: float | None = None  # time.perf_counter() when the diagnosis began, for the report's timing
     stopped_in: str | None = None  # where a stopped run stopped, outside any stage ("checks", "remedy 2")
     rehearsal: Scope | None = None  # the rehearsal's data, once its size is chosen: the run's scope
+    audits: dict[str, Any] = field(default_factory=dict)  # configuration key → its hooks audit (audit/hooks.py)
 
     def stage_results(self) -> dict[str, StageResult]:
         """The train stage's result and the run's trial's (or the one whose stages were running)."""

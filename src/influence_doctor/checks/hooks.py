@@ -1,0 +1,122 @@
+"""The hooks against autograd, judged (the measurement is `audit/hooks.py`).
+
+A module whose gradient inner products, activation covariance or recomputed scores disagree with the
+model's own computation beyond √eps of the model's dtype is a measured `fail` (`hooks.gradients`,
+`hooks.factors`, `hooks.scores`). When it runs more than once per forward and the hooks agree with
+autograd of its last call alone, the cause is measured too (`shared-parameters`). A weight tied to
+another module's is a `warn` with the share of the parameter's gradient the hooks see: the module's own
+use is computed right, the other use is not in the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from influence_doctor.causes import SHARED_PARAMETERS
+from influence_doctor.checks.outcome import CheckOutcome, fmt
+from influence_doctor.checks.thresholds import Thresholds, eps
+from influence_doctor.findings import fail, info, warn
+
+HOOK_CHECKS = ("hooks.gradients", "hooks.factors", "hooks.scores")
+"""The measured failures of the audit (each a symptom of kind `hooks`)."""
+
+
+def hooks_tolerance(dtype: torch.dtype, thresholds: Thresholds) -> float:
+    """The relative error beyond which the hooks disagree with autograd for a model in `dtype`."""
+    return thresholds.precision.hooks_error_sqrt_eps * math.sqrt(eps(dtype))
+
+
+def failing_modules(audit: Any, thresholds: Thresholds) -> dict[str, float]:
+    """module → its worst relative error beyond the tolerance (gradients, factors or scores)."""
+    tolerance = hooks_tolerance(audit.dtype, thresholds)
+    worst: dict[str, float] = {}
+    for errors in (audit.gradients, audit.factors, audit.scores):
+        for module, error in errors.items():
+            if error > tolerance:  # NaN: a non-finite reference (a broken model) judges nothing
+                worst[module] = max(worst.get(module, 0.0), error)
+    return worst
+
+
+def check_hooks(audit: Any, stage: str, thresholds: Thresholds) -> CheckOutcome:
+    """Findings of one audit, on the first score stage (the scores are what a wrong hook makes wrong)."""
+    outcome = CheckOutcome()
+    if audit is None or audit.skipped:
+        return outcome
+    tolerance = hooks_tolerance(audit.dtype, thresholds)
+    dtype = str(audit.dtype).replace("torch.", "")
+    wrong_gradients = set()
+    for module, error in audit.gradients.items():
+        if not error > tolerance:  # within it, or NaN: a non-finite reference (a broken model) judges nothing
+            continue
+        wrong_gradients.add(module)
+        calls = audit.calls.get(module, 1)
+        last = audit.last_call.get(module)
+        message = (
+            f"{module}'s per-example gradient inner products as kronfluence's hooks compute them are off by "
+            f"{error:.0%} against autograd on {audit.examples} examples and {audit.queries} queries"
+        )
+        cause = None
+        if calls > 1 and last is not None and last <= tolerance:
+            message += (
+                f": it runs {calls} times per forward, and the hooks agree with autograd of its last call alone "
+                f"({fmt(last)}), so they see one call of {calls}. has_shared_parameters=True sums the calls for "
+                "the factors only; if it does not heal, leave the module untracked or give each call its own module"
+            )
+            cause = SHARED_PARAMETERS
+        elif calls > 1:
+            message += f": it runs {calls} times per forward"
+        outcome.findings.append(
+            fail(
+                "hooks.gradients", message + ".", subject=module, value=error, limit=tolerance, cause=cause, stage=stage
+            )
+        )
+    for module, error in audit.factors.items():
+        if error > tolerance and module not in wrong_gradients:
+            outcome.findings.append(
+                fail(
+                    "hooks.factors",
+                    f"{module}'s activation covariance (sum over count) differs from plain forward passes by "
+                    f"{fmt(error)} (tolerance {fmt(tolerance)}, √eps of {dtype}).",
+                    subject=module,
+                    value=error,
+                    limit=tolerance,
+                    stage=stage,
+                )
+            )
+    for module, error in audit.scores.items():
+        if error > tolerance and module not in wrong_gradients:
+            outcome.findings.append(
+                fail(
+                    "hooks.scores",
+                    f"{module}'s scores recomputed from kronfluence's own factors with autograd's gradients differ "
+                    f"from kronfluence's by {fmt(error)} of the largest score they could give (tolerance "
+                    f"{fmt(tolerance)}).",
+                    subject=module,
+                    value=error,
+                    limit=tolerance,
+                    stage=stage,
+                )
+            )
+    for module, (other, share) in audit.tied.items():
+        outcome.findings.append(
+            warn(
+                "hooks.tied",
+                f"{module}'s weight is also {other}'s: the hooks see its own use, {share:.0%} of the parameter's "
+                f"gradient (median over {audit.examples} examples); the rest flows through {other}, which the scores "
+                "leave out.",
+                subject=module,
+                value=share,
+                cause=SHARED_PARAMETERS,
+                stage=stage,
+            )
+        )
+    if audit.left_out:
+        names = ", ".join(sorted(audit.left_out))
+        outcome.findings.append(
+            info("hooks.left_out", f"Not audited against autograd (too large for its budget): {names}.", stage=stage)
+        )
+    outcome.metrics = {"worst": audit.worst, "tolerance": tolerance, "modules": len(audit.gradients)}
+    return outcome
