@@ -400,6 +400,22 @@ SCORE_OUTLIERS = Cause(
     "a few scores dwarf all others",
     "a warning of the score checks, calibrated on healthy pipelines",
 )
+FROZEN_TRACKED = Cause(
+    "frozen-tracked",
+    "kronfluence tracks modules the training never changed (a LoRA fine-tune's frozen base layers): their "
+    "gradients enter every score",
+    "measured: the tracked parameters fingerprinted before and after training, and the rankings with only the "
+    "trained modules tracked, at the same sampling seed",
+    treatable=False,
+)
+FISHER_SAMPLING_NOISE = Cause(
+    "fisher-sampling-noise",
+    "the true Fisher's factors are Monte-Carlo estimates from sampled targets: the rankings change with the "
+    "sampling seed",
+    "measured: the factors refitted with a second sampling seed rank the examples differently (at the rehearsal's "
+    "size, projected to the full run from the measured trend)",
+    treatable=False,
+)
 UNTRACKED_MODULES = Cause(
     "untracked-modules",
     "parameters outside kronfluence's tracked modules are invisible to the scores",
@@ -429,6 +445,8 @@ CAUSES: tuple[Cause, ...] = (
     ASYMMETRIC,
     SCORE_OUTLIERS,
     UNTRACKED_MODULES,
+    FROZEN_TRACKED,
+    FISHER_SAMPLING_NOISE,
 )
 """The table, in the order its rows are tried: direct measurements, then the cheapest single-setting
 explanations, then a broken model; rows no symptom suggests (warnings only) last."""

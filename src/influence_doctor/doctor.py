@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from influence_doctor import distributed
+from influence_doctor.audit.seed import measure_seed
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.configuration import Configuration
 from influence_doctor.diagnosis import Problem
@@ -173,8 +174,24 @@ def _treat(
         run.probes = treatment.probes.summary
         examiner.examine(treatment.probes)
     treatment.problems = treatment.initial_problems = differential_diagnosis(run, labs, thresholds)
-    if not (fix and any(problem.treatable for problem in treatment.initial_problems)):
-        return
+    if fix and any(problem.treatable for problem in treatment.initial_problems):
+        _heal(run, examiner, treatment, reporter, thresholds, ladders, labs)
+    if labs.enabled and not treatment.problems:  # the rankings of what the user will run, one draw or many
+        reporter.note("refitting the factors with a second sampling seed")
+        bar = (thresholds or Thresholds()).precision.seed_min_spearman
+        examiner.seed = measure_seed(run, labs, run.configuration, bar)
+
+
+def _heal(
+    run: Run,
+    examiner: Examiner,
+    treatment: Treatment,
+    reporter: StageProgress,
+    thresholds: Thresholds | None,
+    ladders: Mapping[str, list[str]] | None,
+    labs: Labs,
+) -> None:
+    """Climb the ladders, probe the healed configuration, and measure what the fix cost."""
     treatment.result = heal(
         run,
         treatment.initial_problems,

@@ -21,7 +21,7 @@ import torch
 from influence_doctor.checks.conditioning import check_damped_spectrum
 from influence_doctor.checks.contract import check_examples_finite, check_task_contract
 from influence_doctor.checks.covariance import check_covariance_sum, check_examples_processed, overflow_prone
-from influence_doctor.checks.coverage import check_coverage, check_unsupported
+from influence_doctor.checks.coverage import check_coverage, check_frozen, check_unsupported
 from influence_doctor.checks.damping import check_damping_sensitivity, check_low_rank_cost
 from influence_doctor.checks.eigendecomposition import check_eigenpairs
 from influence_doctor.checks.headroom import check_projected_headroom
@@ -36,6 +36,7 @@ from influence_doctor.checks.precision import (
     check_stored_dtypes,
 )
 from influence_doctor.checks.scores import check_module_dominance, check_query_scale, check_scores, total_scores
+from influence_doctor.checks.seed import check_seed
 from influence_doctor.checks.sizes import check_module_sizes
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import check_loss_curve, check_parameters
@@ -43,6 +44,7 @@ from influence_doctor.checks.verdicts import (
     check_fix_fidelity,
     explain_recounted_covariance,
     refute_bounds,
+    with_frozen_effect,
     with_measured_effect,
 )
 from influence_doctor.findings import SEVERITY_RANK, Finding, fail, warn
@@ -305,6 +307,7 @@ def examine_training(evidence: Any, monitor: Any, model: Any, contract: Any, thr
         exam.add("examples", check_examples_finite(alone.get("train"), alone.get("query")))
     if evidence.coverage is not None:
         exam.add("coverage", check_coverage(evidence.coverage, thresholds))
+    exam.add("frozen", check_frozen(evidence.frozen_tracked, evidence.trained_tracked))
     if model is not None:
         exam.add("parameters", check_parameters(dict(model.named_parameters())))
     if evidence.rank_parameter_drift:
@@ -333,6 +336,7 @@ class Examiner:
         self.thresholds = thresholds or Thresholds()
         self._own: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._probed: tuple[Any, list[tuple[str, str, CheckOutcome, str]]] | None = None
+        self.seed: Any = None  # the rankings against a second sampling seed (audit/seed.py), measured once
 
     def verdict(self, result: Any) -> str:
         """A stage's status once its own checks ran (the progress line's)."""
@@ -363,9 +367,16 @@ class Examiner:
                     record.findings = refute_bounds(record.findings, probes.refutes_bounds)
             if probes.batch_effect is not None:
                 stages["train"].findings = with_measured_effect(stages["train"].findings, probes.batch_effect)
+            if probes.frozen_effect is not None:
+                stages["train"].findings = with_frozen_effect(stages["train"].findings, probes.frozen_effect)
             if probes.hooks is not None:
                 record = stages["covariance"]
                 record.findings = explain_recounted_covariance(record.findings, probes.hooks, self.thresholds)
+        if self.seed is not None:
+            stage = next((n for n in ("pairwise_scores", "self_scores") if stages[n].completed), None)
+            if stage is not None:
+                outcome = check_seed(self.seed, stage, self.thresholds)
+                stages[stage].findings = [*stages[stage].findings, *outcome.findings]
         if fix is not None:
             stage = next((n for n in ("pairwise_scores", "self_scores") if stages[n].completed), None)
             if stage is not None:

@@ -67,6 +67,7 @@ class Probes:
     refutes_bounds: float | None = None  # float64 agrees: its worst median Spearman, which refutes the bounds
     batch_effect: str | None = None  # a Task that is not a sum: its measured effect on the rankings
     hooks: HooksAudit | None = None  # the hooks against autograd (report.json's fidelity.hooks)
+    frozen_effect: str | None = None  # tracking only the trained modules: its measured effect on the rankings
     score_stage: str = "pairwise_scores"  # where the audits' findings go: the first score stage the run computes
 
 
@@ -88,6 +89,9 @@ def measure_probes(run: Any, labs: Labs, thresholds: Thresholds | None = None, d
         summary["low_rank"] = _timed(lambda: measure_low_rank_cost(run, labs, probes), labs)
     if _contract_broken(run):
         summary["batch_size"] = _timed(lambda: measure_batch_sensitivity(run, labs, probes), labs)
+    evidence = run.session.evidence
+    if evidence.frozen_tracked and evidence.trained_tracked and run.configuration == run.asked:
+        summary["frozen"] = _timed(lambda: measure_frozen_effect(run, labs, probes), labs)
     probes.score_stage = "pairwise_scores" if "pairwise" in run.session.kinds else "self_scores"
     probes.hooks = audited(run, run.configuration, labs.probe)
     summary.update(examples=labs.probe.examples, queries=labs.probe.queries)
@@ -293,6 +297,27 @@ def measure_batch_sensitivity(run: Any, labs: Labs, probes: Probes) -> dict[str,
         f"a median per-query Spearman of {agreement['median_spearman']:.4f}"
     )
     return {"batch_sizes": [batch, other], kind: agreement}
+
+
+def measure_frozen_effect(run: Any, labs: Labs, probes: Probes) -> dict[str, Any]:
+    """The rankings with only the modules the training changed tracked, against all of them (same seed)."""
+    lab: Lab = labs.probe
+    base = lab.configured()
+    trained = ",".join(run.session.evidence.trained_tracked)
+    only, why = lab.counterfactual(base, f"track:{trained}", Target("covariance"))
+    if only is None:
+        return {"skipped": why}
+    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
+    before, after = base.scores(kind), only.scores(kind)
+    if before is None or after is None:
+        return {"skipped": "the scores did not complete with both sets of modules"}
+    agreement = score_agreement(after, before)
+    probes.frozen_effect = (
+        f"Measured on {lab.examples} examples at the same sampling seed: {kind} rankings with only the trained "
+        f"modules tracked agree with all of them at a median per-query Spearman of {agreement['median_spearman']:.3f} "
+        f"(top-10 overlap {agreement['top_overlap']:.2f})"
+    )
+    return {"modules": len(run.session.evidence.trained_tracked), kind: agreement}
 
 
 def _configured_storage(run: Any) -> dict[str, dict[str, str]]:

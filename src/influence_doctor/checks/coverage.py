@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from influence_doctor.causes import UNSUPPORTED_MODULE, UNTRACKED_MODULES
+from influence_doctor.causes import FROZEN_TRACKED, UNSUPPORTED_MODULE, UNTRACKED_MODULES
 from influence_doctor.checks.outcome import CheckOutcome
 from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.findings import fail, info, warn
@@ -193,4 +193,32 @@ def check_unsupported(record: Mapping[str, Any]) -> CheckOutcome:
             stage="train",
         )
     )
+    return outcome
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f", … {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_frozen(frozen: list[str], trained: list[str]) -> CheckOutcome:
+    """`train.frozen_tracked` (warn): tracked modules the training never changed, beside modules it did (a
+    LoRA fine-tune's frozen base layers). Their gradients enter every score; whether they belong there is
+    the user's choice, so the list that tracks only what was trained is given, never applied."""
+    outcome = CheckOutcome()
+    if not frozen or not trained:
+        return outcome
+    shown = _listed(frozen)
+    outcome.findings.append(
+        warn(
+            "train.frozen_tracked",
+            f"kronfluence tracks {len(frozen)} module(s) the training never changed ({shown}) beside the "
+            f"{len(trained)} it trained: their gradients enter every score. To analyse only what was trained, "
+            f"return the trained modules from the Task's get_influence_tracked_modules ({_listed(trained)}; all "
+            "of them in the train stage's metrics, frozen_tracked.trained).",
+            subject=", ".join(frozen),
+            value=float(len(frozen)),
+            cause=FROZEN_TRACKED,
+        )
+    )
+    outcome.metrics = {"frozen": list(frozen), "trained": list(trained)}
     return outcome

@@ -74,6 +74,16 @@ def with_measured_effect(findings: list[Finding], effect: str) -> list[Finding]:
     ]
 
 
+def with_frozen_effect(findings: list[Finding], effect: str) -> list[Finding]:
+    """The frozen-tracked warning with the measured effect of tracking only the trained modules."""
+    return [
+        dataclasses.replace(f, message=f.message.rstrip(".") + f". {effect}.")
+        if f.check == "train.frozen_tracked" and "measured on" not in f.message
+        else f
+        for f in findings
+    ]
+
+
 def check_fix_fidelity(stage: str, fix: Mapping[str, object]) -> CheckOutcome:
     """`scores.fix_fidelity` (warn, which the gate of that name fails): a fix that moved the rankings further
     than `min_fix_spearman` allows is worse than the problem it healed, or close to it."""

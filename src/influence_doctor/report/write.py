@@ -44,6 +44,8 @@ def write_report(
         fidelity["float64"] = float64
     if treatment.probes is not None and treatment.probes.hooks is not None:
         fidelity["hooks"] = treatment.probes.hooks.summary()
+    if examiner.seed is not None:
+        fidelity["seed"] = examiner.seed.summary()
     if treatment.applied or run.configuration != run.asked:  # a rung, or the coverage the run went on with
         prescription = prescription_for(run.asked, run.configuration)
         if treatment.fix is not None:

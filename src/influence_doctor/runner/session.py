@@ -50,6 +50,8 @@ class TrainEvidence:
     coverage: CoverageFacts | None = None
     examples_alone: dict[str, Any] | None = None  # the analysed examples and queries, each alone
     preflight: dict[str, Any] | None = None  # each tracked module's factor sizes and eigendecomposition cost
+    frozen_tracked: list[str] = field(default_factory=list)  # tracked modules the training left unchanged
+    trained_tracked: list[str] = field(default_factory=list)  # tracked modules the training changed
 
     def contract(self, task_form: str = "as given") -> dict[str, Any] | None:
         return self.contracts.get(task_form)
@@ -78,6 +80,8 @@ class TrainEvidence:
             metrics["examples_alone"] = self.examples_alone
         if self.preflight is not None:
             metrics["preflight"] = self.preflight
+        if self.frozen_tracked and self.trained_tracked:
+            metrics["frozen_tracked"] = {"frozen": self.frozen_tracked, "trained": self.trained_tracked}
         return metrics
 
 
@@ -247,10 +251,14 @@ def _train_and_measure(session: Session, model: Any) -> None:
         result.calls.append("train")
         sample = _loss_sample(session)
         start = _measure_start(session, model, sample)
+        before = _fingerprints(session, model)
         began = time.perf_counter()
         pipeline.train(model, session.train_dataset, session.monitor)
         evidence.training_seconds = time.perf_counter() - began  # the user's own loop
         evidence.trained = True
+        after = _fingerprints(session, model)
+        evidence.frozen_tracked = [name for name in before if after.get(name) == before[name]]
+        evidence.trained_tracked = [name for name in before if after.get(name) != before[name]]
         _measure_end(session, model, sample, start)
     else:
         result.reason = "the pipeline gives no train function: the model is analysed as built"
@@ -261,6 +269,27 @@ def _train_and_measure(session: Session, model: Any) -> None:
     )
     _prepare_analysis(session, model)
     evidence.examples_alone = _examples_alone(session)
+
+
+def _fingerprints(session: Session, model: Any) -> dict[str, tuple[float, ...]]:
+    """Each module kronfluence will track → the float64 sum and sum of squares of its own parameters: an
+    optimizer step changes them, a frozen module keeps them to the bit."""
+    import torch
+
+    from influence_doctor.runner.preflight import tracked_modules
+
+    names = set(session.tracked) if session.tracked is not None else None
+    prints: dict[str, tuple[float, ...]] = {}
+    with torch.no_grad():
+        for name, module in tracked_modules(model, session.pipeline.task if names is None else None).items():
+            if names is not None and name not in names:
+                continue
+            values: list[float] = []
+            for parameter in module.parameters(recurse=False):
+                as64 = parameter.detach().to(torch.float64)
+                values += [float(as64.sum()), float((as64 * as64).sum())]
+            prints[name] = tuple(values)
+    return prints
 
 
 def _loss_sample(session: Session) -> Any:
