@@ -64,4 +64,8 @@ def test_a_factor_error_the_rankings_do_not_show_is_info(tmp_path):
     factor_errors = [f for f in report.findings if f.check in ("lambda.precision", "covariance.precision")]
     assert factor_errors, "the float32 Λ is measurably off float64 here: the finding must be on record"
     assert all(f.severity == "info" and "the scores do not show it" in f.message for f in factor_errors)
-    assert not [f for f in report.findings if f.severity in ("warn", "fail")]
+    # 128 examples at kronfluence's default damping: two sampling seeds of the true Fisher rank differently,
+    # which is measured and said (a warn), never a precision problem
+    noise = [f for f in report.findings if f.check == "scores.sampling_seed"]
+    assert [f.cause for f in noise] == ["fisher-sampling-noise"] and noise[0].severity == "warn"
+    assert not [f for f in report.findings if f.severity in ("warn", "fail") and f not in noise]
