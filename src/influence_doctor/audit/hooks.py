@@ -123,7 +123,8 @@ def measure_hooks(run: Any, configuration: Configuration, factors_lab: Lab | Non
     collate = session.pipeline.collate
     train_gradients = copy_.gradients(task, collate, trains, modules, measurement=False)
     query_gradients = copy_.gradients(task, collate, queries, modules, measurement=True)
-    identity = lab.trial(_identity(configuration), label="the hooks' own gradients (identity, per module)")
+    kinds = ("pairwise",) if "pairwise" in session.kinds and queries else ("self",)
+    identity = lab.trial(_identity(configuration), kinds, label="the hooks' own gradients (identity, per module)")
     pairwise = identity.artifacts.get("pairwise_scores") or {}
     self_scores = identity.artifacts.get("self_scores") or {}
     for module in modules:
@@ -147,7 +148,7 @@ def measure_hooks(run: Any, configuration: Configuration, factors_lab: Lab | Non
     for module, (other, full) in copy_.tied_gradients(task, collate, trains, modules, train_gradients).items():
         audit.tied[module] = (other, full)
     audit.factors = _factors(run, configuration, copy_, factors_lab or lab, modules)
-    audit.scores = _scores(run, configuration, lab, query_gradients, train_gradients, modules)
+    audit.scores = _scores(run, configuration, factors_lab or lab, query_gradients, train_gradients, modules)
     audit.seconds = time.perf_counter() - started
     return audit
 
@@ -473,34 +474,38 @@ def _factors(
 def _scores(
     run: Any,
     configuration: Configuration,
-    lab: Lab,
+    factors_lab: Lab,
     query_gradients: dict[str, torch.Tensor],
     train_gradients: dict[str, torch.Tensor],
     modules: list[str],
 ) -> dict[str, float]:
-    """A few pairs' per-module scores recomputed from kronfluence's saved factors with autograd's gradients,
-    against kronfluence's: the largest error as a share of the largest score those gradients could give
-    through the preconditioner (‖g_q‖·‖g_t‖·max 1/(Λ+λ))."""
+    """A few pairs' scores recomputed from the factors of the float64 reference the probes already ran (its
+    eigenvectors, Λ and damping) with autograd's gradients, summed over the modules, against that run's
+    scores: {"all_modules": the largest error as a share of the largest score those gradients could give
+    through the preconditioner, Σ_m ‖g_q,m‖·‖g_t,m‖·max 1/(Λ_m+λ)}. No kronfluence call of its own; the
+    per-module localisation is the gradients' comparison."""
     strategy = configuration.factor_args.strategy
     if strategy not in ("ekfac", "kfac", "diagonal") or not query_gradients or "pairwise" not in run.session.kinds:
         return {}
-    trial = lab.trial(_per_module(configuration), label="kronfluence's per-module scores, float64")
-    scores = trial.artifacts.get("pairwise_scores") or {}
+    if set(modules) != set(train_gradients) or len(modules) < len(_tracked(run, configuration)):
+        return {}  # a module left out: the sum over modules cannot be recomputed
+    trial = factors_lab.measured(float64(configuration))
+    if trial is None or "pairwise_scores" not in trial.artifacts:
+        return {}
+    theirs = trial.scores("pairwise")
     eigen = trial.artifacts.get("eigendecomposition") or {}
     lambdas = trial.artifacts.get("lambda") or {}
     damping = configuration.score_args.damping_factor
-    result = {}
+    pairs = min(SCORE_PAIRS, theirs.shape[0]), min(SCORE_PAIRS, theirs.shape[1])
+    recomputed = torch.zeros(pairs, dtype=torch.float64)
+    bound = torch.zeros(pairs, dtype=torch.float64)
     for module in modules:
-        if module not in scores or module not in query_gradients:
-            continue
         shape = _gradient_shape(run, module, query_gradients[module].shape[1], eigen, lambdas)
-        if shape is None:
-            continue
-        inverse = _inverse_lambda(strategy, module, eigen, lambdas, damping, shape)
+        inverse = _inverse_lambda(strategy, module, eigen, lambdas, damping, shape) if shape else None
         if inverse is None:
-            continue
-        q = query_gradients[module][:SCORE_PAIRS].reshape(-1, *shape)
-        t = train_gradients[module][:SCORE_PAIRS].reshape(-1, *shape)
+            return {}
+        q = query_gradients[module][: pairs[0]].reshape(-1, *shape)
+        t = train_gradients[module][: pairs[1]].reshape(-1, *shape)
         if strategy == "diagonal":
             preconditioned = q * inverse
         else:
@@ -508,13 +513,19 @@ def _scores(
             activation_vectors = eigen["activation_eigenvectors"][module].double()
             rotated = gradient_vectors.T @ q @ activation_vectors
             preconditioned = gradient_vectors @ (rotated * inverse) @ activation_vectors.T
-        recomputed = torch.einsum("qoi,toi->qt", preconditioned, t)
-        theirs = scores[module].double().cpu()[: q.shape[0], : t.shape[0]]
-        largest = float(inverse.abs().max())
-        scale = torch.outer(q.reshape(q.shape[0], -1).norm(dim=1), t.reshape(t.shape[0], -1).norm(dim=1)) * largest
-        denominator = float(scale.max())
-        result[module] = float((theirs - recomputed).abs().max()) / denominator if denominator > 0 else 0.0
-    return result
+        recomputed += torch.einsum("qoi,toi->qt", preconditioned, t)
+        norms = torch.outer(q.reshape(q.shape[0], -1).norm(dim=1), t.reshape(t.shape[0], -1).norm(dim=1))
+        bound += norms * float(inverse.abs().max())
+    error = (theirs[: pairs[0], : pairs[1]] - recomputed).abs()
+    largest = float(bound.max())
+    return {"all_modules": float(error.max()) / largest if largest > 0 else 0.0}
+
+
+def _tracked(run: Any, configuration: Configuration) -> list[str]:
+    from kronfluence.module.tracked_module import TrackedModule
+
+    model, _analyzer = run.session.prepared_for(configuration)
+    return [m.name for m in model.modules() if isinstance(m, TrackedModule)]
 
 
 def _gradient_shape(

@@ -94,11 +94,13 @@ def _measure(run: Any, labs: Labs, configuration: Configuration, bar: float) -> 
     other = changes.apply(f"sampling-seed:{SECOND_SEED}", configuration)
     probe, rehearsal = labs.probe, labs.rehearsal
     columns = probe.examples
-    on_probe = _agreement(probe.trial(configuration), probe.trial(other, label="second sampling seed"), kind)
+    kinds = (kind,)  # one kind of scores is what the rankings are compared on
+    second_seed = "second sampling seed"
+    on_probe = _agreement(probe.trial(configuration, kinds), probe.trial(other, kinds, label=second_seed), kind)
     result.trend.append((probe.examples, on_probe["median_spearman"]))
     measured = on_probe
     if rehearsal is not None and rehearsal.examples > probe.examples:
-        first, second = rehearsal.trial(configuration), rehearsal.trial(other, label="second sampling seed")
+        first, second = rehearsal.trial(configuration, kinds), rehearsal.trial(other, kinds, label=second_seed)
         measured = _agreement(first, second, kind)
         result.trend.append((rehearsal.examples, _agreement(first, second, kind, columns)["median_spearman"]))
     result.examples = rehearsal.examples if rehearsal is not None else probe.examples
@@ -172,7 +174,10 @@ def _options(
     probe = labs.probe
     options: dict[str, dict[str, Any]] = {}
     empirical = changes.apply("set:factor_args.use_empirical_fisher=True", configuration)
-    against_true = _agreement(probe.trial(configuration), probe.trial(empirical, label="empirical Fisher"), kind)
+    kinds = (kind,)
+    against_true = _agreement(
+        probe.trial(configuration, kinds), probe.trial(empirical, kinds, label="empirical Fisher"), kind
+    )
     options["empirical_fisher"] = {
         "seed_median_spearman": 1.0,
         "against_true_fisher": against_true["median_spearman"],
@@ -181,7 +186,9 @@ def _options(
     if configuration.score_args.damping_factor is not None:
         heuristic = changes.apply("damping:heuristic", configuration)
         other_heuristic = changes.apply("damping:heuristic", other)
-        agreement = _agreement(probe.trial(heuristic), probe.trial(other_heuristic, label="second seed"), kind)
+        agreement = _agreement(
+            probe.trial(heuristic, kinds), probe.trial(other_heuristic, kinds, label="second seed"), kind
+        )
         options["damping_heuristic"] = {
             "seed_median_spearman": agreement["median_spearman"],
             "examples": probe.examples,

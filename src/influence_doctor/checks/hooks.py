@@ -91,8 +91,8 @@ def check_hooks(audit: Any, stage: str, thresholds: Thresholds) -> CheckOutcome:
             outcome.findings.append(
                 fail(
                     "hooks.scores",
-                    f"{module}'s scores recomputed from kronfluence's own factors with autograd's gradients differ "
-                    f"from kronfluence's by {fmt(error)} of the largest score they could give (tolerance "
+                    f"The scores recomputed from kronfluence's own factors with autograd's gradients ({module}) "
+                    f"differ from kronfluence's by {fmt(error)} of the largest score they could give (tolerance "
                     f"{fmt(tolerance)}).",
                     subject=module,
                     value=error,
