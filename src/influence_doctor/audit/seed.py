@@ -6,7 +6,9 @@ factors with a second sampling seed (`sampling-seed:1`; the draws are per exampl
 and compares the rankings at the rehearsal's size, where the run's own factors are. The noise falls with
 the examples the factors see, so the agreement is measured twice — with the probe's factors and with the
 rehearsal's, both on the probe's examples — and the trend between them, 1 − ρ ∝ n^−α (α clipped to
-[0, 1]: a Monte-Carlo estimate's variance falls no faster than 1/n), projects it to the full run.
+[0, 1]: a Monte-Carlo estimate's variance falls no faster than 1/n), projects it to the full run. When
+the probe's own factors already agree at the bar, the rehearsal's are not refitted: more examples only
+lower the noise, so the probe's value is a lower bound for the run, and said so.
 
 The options a person has are measured only when the agreement is below the bar, on the probe: the
 empirical Fisher (deterministic, and a different quantity: its agreement with the true Fisher is said),
@@ -43,6 +45,7 @@ class SeedAgreement:
     projected_examples: int = 0  # the full run's examples
     projected_median: float | None = None  # the median Spearman projected to the full run
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lower_bound: bool = False  # measured on the probe alone, already at the bar: the run's own agree at least as well
     skipped: str = ""
     seconds: float = 0.0
 
@@ -64,6 +67,8 @@ class SeedAgreement:
             "trend": [{"examples": n, "median_spearman": rho} for n, rho in self.trend],
             "seconds": self.seconds,
         }
+        if self.lower_bound:
+            summary["lower_bound"] = True
         if self.exponent is not None:
             summary["exponent"] = self.exponent
         if self.projected_median is not None:
@@ -99,17 +104,18 @@ def _measure(run: Any, labs: Labs, configuration: Configuration, bar: float) -> 
     on_probe = _agreement(probe.trial(configuration, kinds), probe.trial(other, kinds, label=second_seed), kind)
     result.trend.append((probe.examples, on_probe["median_spearman"]))
     measured = on_probe
-    if rehearsal is not None and rehearsal.examples > probe.examples:
+    result.lower_bound = on_probe["median_spearman"] >= bar  # more examples only lower the noise: no refit
+    if rehearsal is not None and rehearsal.examples > probe.examples and not result.lower_bound:
         first, second = rehearsal.trial(configuration, kinds), rehearsal.trial(other, kinds, label=second_seed)
         measured = _agreement(first, second, kind)
         result.trend.append((rehearsal.examples, _agreement(first, second, kind, columns)["median_spearman"]))
-    result.examples = rehearsal.examples if rehearsal is not None else probe.examples
+    result.examples = probe.examples if len(result.trend) == 1 else rehearsal.examples
     result.median_spearman = measured["median_spearman"]
     result.worst_spearman = measured["worst_spearman"]
     result.top_overlap = measured["top_overlap"]
     result.exponent = noise_exponent(result.trend)
     total = run.train_examples_total
-    if total > result.examples and not math.isnan(result.median_spearman):
+    if total > result.examples and not math.isnan(result.median_spearman) and not result.lower_bound:
         result.projected_examples = total
         result.projected_median = project(result.median_spearman, result.examples, total, result.exponent or 0.0)
     if result.judged < bar:

@@ -34,6 +34,8 @@ def check_seed(seed: Any, stage: str, thresholds: Thresholds) -> CheckOutcome:
             f"along the measured trend ({trend} on the probe's examples)"
         )
     outcome.metrics = seed.summary()
+    if seed.lower_bound:
+        text += ", the probe's; more examples only lower the noise, so the run's factors agree at least as well"
     if seed.judged >= bar:
         outcome.findings.append(info("scores.sampling_seed", text + ".", stage=stage, value=seed.judged, limit=bar))
         return outcome
