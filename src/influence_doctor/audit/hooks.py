@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,7 +114,7 @@ def measure_hooks(run: Any, configuration: Configuration, factors_lab: Lab | Non
     session = run.session
     model, _analyzer = session.prepared_for(configuration)
     task = session.task_for(configuration)
-    copy_ = UnwrappedCopy.of(model)
+    copy_ = UnwrappedCopy.of(model, configuration)
     audit.dtype = copy_.model_dtype
     audit.examples, audit.queries = lab.examples, lab.queries
     audit.tied = {}
@@ -213,9 +214,10 @@ class UnwrappedCopy:
     model_dtype: torch.dtype
     dtype: torch.dtype
     ties: dict[str, tuple[str, nn.Parameter]]  # module → (the other owner, the shared parameter)
+    configuration: Configuration | None = None  # how the model runs (its checkpoints made non-reentrant)
 
     @classmethod
-    def of(cls, prepared: nn.Module) -> UnwrappedCopy:
+    def of(cls, prepared: nn.Module, configuration: Configuration | None = None) -> UnwrappedCopy:
         from kronfluence.module.tracked_module import TrackedModule
 
         model = copy.deepcopy(prepared)
@@ -240,7 +242,15 @@ class UnwrappedCopy:
         for _other, shared in ties.values():
             shared.requires_grad_(True)
         model.eval()
-        return cls(model, modules, model_dtype, dtype, ties)
+        return cls(model, modules, model_dtype, dtype, ties, configuration)
+
+    def form(self) -> Any:
+        """The model as the configuration runs it (`runner.executor.model_form`)."""
+        from contextlib import nullcontext
+
+        from influence_doctor.runner.executor import model_form
+
+        return model_form(self.configuration) if self.configuration is not None else nullcontext()
 
     def auditable(self, examples: int, left_out: dict[str, str]) -> list[str]:
         chosen = []
@@ -263,7 +273,7 @@ class UnwrappedCopy:
             for name, module in self.modules.items()
         ]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.form():
                 task.compute_train_loss(self.batch(collate, example), self.model, False)
         finally:
             for handle in handles:
@@ -287,7 +297,7 @@ class UnwrappedCopy:
         flat = [p for name in modules for p in parameters[name]]
         for example in examples:
             batch = self.batch(collate, example)
-            with _only_last_calls(self.modules, last_call_only or {}, modules):
+            with self.form(), _only_last_calls(self.modules, last_call_only or {}, modules):
                 value = (
                     task.compute_measurement(batch, self.model)
                     if measurement
@@ -317,8 +327,9 @@ class UnwrappedCopy:
             weight = self.modules[name].weight
             shares = []
             for row, example in zip(own[name], examples, strict=False):
-                loss = task.compute_train_loss(self.batch(collate, example), self.model, False)
-                mine, theirs = torch.autograd.grad(loss, [weight, shared], allow_unused=True)
+                with self.form():
+                    loss = task.compute_train_loss(self.batch(collate, example), self.model, False)
+                    mine, theirs = torch.autograd.grad(loss, [weight, shared], allow_unused=True)
                 mine = torch.zeros_like(weight) if mine is None else mine
                 theirs = torch.zeros_like(shared) if theirs is None else theirs
                 whole = (mine + theirs.reshape(mine.shape)).reshape(-1).double()
@@ -327,7 +338,7 @@ class UnwrappedCopy:
                     shares.append(float(mine.reshape(-1).double() @ whole) / norm)
                 del row
             if shares:
-                result[name] = (other, float(torch.tensor(shares).median()))
+                result[name] = (other, float(statistics.median(shares)))
         return result
 
 
@@ -340,17 +351,16 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 def _untie(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Parameter]]:
     """Give each tracked module whose weight another module shares its own copy: autograd of the copy is the
     module's own use (what the hooks see), the other owner keeps the shared parameter."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for _name, parameter in module.named_parameters(recurse=False):
-            owners.setdefault(id(parameter), []).append(path)
-    paths = {id(module): path for path, module in model.named_modules(remove_duplicate=False)}
+            owners.setdefault(id(parameter), []).append((path, module))
     ties: dict[str, tuple[str, nn.Parameter]] = {}
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter):
             continue
-        others = [path for path in owners.get(id(weight), []) if path != paths.get(id(module))]
+        others = [path for path, owner in owners.get(id(weight), []) if owner is not module]
         if others:
             ties[name] = (others[0], weight)
             module.weight = nn.Parameter(weight.detach().clone())
@@ -448,7 +458,7 @@ def _factors(
     data = lab.scope.train
     batch_size = configuration.batch_size
     try:
-        with torch.no_grad():
+        with torch.no_grad(), copy_.form():
             for start in range(0, len(data), batch_size):
                 examples = [data[index] for index in range(start, min(len(data), start + batch_size))]
                 batch = (
