@@ -261,3 +261,66 @@ def test_wrapped_linear_control_is_healthy(reports):
     report = reports("wrapped_linear")
     assert_healthy_and_hooks_clean(report)
     assert set(hooks_of(report)["gradients"]) == {"0"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampling seed: a 256-example classifier at kronfluence's defaults, and with the empirical Fisher
+
+
+def test_a_true_fisher_classifier_gets_fisher_sampling_noise_with_the_agreement_and_the_options(reports):
+    report = reports("true_fisher_classifier")
+    (noise,) = [f for f in report.findings if f.check == "scores.sampling_seed"]
+    assert (noise.severity, noise.cause) == ("warn", "fisher-sampling-noise")  # never a fail, never applied
+    seed = report.document["fidelity"]["seed"]
+    assert seed["examples"] == mm.CLASSIFIER_EXAMPLES and seed["median_spearman"] < 0.9
+    assert noise.value == pytest.approx(seed.get("projected", seed)["median_spearman"])
+    assert seed["worst_spearman"] <= seed["median_spearman"] and 0.0 <= seed["top_overlap"] <= 1.0
+    assert f"{seed['median_spearman']:.3f}" in noise.message
+    options = seed["options"]
+    assert options["empirical_fisher"]["seed_median_spearman"] == 1.0
+    assert -1.0 <= options["empirical_fisher"]["against_true_fisher"] <= 1.0
+    assert 0.0 < options["damping_heuristic"]["seed_median_spearman"] <= 1.0
+    assert "use_empirical_fisher=True" in noise.message and "damping_factor=None" in noise.message
+    assert not any(f.severity == "fail" for f in report.findings)
+    assert all(r["rung"] != "sampling-seed:1" for r in report.remedies)  # nothing was changed for it
+    assert "use_empirical_fisher" not in json.dumps(report.prescription, default=str)
+
+
+def test_the_empirical_fisher_control_samples_nothing_and_gets_no_seed_warning(reports):
+    report = reports("empirical_fisher_classifier")
+    assert not [f for f in report.findings if f.check == "scores.sampling_seed"]
+    assert "skipped" in report.document["fidelity"]["seed"]
+    assert report.status == "healthy"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A PEFT LoRA fine-tune of a tiny Hugging Face GPT-2: kronfluence tracks the frozen base layers too
+
+
+def test_a_lora_fine_tune_gets_frozen_tracked_naming_the_base_layers_with_the_same_seed_effect(reports):
+    report = reports("lora_finetune")
+    (frozen,) = [f for f in report.findings if f.check == "train.frozen_tracked"]
+    assert (frozen.severity, frozen.cause) == ("warn", "frozen-tracked")
+    named = frozen.subject.split(", ")
+    assert named and all(".base_layer" in m or m.endswith("lm_head") for m in named), named
+    assert any(".base_layer" in m for m in named)
+    assert frozen.message.count("Measured on") == 1 and "at the same sampling seed" in frozen.message
+    assert "median per-query Spearman" in frozen.message
+    trained = report.document["stages"]
+    trained = next(s for s in trained if s["name"] == "train")["metrics"]["frozen_tracked"]["trained"]
+    assert trained and all(".lora_" in m for m in trained), trained
+    assert not any(f.severity == "fail" for f in report.findings)
+    assert "frozen-tracked" not in [p.cause for p in report.problems]  # a choice to make, not a sickness
+
+
+def test_the_lora_head_tied_to_the_embedding_is_measured_once_by_the_audit(reports):
+    report = reports("lora_finetune")
+    (tied,) = [f for f in report.findings if f.check == "hooks.tied"]
+    assert tied.severity == "warn" and "wte" in tied.message and 0.0 < tied.value < 1.0
+    (hypothesis,) = [f for f in report.findings if f.check == "preflight.tied_weights"]
+    assert hypothesis.severity == "info" and "hooks.tied" in hypothesis.message
+
+
+def test_a_model_trained_in_full_tracks_nothing_frozen(reports):
+    for control in ("unshared_cell", "wrapped_linear", "empirical_fisher_classifier"):
+        assert not [f for f in reports(control).findings if f.check == "train.frozen_tracked"], control

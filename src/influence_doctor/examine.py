@@ -45,6 +45,7 @@ from influence_doctor.checks.verdicts import (
     explain_recounted_covariance,
     refute_bounds,
     with_frozen_effect,
+    with_measured_ties,
     with_measured_effect,
 )
 from influence_doctor.findings import SEVERITY_RANK, Finding, fail, warn
@@ -372,6 +373,7 @@ class Examiner:
             if probes.hooks is not None:
                 record = stages["covariance"]
                 record.findings = explain_recounted_covariance(record.findings, probes.hooks, self.thresholds)
+                stages["train"].findings = with_measured_ties(stages["train"].findings, probes.hooks)
         if self.seed is not None:
             stage = next((n for n in ("pairwise_scores", "self_scores") if stages[n].completed), None)
             if stage is not None:

@@ -95,3 +95,24 @@ def test_frozen_parameters_do_not_count_and_facts_read_back_from_a_report():
     assert facts.tracked_share == 1.0
     again = check_coverage(facts.to_dict(), T)  # the report's metrics dictionary works as well
     assert [f.check for f in again.findings] == ["train.coverage_summary"]
+
+
+def test_tracked_modules_training_never_changed_are_a_warning_listing_them_and_the_trained_ones():
+    from influence_doctor.checks.coverage import check_frozen
+
+    frozen = [f"h.{i}.base_layer" for i in range(5)]
+    trained = ["h.0.lora_A", "h.0.lora_B"]
+    outcome = check_frozen(frozen, trained)
+    (finding,) = outcome.findings
+    assert (finding.check, finding.severity, finding.cause) == ("train.frozen_tracked", "warn", "frozen-tracked")
+    assert finding.value == 5 and finding.subject == ", ".join(frozen)
+    assert "h.0.base_layer" in finding.message and "… 2 more" in finding.message
+    assert "h.0.lora_A, h.0.lora_B" in finding.message and "get_influence_tracked_modules" in finding.message
+    assert outcome.metrics == {"frozen": frozen, "trained": trained}
+
+
+def test_all_trained_or_nothing_trained_says_nothing_about_frozen_modules():
+    from influence_doctor.checks.coverage import check_frozen
+
+    assert check_frozen([], ["fc"]).findings == []
+    assert check_frozen(["fc"], []).findings == []  # no training at all (train=None): not a fine-tune

@@ -63,6 +63,21 @@ def explain_recounted_covariance(findings: list[Finding], audit: Any, thresholds
     return result
 
 
+def with_measured_ties(findings: list[Finding], audit: Any) -> list[Finding]:
+    """The pre-flight's tied weight, once the hooks audit measured the share of the gradient the hooks see
+    (`hooks.tied`, a warn of its own): the pre-flight's hypothesis stays as an `info` pointing to it."""
+    if audit is None or audit.skipped:
+        return findings
+    result = []
+    for f in findings:
+        measured = audit.tied.get(f.subject) if f.check == "preflight.tied_weights" else None
+        if f.severity == "warn" and measured is not None:
+            note = f"; measured against autograd: the hooks see {measured[1]:.0%} of its gradient (hooks.tied)."
+            f = dataclasses.replace(f, severity="info", message=f.message.rstrip(".") + note)
+        result.append(f)
+    return result
+
+
 def with_measured_effect(findings: list[Finding], effect: str) -> list[Finding]:
     """The Task's contract findings with the measured effect of a Task that is not a sum on the rankings
     (`effect`: "measured on N examples: ... rankings at train batch sizes B and B' agree at ...")."""
@@ -78,7 +93,7 @@ def with_frozen_effect(findings: list[Finding], effect: str) -> list[Finding]:
     """The frozen-tracked warning with the measured effect of tracking only the trained modules."""
     return [
         dataclasses.replace(f, message=f.message.rstrip(".") + f". {effect}.")
-        if f.check == "train.frozen_tracked" and "measured on" not in f.message
+        if f.check == "train.frozen_tracked" and effect not in f.message
         else f
         for f in findings
     ]
