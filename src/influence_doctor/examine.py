@@ -45,8 +45,8 @@ from influence_doctor.checks.verdicts import (
     explain_recounted_covariance,
     refute_bounds,
     with_frozen_effect,
-    with_measured_ties,
     with_measured_effect,
+    with_measured_ties,
 )
 from influence_doctor.findings import SEVERITY_RANK, Finding, fail, warn
 from influence_doctor.pipeline import STAGES

@@ -52,3 +52,32 @@ def test_undefined_float64_scores_on_the_probe_alone_are_the_probes_size():
     (alone,) = check_reference_finite("pairwise_scores", "pairwise", probe).findings
     (sized,) = check_reference_finite("pairwise_scores", "pairwise", probe, whole).findings
     assert alone.severity == "fail" and sized.severity == "info" and "the probe's size" in sized.message
+
+
+def test_all_rows_at_once_give_scipys_spearman_and_the_top_overlap_of_each_row():
+    """The finite fast path against scipy's Spearman row by row (ties averaged, a constant row undefined)."""
+    import math
+    import statistics
+
+    import pytest
+    from scipy import stats
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 40, generator=generator, dtype=torch.float64)
+    b = a + 0.7 * torch.randn(12, 40, generator=generator, dtype=torch.float64)
+    a[:4], b[2:6] = a[:4].round(), b[2:6].round()  # ties on either side
+    a[7] = 3.0  # a constant row: no ranking
+    agreement = score_agreement(a, b)
+    with pytest.warns(stats.ConstantInputWarning):  # scipy says so for the constant row
+        rows = [stats.spearmanr(x.numpy(), y.numpy()).statistic for x, y in zip(a, b, strict=True)]
+    finite = [float(value) for value in rows if not math.isnan(value)]
+    assert len(finite) == 11
+    assert agreement["median_spearman"] == pytest.approx(statistics.median(finite), abs=1e-12)
+    assert agreement["worst_spearman"] == pytest.approx(min(finite), abs=1e-12)
+    overlaps = []
+    for x, y in zip(a, b, strict=True):
+        overlaps.append(len(set(torch.topk(x, 10).indices.tolist()) & set(torch.topk(y, 10).indices.tolist())) / 10)
+    assert agreement["top_overlap"] == pytest.approx(statistics.median(overlaps))
+    with_nan = a.clone()
+    with_nan[0, 0] = math.nan  # the row-by-row path, over the entries finite in both
+    assert score_agreement(with_nan, b)["worst_spearman"] == pytest.approx(min(finite), abs=0.05)
