@@ -280,18 +280,11 @@ def _contract_broken(run: Any) -> bool:
 def measure_batch_sensitivity(run: Any, labs: Labs, probes: Probes) -> dict[str, Any]:
     """The effect of a Task that is not a sum over examples, measured: the rankings at the configured
     train batch size against three quarters of it (a correct Task ranks alike at any batch size)."""
-    lab: Lab = labs.probe
-    batch = run.train_batch_size
-    base = lab.configured()
-    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
-    smaller, _why = lab.counterfactual(base, "batch:three-quarters", Target("covariance"))
-    if smaller is None:
-        return {"skipped": "a batch of one has no smaller size to compare with"}
-    other = smaller.configuration.batch_size
-    before, after = base.scores(kind), smaller.scores(kind)
-    if before is None or after is None:
-        return {"skipped": "the scores did not complete at both batch sizes"}
-    agreement = score_agreement(after, before)
+    effect = _ranking_effect(run, labs, "batch:three-quarters", "at both batch sizes")
+    if isinstance(effect, str):
+        return {"skipped": effect or "a batch of one has no smaller size to compare with"}
+    lab, kind, changed, agreement = effect
+    batch, other = run.train_batch_size, changed.configuration.batch_size
     probes.batch_effect = (
         f"measured on {lab.examples} examples: {kind} rankings at train batch sizes {batch} and {other} agree at "
         f"a median per-query Spearman of {agreement['median_spearman']:.4f}"
@@ -301,23 +294,31 @@ def measure_batch_sensitivity(run: Any, labs: Labs, probes: Probes) -> dict[str,
 
 def measure_frozen_effect(run: Any, labs: Labs, probes: Probes) -> dict[str, Any]:
     """The rankings with only the modules the training changed tracked, against all of them (same seed)."""
-    lab: Lab = labs.probe
-    base = lab.configured()
     trained = ",".join(run.session.evidence.trained_tracked)
-    only, why = lab.counterfactual(base, f"track:{trained}", Target("covariance"))
-    if only is None:
-        return {"skipped": why}
-    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
-    before, after = base.scores(kind), only.scores(kind)
-    if before is None or after is None:
-        return {"skipped": "the scores did not complete with both sets of modules"}
-    agreement = score_agreement(after, before)
+    effect = _ranking_effect(run, labs, f"track:{trained}", "with both sets of modules")
+    if isinstance(effect, str):
+        return {"skipped": effect}
+    lab, kind, _changed, agreement = effect
     probes.frozen_effect = (
         f"Measured on {lab.examples} examples at the same sampling seed: {kind} rankings with only the trained "
         f"modules tracked agree with all of them at a median per-query Spearman of {agreement['median_spearman']:.3f} "
         f"(top-10 overlap {agreement['top_overlap']:.2f})"
     )
     return {"modules": len(run.session.evidence.trained_tracked), kind: agreement}
+
+
+def _ranking_effect(run: Any, labs: Labs, change: str, both: str) -> tuple[Lab, str, Any, dict[str, float]] | str:
+    """The probe's rankings with `change` against the configured ones (same seed), or why not measured."""
+    lab: Lab = labs.probe
+    base = lab.configured()
+    kind = "pairwise" if "pairwise" in run.pipeline.scores else "self"
+    changed, why = lab.counterfactual(base, change, Target("covariance"))
+    if changed is None:
+        return why or ""
+    before, after = base.scores(kind), changed.scores(kind)
+    if before is None or after is None:
+        return f"the scores did not complete {both}"
+    return lab, kind, changed, score_agreement(after, before)
 
 
 def _configured_storage(run: Any) -> dict[str, dict[str, str]]:
