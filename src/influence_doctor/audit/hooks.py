@@ -21,18 +21,18 @@ gradient: the share the hooks see).
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from influence_doctor import changes
+from influence_doctor.checks.hooks import HooksAudit
 from influence_doctor.configuration import Configuration
 from influence_doctor.labs import Lab, float64
 
@@ -49,52 +49,6 @@ larger module is left out and named, not audited on fewer examples."""
 FLOAT64_BUDGET_BYTES = 1 << 31
 """The unwrapped copy is float64 when its parameters take at most this many bytes in float64; else it stays
 in the model's own dtype (and the tolerance is that dtype's)."""
-
-
-@dataclass
-class HooksAudit:
-    """What the audit measured (relative errors per module; see the module's docstring)."""
-
-    examples: int = 0
-    queries: int = 0
-    dtype: torch.dtype = torch.float32  # the dtype kronfluence's forward ran in (the model's)
-    gradients: dict[str, float] = field(default_factory=dict)
-    factors: dict[str, float] = field(default_factory=dict)
-    scores: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)  # module → forward calls per example (every module)
-    last_call: dict[str, float] = field(default_factory=dict)  # module called >1 times → hooks vs its last call
-    tied: dict[str, tuple[str, float]] = field(default_factory=dict)  # module → (the other owner, share seen)
-    left_out: dict[str, str] = field(default_factory=dict)  # module → why it was not audited
-    skipped: str = ""  # why nothing was audited
-    seconds: float = 0.0
-
-    @property
-    def worst(self) -> float:
-        values = [*self.gradients.values(), *self.factors.values(), *self.scores.values()]
-        finite = [value for value in values if not math.isnan(value)]
-        return max(finite, default=math.nan)
-
-    def summary(self) -> dict[str, Any]:
-        """report.json's fidelity.hooks."""
-        if self.skipped:
-            return {"skipped": self.skipped, "seconds": self.seconds}
-        summary: dict[str, Any] = {
-            "examples": self.examples,
-            "queries": self.queries,
-            "gradients": dict(self.gradients),
-            "factors": dict(self.factors),
-            "scores": dict(self.scores),
-            "worst": self.worst,
-            "seconds": self.seconds,
-        }
-        if repeated := {module: count for module, count in self.calls.items() if count > 1}:
-            summary["calls"] = repeated
-            summary["last_call"] = dict(self.last_call)
-        if self.tied:
-            summary["tied"] = {module: {"to": other, "share": share} for module, (other, share) in self.tied.items()}
-        if self.left_out:
-            summary["left_out"] = dict(self.left_out)
-        return summary
 
 
 def audit_lab(run: Any) -> Lab | None:

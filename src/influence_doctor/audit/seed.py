@@ -19,63 +19,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from influence_doctor import changes
 from influence_doctor.checks.precision import score_agreement
+from influence_doctor.checks.seed import SeedAgreement
 from influence_doctor.configuration import Configuration
 from influence_doctor.labs import Labs
 
 SECOND_SEED = 1
 """The second draw's sampling seed (the run's own draw is seed 0)."""
-
-
-@dataclass
-class SeedAgreement:
-    """The rankings of two sampling seeds, as measured and as projected (see the module)."""
-
-    kind: str = "pairwise"
-    examples: int = 0  # the examples the factors saw where it was measured (the rehearsal's)
-    median_spearman: float = math.nan
-    worst_spearman: float = math.nan
-    top_overlap: float = math.nan
-    trend: list[tuple[int, float]] = field(default_factory=list)  # (factor examples, median Spearman on the probe)
-    exponent: float | None = None  # α of 1 − ρ ∝ n^−α, from the trend
-    projected_examples: int = 0  # the full run's examples
-    projected_median: float | None = None  # the median Spearman projected to the full run
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lower_bound: bool = False  # measured on the probe alone, already at the bar: the run's own agree at least as well
-    skipped: str = ""
-    seconds: float = 0.0
-
-    @property
-    def judged(self) -> float:
-        """The agreement the bar is held to: the projection to the full run where there is one."""
-        return self.projected_median if self.projected_median is not None else self.median_spearman
-
-    def summary(self) -> dict[str, Any]:
-        """report.json's fidelity.seed."""
-        if self.skipped:
-            return {"skipped": self.skipped, "seconds": self.seconds}
-        summary: dict[str, Any] = {
-            "kind": self.kind,
-            "median_spearman": self.median_spearman,
-            "worst_spearman": self.worst_spearman,
-            "top_overlap": self.top_overlap,
-            "examples": self.examples,
-            "trend": [{"examples": n, "median_spearman": rho} for n, rho in self.trend],
-            "seconds": self.seconds,
-        }
-        if self.lower_bound:
-            summary["lower_bound"] = True
-        if self.exponent is not None:
-            summary["exponent"] = self.exponent
-        if self.projected_median is not None:
-            summary["projected"] = {"examples": self.projected_examples, "median_spearman": self.projected_median}
-        if self.options:
-            summary["options"] = self.options
-        return summary
 
 
 def measure_seed(run: Any, labs: Labs, configuration: Configuration, bar: float) -> SeedAgreement:
