@@ -12,6 +12,7 @@ its eigenvectors — and kronfluence's partitions do not split one module's eige
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -108,8 +109,10 @@ def tied_weights(model: torch.nn.Module, task: Any = None) -> dict[str, list[str
     return tied
 
 
+@functools.cache
 def eigh_reference_seconds(dtype: torch.dtype, device: str, size: int = REFERENCE_SIZE) -> float:
-    """The fastest of three eighs of a fixed symmetric `size`² matrix in `dtype` on `device`."""
+    """The fastest of three eighs of a fixed symmetric `size`² matrix in `dtype` on `device`; timed once per
+    process (the machine is the same for every pipeline a test suite diagnoses)."""
     generator = torch.Generator().manual_seed(0)
     matrix = torch.randn(size, size, generator=generator, dtype=torch.float64)
     matrix = (matrix @ matrix.T).to(dtype=dtype, device=device)
