@@ -132,6 +132,8 @@ CONFIG_KEYS = (
     "trained_loss_fail_ratio",
     "trained_loss_unreferenced_fail_ratio",
     "uphill_cosine",
+    "sample_rise_significance",
+    "uphill_gradient_alpha",
     "explosion_height",
     "divergence_min_share",
     "oscillation_significance",

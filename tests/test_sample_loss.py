@@ -106,3 +106,85 @@ def test_no_movement_has_no_cosine():
     model = _model()
     start = measure_start(model, _losses(inputs, targets))
     assert uphill_cosine(start, model) is None
+
+
+# --- the noise of the rise and of the start's gradient, over the sample's groups --------------------------
+
+
+def test_the_rise_standard_error_is_the_groups_spread_times_the_root_of_their_number():
+    import statistics
+
+    from influence_doctor.runner.sample_loss import rise_standard_error
+
+    before = [1.0, 2.0, 3.0, 4.0, 5.0]
+    after = [1.5, 1.75, 3.5, 4.0, 5.25]
+    rises = [b - a for a, b in zip(before, after, strict=True)]
+    assert rise_standard_error(before, after) == pytest.approx(statistics.stdev(rises) * math.sqrt(5), rel=1e-12)
+    assert rise_standard_error([1.0], [2.0]) is None  # one group: no spread to measure
+    assert rise_standard_error([1.0, 2.0], [1.5, 2.5]) == 0.0  # every group rose alike: no noise at all
+
+
+def test_the_signal_to_noise_ratio_and_the_noise_dimensions_from_the_groups_norms():
+    from influence_doctor.runner.sample_loss import gradient_snr, noise_dimensions
+
+    # groups ±e_1 and ±e_2 (a zero total): ‖g_k‖² = 1 each, spread 4/3 per group, total 0
+    assert gradient_snr(0.0, [1.0, 1.0, 1.0, 1.0]) == 0.0
+    # four equal groups g: the total 4g has ‖·‖² = 16‖g‖², and no spread: all signal
+    assert gradient_snr(16.0, [1.0, 1.0, 1.0, 1.0]) == math.inf
+    # two groups g and 0 (‖g‖² = 2): total ‖g‖² = 2, spread (2 − 2/2)/1 = 1, noise 2·1 → ratio 1
+    assert gradient_snr(2.0, [2.0, 0.0]) == pytest.approx(1.0)
+    # norms of mean 2, variance 2 → d = 2·2²/2 = 4
+    assert noise_dimensions([1.0, 3.0, 1.0, 3.0]) == pytest.approx(2 * 4 / (4 / 3))
+    assert noise_dimensions([2.0]) is None
+
+
+def _least_squares_minimum(inputs, targets) -> nn.Linear:
+    """The exact float64 minimiser of the summed squared error: its gradient is zero up to rounding."""
+    design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, targets).solution
+    model = nn.Linear(4, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(solution[:4].T)
+        model.bias.copy_(solution[4])
+    return model
+
+
+def _groups(inputs, targets, groups=16):
+    def batch_losses(model):
+        for rows_x, rows_y in zip(
+            inputs.split(len(inputs) // groups), targets.split(len(inputs) // groups), strict=True
+        ):
+            yield ((model(rows_x) - rows_y) ** 2).sum()
+
+    return batch_losses
+
+
+def test_along_the_step_the_gradient_at_a_minimum_is_noise_and_off_it_is_not():
+    from influence_doctor.runner.sample_loss import directional_t
+
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(256, 4, generator=generator, dtype=torch.float64)
+    targets = inputs @ torch.randn(4, 1, generator=generator, dtype=torch.float64) + torch.randn(
+        256, 1, generator=generator, dtype=torch.float64
+    )
+    batch_losses = _groups(inputs, targets)
+    # at the exact minimum, a random step: the directional derivatives sum to zero, whatever the step
+    model = _least_squares_minimum(inputs, targets)
+    start = measure_start(model, batch_losses)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 1e-3 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+    at_minimum = directional_t(start, model, batch_losses)
+    assert abs(at_minimum) < 1e-6
+    sample = measure_end(start, model, batch_losses, 256)
+    assert sample.directional_t == pytest.approx(at_minimum, abs=1e-9) and sample.groups == 16
+    assert not sample.directed(0.001)
+    # away from it (a fresh model), one step up the gradient: every group's derivative points along it
+    model = _model()
+    start = measure_start(model, batch_losses)
+    _step(model, batch_losses, -1e-4)
+    away = directional_t(start, model, batch_losses)
+    assert away > 10.0
+    assert measure_end(start, model, batch_losses, 256).directed(0.001)
+    _step(model, batch_losses, 2e-4)  # and back down past the start: the derivative points against it
+    assert directional_t(start, model, batch_losses) < -10.0

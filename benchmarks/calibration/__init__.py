@@ -35,7 +35,7 @@ from influence_doctor.checks.thresholds import Thresholds
 from influence_doctor.checks.train import SampleLoss, check_loss_curve
 from influence_doctor.findings import Finding
 from influence_doctor.pipeline import Pipeline, TrainingMonitor
-from influence_doctor.runner.sample_loss import measure_end, measure_start
+from influence_doctor.runner.sample_loss import SAMPLE_GROUPS, measure_end, measure_start
 
 BATCH_SIZES: tuple[int | None, ...] = (1, 2, 8, 32, None)
 """Minibatch sizes the curves cycle through; None is full batch."""
@@ -284,7 +284,9 @@ def train_recipe(recipe: TrainingRecipe) -> HealthyCurve:
     inputs, targets = (tensor[:SAMPLE_EXAMPLES] for tensor in train.tensors)
 
     def batch_losses(network: nn.Module) -> list[torch.Tensor]:
-        return [loss_fn(network(inputs), targets)]
+        """The sample in the doctor's groups (`SAMPLE_GROUPS`), so that its noise is measured alike."""
+        size = max(1, len(inputs) // SAMPLE_GROUPS)
+        return [loss_fn(network(x), y) for x, y in zip(inputs.split(size), targets.split(size), strict=True)]
 
     start = measure_start(model, batch_losses)
     every = max(1, recipe.steps // 10)

@@ -544,3 +544,44 @@ def test_a_blow_up_gets_one_divergence_finding_and_a_negative_loss_no_ratio():
     outcome = check_loss_curve(log_density, [], T)
     assert "start_ratio" not in outcome.metrics
     assert not [f for f in outcome.findings if f.severity == "fail"]
+
+
+def _restart(rise: float, standard_error: float, directional_t: float, cosine: float = 0.54) -> SampleLoss:
+    """A converged restart as measured: the loss at 22.9 before and after, the cosine from the issue."""
+    return SampleLoss(
+        22.9,
+        22.9 + rise,
+        256,
+        reference=40.0,
+        uphill_cosine=cosine,
+        rise_standard_error=standard_error,
+        gradient_snr=1e-13,
+        gradient_dimensions=5.0,
+        groups=16,
+        directional_t=directional_t,
+    )
+
+
+def test_a_rise_within_its_noise_is_no_sign_error_whatever_the_cosine():
+    # 22.9 → 22.9000069 (ratio 1.0000003) with a standard error of 1e-5: rounding, not a rise
+    outcome = check_trained_loss(_restart(6.9e-6, 1e-5, directional_t=8.0), T)
+    assert [f for f in outcome.findings if f.severity == "fail"] == []
+    assert outcome.metrics["rise_standard_error"] == 1e-5
+
+
+def test_a_gradient_that_is_noise_along_the_step_makes_the_cosine_no_evidence():
+    # a rise well beyond its noise, but the start's gradient points nowhere along the step (a minimum)
+    outcome = check_trained_loss(_restart(1e-3, 1e-5, directional_t=0.3), T)
+    assert not [f for f in outcome.findings if f.check == "train.uphill"]
+
+
+def test_a_significant_rise_along_a_significant_gradient_is_the_sign_error():
+    (uphill,) = [
+        f for f in check_trained_loss(_restart(1e-3, 1e-5, directional_t=8.0), T).findings if f.check == "train.uphill"
+    ]
+    assert (uphill.severity, uphill.cause) == ("fail", "training-diverged")
+    # the bars are thresholds: a looser significance lets the small rise through too
+    loose = Thresholds.from_mapping({"sample_rise_significance": 0.5})
+    assert [
+        f.check for f in check_trained_loss(_restart(6.9e-6, 1e-5, 8.0), loose).findings if f.severity == "fail"
+    ] == ["train.uphill"]

@@ -324,6 +324,20 @@ class TrainingLimits:
             "(derived: healthy maximum × 1.5)."
         },
     )
+    sample_rise_significance: float = field(
+        default=3.0,
+        metadata={
+            "help": "A training fail needs the sample loss to rise by this many standard errors of its difference "
+            "over the sample's groups (one-sided, under 1 % by chance with 16 groups): a smaller rise is noise."
+        },
+    )
+    uphill_gradient_alpha: float = field(
+        default=0.001,
+        metadata={
+            "help": "The uphill cosine is evidence only when the start's gradient stands out of its per-group noise: "
+            "a zero gradient (a minimum, where its direction is noise) passes with at most this probability."
+        },
+    )
     explosion_height: float = field(
         default=8.9,
         metadata={

@@ -41,6 +41,44 @@ class SampleLoss:
     """The same loss for a freshly initialised copy of the model: the loss of knowing nothing."""
     uphill_cosine: float | None = None
     """cos(gradient of the sample loss at the start, the change training made to the parameters)."""
+    rise_standard_error: float | None = None
+    """The standard error of `trained − untrained`, from the spread of the sample's groups' rises."""
+    gradient_snr: float | None = None
+    """The start's gradient's squared norm over the squared norm its per-group noise alone gives."""
+    gradient_dimensions: float | None = None
+    """The effective number of dimensions of that noise: how far the ratio strays from 1 by chance."""
+    groups: int = 0
+    """The groups the sample was measured in."""
+    directional_t: float | None = None
+    """The start's gradient along the step training took: the groups' directional derivatives' sum over
+    its standard error (`runner.sample_loss.directional_t`)."""
+
+    def directed(self, alpha: float) -> bool:
+        """The start's gradient stands out of its per-group noise with probability at most `alpha` of a zero
+        gradient doing so by chance. Along the step training took where that was measured (a t distribution
+        with G − 1 degrees of freedom, one-sided: the gradient points along the step); otherwise its
+        signal-to-noise ratio in all directions (an F distribution with d and (G − 1)·d degrees of freedom,
+        d the noise's dimensions). Without either measurement, it is taken as directed."""
+        from scipy import stats
+
+        if self.groups < 2:
+            return True
+        if self.directional_t is not None:
+            return self.directional_t > float(stats.t.isf(alpha, self.groups - 1))
+        if self.gradient_snr is None or self.gradient_dimensions is None:
+            return True
+        if not math.isfinite(self.gradient_dimensions):
+            return self.gradient_snr > 1.0
+        d = self.gradient_dimensions
+        return self.gradient_snr > float(stats.f.isf(alpha, d, (self.groups - 1) * d))
+
+    def rose(self, significance: float) -> bool:
+        """The loss rose beyond its measured noise (`significance` standard errors); without a measured
+        noise (fewer than two groups), any rise."""
+        rise = self.trained - self.untrained
+        if self.rise_standard_error is None or not math.isfinite(self.rise_standard_error):
+            return rise > 0.0
+        return rise > significance * self.rise_standard_error
 
     @property
     def scale(self) -> float:
@@ -389,8 +427,10 @@ def check_trained_loss(
       untrained level on the way (`curve`'s `peak_loss` over its `final_loss`, times the measured ratio:
       the peak in units of the untrained loss, whatever unit the user's loop logs in).
 
-    Otherwise a rise is a `warn` (fine-tuning a converged model with a fresh optimizer can lift a
-    near-zero loss severalfold).
+    Each needs the rise beyond its measured noise (`sample_rise_significance` standard errors over the
+    sample's groups), and the uphill cosine counts only where the start's gradient stands out of its own
+    per-group noise (`uphill_gradient_alpha`): at a minimum its direction is noise. Otherwise a rise is a
+    `warn` (fine-tuning a converged model with a fresh optimizer can lift a near-zero loss severalfold).
     """
     untrained, trained = sample.untrained, sample.trained
     curve = curve or {}
@@ -418,9 +458,16 @@ def check_trained_loss(
         f"The trained model's loss {on} is {fmt(trained)}, {fmt(ratio)}× the untrained model's ({fmt(untrained)})"
     )
     climbed = curve.get("loss_rise_significance", -math.inf) >= thresholds.training.loss_rise_significance
+    rose = sample.rose(thresholds.training.sample_rise_significance)  # a fail needs a rise beyond the noise
+    if sample.rise_standard_error is not None:
+        outcome.metrics["rise_standard_error"] = sample.rise_standard_error
     cosine = sample.uphill_cosine
     if cosine is not None:
         outcome.metrics["uphill_cosine"] = cosine
+    if sample.gradient_snr is not None:
+        outcome.metrics["gradient_snr"] = sample.gradient_snr
+    # near a minimum the start's gradient is noise, and so is its cosine with the step training took
+    directed = sample.directed(thresholds.training.uphill_gradient_alpha)
     height = None
     if curve.get("final_loss", 0.0) > 0.0 and math.isfinite(curve.get("peak_loss", math.nan)):
         height = curve["peak_loss"] / curve["final_loss"] * level
@@ -432,7 +479,7 @@ def check_trained_loss(
         else thresholds.training.trained_loss_unreferenced_fail_ratio
     )
     found = False
-    if level >= fail_ratio or (level >= thresholds.training.trained_loss_warn_ratio and climbed):
+    if rose and (level >= fail_ratio or (level >= thresholds.training.trained_loss_warn_ratio and climbed)):
         found = True
         worse = f", {fmt(level)}× a freshly initialised copy's ({fmt(sample.scale)})" if fresh else ""
         outcome.findings.append(
@@ -446,7 +493,7 @@ def check_trained_loss(
                 cause=TRAINING_DIVERGED,
             )
         )
-    if ratio > 1.0 and cosine is not None and cosine >= thresholds.training.uphill_cosine:
+    if rose and directed and cosine is not None and cosine >= thresholds.training.uphill_cosine:
         found = True
         outcome.findings.append(
             fail(

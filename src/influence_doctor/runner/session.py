@@ -301,11 +301,14 @@ def _loss_sample(session: Session) -> Any:
 
 
 def _batch_losses(session: Session, sample: Any) -> Callable[[Any], Iterator[Any]]:
-    """The Task's training loss of each batch of the sample, at the pipeline's batch size, on its device."""
+    """The Task's training loss of each batch of the sample, on its device: batches of at most the
+    pipeline's batch size, and at least `SAMPLE_GROUPS` of them (the groups the noise is measured over)."""
     from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
-    size = max(1, min(session.pipeline.batch_size, len(sample)))
+    from influence_doctor.runner.sample_loss import SAMPLE_GROUPS
+
+    size = max(1, min(session.pipeline.batch_size, len(sample) // SAMPLE_GROUPS))
     pipeline = session.pipeline
 
     def batch_losses(model: Any) -> Iterator[Any]:
