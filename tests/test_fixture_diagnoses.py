@@ -154,7 +154,7 @@ def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsa
     assert sized["plan"]["examples"] == 256
     assert not [f for f in rehearsal.findings if f.check == "covariance.finite"]  # nothing overflowed yet
     (projection,) = [
-        f for f in rehearsal.findings if f.check == "covariance.projected_headroom" and f.severity == "fail"
+        f for f in rehearsal.findings if f.check == "covariance.full_size_overflow" and f.severity == "fail"
     ]
     # The fail rests on a measurement: the covariance stage alone, accumulated over all 8,192 examples
     # in float16, holds inf/NaN where the projection said it would.
@@ -167,7 +167,7 @@ def test_an_overflow_that_only_the_full_run_reaches_is_diagnosed_by_the_rehearsa
     assert 0.8 < headroom.growth <= 1.0 and headroom.max_rehearsal < 65504.0 < headroom.max_projected
     first = rehearsal.problems[0]
     assert (first.cause, first.stage, first.basis) == ("fp16-overflow", "covariance", "experiment")
-    assert "covariance.projected_headroom" in {f.check for f in first.evidence}
+    assert "covariance.full_size_overflow" in {f.check for f in first.evidence}
     # ...and so does the experiment that convicts the dtype: the same full-size pass in float32 is finite.
     (experiment,) = [e for e in first.experiments if e.verdict == "confirms fp16-overflow"]
     assert experiment.before == projection.value and experiment.after == 0.0

@@ -132,6 +132,40 @@ def test_stage_time_fails_only_when_both_ratio_and_difference_exceed_their_limit
     assert noisy.passed and noisy.value == pytest.approx(2.677) and "+1.68 s" in noisy.detail
 
 
+def test_stage_time_at_exactly_both_limits_passes_and_just_past_them_fails(two_runs):
+    """The README's rule: a stage fails only when it is more than `max_seconds_ratio` times and more than
+    `min_seconds_difference` seconds slower (strictly: at the limits it passes)."""
+    baseline = copy.deepcopy(two_runs[0].document)
+    current = copy.deepcopy(baseline)
+    gates = Gates(max_seconds_ratio=2.0, min_seconds_difference=5.0)
+    baseline["stages"][1]["seconds"], current["stages"][1]["seconds"] = 5.0, 10.0  # ×2 and +5 s exactly
+    assert _by_gate(evaluate(current, gates, baseline))["max_seconds_ratio"].passed
+    current["stages"][1]["seconds"] = 10.001  # past both
+    assert not _by_gate(evaluate(current, gates, baseline))["max_seconds_ratio"].passed
+    baseline["stages"][1]["seconds"], current["stages"][1]["seconds"] = 5.0, 10.5
+    assert not _by_gate(evaluate(current, gates, baseline))["max_seconds_ratio"].passed
+    baseline["stages"][1]["seconds"], current["stages"][1]["seconds"] = 6.0, 11.5  # +5.5 s but ×1.92
+    assert _by_gate(evaluate(current, gates, baseline))["max_seconds_ratio"].passed
+
+
+def test_the_readme_s_configuration_example_shows_the_defaults():
+    """Docs match defaults: every gate the README's pyproject example sets is set to its default."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("[tool.influence-doctor.gates]", 1)[1].split("[tool.influence-doctor.thresholds]", 1)[0]
+    defaults = {f.name: f.default for f in dataclasses.fields(Gates)}
+    shown = dict(re.findall(r"^(\w+) = ([^#\n]+?)\s*(?:#.*)?$", block, flags=re.MULTILINE))
+    assert {"max_seconds_ratio", "min_seconds_difference", "min_score_spearman"} <= set(shown)
+    for name, text in shown.items():
+        value = {"true": True, "false": False}.get(text, text.strip('"'))
+        if isinstance(defaults[name], float):
+            value = float(value)
+        assert value == defaults[name], (name, text, defaults[name])
+
+
 def test_a_baseline_from_another_machine_is_not_comparable_never_a_failure(two_runs):
     baseline = copy.deepcopy(two_runs[0].document)
     current = copy.deepcopy(baseline)

@@ -73,6 +73,7 @@ def test_a_measured_overflow_fails_on_the_count_and_a_measured_finite_sum_is_inf
     headroom = project_headroom("fc1/activation_covariance", "covariance", FP16, (64, 1000.0), (1024, 16000.0), 8192)
     (overflow,) = check_projected_headroom(headroom, T, (8, 81, 8192, 8192), "", 8192).findings
     assert (overflow.severity, overflow.cause, overflow.value, overflow.limit) == ("fail", "fp16-overflow", 8.0, 0.0)
+    assert overflow.check == "covariance.full_size_overflow"  # a measurement carries a measurement's name
     assert "accumulated in float16 over the training data in order, 8 of 81 entries are inf/NaN over all 8192" in (
         overflow.message
     )
@@ -80,6 +81,7 @@ def test_a_measured_overflow_fails_on_the_count_and_a_measured_finite_sum_is_inf
     assert early.severity == "fail" and "after 3072 of the 8192 examples (the pass stopped there)" in early.message
     (finite,) = check_projected_headroom(headroom, T, (0, 81, 8192, 8192), "", 8192).findings
     assert (finite.severity, finite.cause) == ("info", None) and "overestimated" in finite.message
+    assert finite.check == "covariance.full_size_overflow"
 
 
 def test_thin_projected_headroom_is_a_warning_and_a_wide_one_nothing():

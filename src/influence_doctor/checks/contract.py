@@ -22,7 +22,8 @@ from influence_doctor.findings import fail
 
 STAGE = "train"
 LIKELY_MODULES = (
-    "a normalisation over the batch (BatchNorm with track_running_stats=False, or a model left in train mode), "
+    "a normalisation over the batch that eval mode does not turn off (BatchNorm with track_running_stats=False; "
+    "the measurement runs the model in eval mode, as kronfluence does), "
     "or a loss computed across the examples of a batch (in-batch negatives, a mean over all tokens of the batch)"
 )
 MAX_NAMED = 20

@@ -110,7 +110,8 @@ def check_projected_headroom(
 ) -> CheckOutcome:
     """`<stage>.projected_headroom`: where the full run lands against the dtype's max.
 
-    A projection is a hypothesis: past the max it is a `fail` only once measured — `measured` is
+    A projection is a hypothesis: past the max it is a `fail` only once measured, and then the finding is
+    the measurement's, `<stage>.full_size_overflow` — `measured` is
     (non-finite entries, entries, examples accumulated, all examples) of the stage accumulated over the
     data in the configured dtype, stopped at the first non-finite sum; finite there, the projection was
     wrong (`info`). Not measured (`not_measured` says why), it is a `warn` giving the size at which the
@@ -151,7 +152,7 @@ def check_projected_headroom(
         outcome.findings.append(
             finding(
                 "fail" if nonfinite else "info",
-                check,
+                f"{prefix}.full_size_overflow",  # a measurement, named as one
                 f"{growth}, past {headroom.dtype}'s maximum {fmt(headroom.dtype_max)}; measured: "
                 f"accumulated in {headroom.dtype} over the training data in order, "
                 + (

@@ -89,15 +89,6 @@ class SampleLoss:
         return self.untrained
 
 
-def smooth(values: Sequence[float], span: int) -> list[float]:
-    """Exponential moving average with the given span (α = 2/(span+1)); the curve a person would see."""
-    alpha = 2.0 / (max(span, 1) + 1.0)
-    smoothed: list[float] = []
-    for value in values:
-        smoothed.append(value if not smoothed else alpha * value + (1 - alpha) * smoothed[-1])
-    return smoothed
-
-
 def detrend(values: Sequence[float]) -> list[float]:
     """Residuals of a least-squares line: what is left of a curve once its steady trend is removed."""
     n = len(values)
@@ -107,40 +98,6 @@ def detrend(values: Sequence[float]) -> list[float]:
     sxx = sum((i - mean_x) ** 2 for i in range(n))
     slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx
     return [v - (mean_y + slope * (i - mean_x)) for i, v in enumerate(values)]
-
-
-def lowest_autocorrelation(values: Sequence[float], max_lag: int) -> tuple[float, int]:
-    """The most negative (biased, per-point) autocorrelation over lags 1..max_lag, and its lag.
-
-    A cruder view of a swing than `periodicity`: white noise reaches -0.4 on short series, so the
-    checks judge by `periodicity`."""
-    n = len(values)
-    mean = sum(values) / n if n else 0.0
-    centred = [v - mean for v in values]
-    energy = sum(c * c for c in centred)
-    best, best_lag = 0.0, 0
-    if energy == 0.0:
-        return best, best_lag
-    for lag in range(1, min(max_lag, n - 1) + 1):
-        value = sum(centred[i] * centred[i + lag] for i in range(n - lag)) / energy
-        if value < best:
-            best, best_lag = value, lag
-    return best, best_lag
-
-
-def autocorrelation(residuals: Sequence[float], lag: int) -> float:
-    """Mean lagged product over mean square of zero-mean residuals, in [-1, 1].
-
-    Normalised per pair (not per point), so that a perfectly periodic series scores ±1 at any length.
-    """
-    n = len(residuals)
-    if not 0 < lag < n:
-        return 0.0
-    energy = sum(r * r for r in residuals) / n
-    if energy == 0.0 or not math.isfinite(energy):
-        return 0.0
-    product = sum(residuals[i] * residuals[i + lag] for i in range(n - lag)) / (n - lag)
-    return max(-1.0, min(1.0, product / energy))
 
 
 def periodicity(values: Sequence[float], min_cycles: float) -> tuple[float, int]:
@@ -164,8 +121,9 @@ def periodicity(values: Sequence[float], min_cycles: float) -> tuple[float, int]
 
 
 def _autocorrelations(residuals: Sequence[float], max_lag: int) -> list[float]:
-    """`autocorrelation(residuals, lag)` for lags 0..max_lag at once (vectorised: a loss curve has
-    thousands of steps, and the doctor checks it on every run)."""
+    """The mean lagged product over the mean square of zero-mean residuals, in [-1, 1], for lags 0..max_lag
+    at once. Normalised per pair, so that a perfectly periodic series scores ±1 at any length; vectorised,
+    because a loss curve has thousands of steps and the doctor checks it on every run."""
     import numpy as np
 
     r = np.asarray(residuals, dtype=np.float64)
