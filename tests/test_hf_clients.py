@@ -153,3 +153,23 @@ def test_fully_masked_examples_are_named_with_the_fix(tmp_path):
     assert (finding.severity, finding.cause, finding.value) == ("fail", "nonfinite-examples", 2.0)
     assert "indices 3, 7" in finding.message and "scores them 0" in finding.message
     assert ("nonfinite-examples", "train") in {(p.cause, p.stage) for p in report.problems}
+
+
+def test_per_token_scores_summed_over_tokens_are_kronfluences_own_scores_without_per_token(tmp_path):
+    """The scores the doctor reads (`total_scores`: summed over tokens and modules) against kronfluence's own
+    scores of the same model and factors computed without per-token scores, to float32's √eps (the two
+    differ only in the order of the sums). The sampled targets are drawn per example from the seed, so both
+    runs fit the same factors."""
+    import math
+
+    from influence_doctor.checks.measures import relative_frobenius
+    from influence_doctor.checks.scores import total_scores
+
+    pipeline = hf_pipeline("hf-gpt2-per-token", compute_per_token_scores=True)
+    tokens = diagnose(pipeline, out_dir=tmp_path / "t", progress=False)
+    plain = diagnose(hf_pipeline("hf-gpt2-summed"), out_dir=tmp_path / "p", progress=False)
+    per_token, own = tokens.run.artifacts["pairwise_scores"], plain.run.artifacts["pairwise_scores"]
+    assert next(iter(per_token.values())).shape == (4, 48, 16) and next(iter(own.values())).shape == (4, 48)
+    summed, reference = total_scores(per_token).double(), total_scores(own).double()
+    assert summed.shape == reference.shape == (4, 48)
+    assert relative_frobenius(summed - reference, reference) < math.sqrt(torch.finfo(torch.float32).eps)
