@@ -281,9 +281,32 @@ def test_below_limit_flips_at_the_limit():
     assert below["below_limit"] is False
 
 
-def test_undefined_agreement_is_not_reported_below_the_limit():
+def test_an_unmeasured_agreement_is_never_a_pass():
+    """A reference with no ranking (constant scores): the fix's fidelity is NaN, and NaN is held below the
+    bar (issue: the bar was skipped when fidelity was NaN)."""
     reference = snap("as configured", {"pairwise": torch.ones(4, 25, dtype=torch.float64)})
     final = snap("after z", {"pairwise": BASE.clone()})
     result = fix_fidelity([reference, final], 0.5)
     assert math.isnan(result["median_spearman"])
+    assert result["below_limit"] is True and not result.get("undefined_reference")
+
+
+def test_a_reference_without_finite_influence_is_undefined_not_a_failed_measurement():
+    """float64 of the configuration as given is inf/NaN (zero damping on a flat direction): there is no
+    distortion to measure, said as `undefined_reference`, and that alone does not fail the bar."""
+    reference = snap("as configured", {"pairwise": torch.full((4, 25), math.nan, dtype=torch.float64)})
+    final = snap("after z", {"pairwise": BASE.clone()})
+    result = fix_fidelity([reference, final], 0.5)
+    assert math.isnan(result["median_spearman"]) and result["undefined_reference"] is True
     assert result["below_limit"] is False
+
+
+def test_the_gate_fails_an_applied_fix_it_could_not_measure():
+    from influence_doctor.config import Gates
+    from influence_doctor.gates import _fix_fidelity
+
+    unmeasured = {"fidelity": {"fix": {"reference": "float64 as configured", "median_spearman": math.nan}}}
+    assert _fix_fidelity(unmeasured, Gates()).passed is False
+    undefined = {"fidelity": {"fix": {"reference": "float64 as configured", "undefined_reference": True}}}
+    assert _fix_fidelity(undefined, Gates()).passed is True
+    assert _fix_fidelity({"fidelity": {}}, Gates()).passed is True  # no fix at all: nothing to hold

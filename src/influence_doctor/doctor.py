@@ -230,12 +230,10 @@ def _cheap_garbage_collection() -> Iterator[None]:
 
 
 def _fix_fidelity(run: Run, labs: Labs, treatment: Treatment) -> dict[str, Any]:
-    """The final configuration against the least-regularized trusted run, else float64 as configured
-    (computed on the probe only in that case)."""
+    """The final configuration against float64 of the configuration as given, on the probe; without a
+    probe, against the least-regularized trusted run (said so)."""
     result = treatment.result
-    pair = None
-    if not any(snapshot.trusted for snapshot in result.snapshots[:-1]):
-        reference = labs.reference(run.configuration)
-        final = labs.candidate(run.configuration)
-        pair = (final, reference) if reference is not None and final is not None else None
+    reference = labs.reference(run.configuration)
+    final = labs.candidate(run.configuration)
+    pair = (final, reference) if reference is not None and final is not None else None
     return fix_fidelity(result.snapshots, treatment.min_fix_spearman, pair, tuple(run.pipeline.scores))

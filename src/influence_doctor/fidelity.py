@@ -107,8 +107,22 @@ def rankings_against(candidate: Any, reference: Any, kinds: tuple[str, ...], lab
 
 
 def below(fidelity: Mapping[str, Any], limit: float) -> bool:
+    """Whether a fix fails the bar: its median per-query Spearman below `limit`, or not measured at all (NaN
+    or missing is never a pass), unless its reference itself defines no influence (`undefined_reference`:
+    there is no distortion to measure, said in the report)."""
+    if fidelity.get("undefined_reference") or undefined_reference(fidelity):
+        return False
     value = fidelity.get("median_spearman", math.nan)
-    return value is not None and not math.isnan(value) and value < limit
+    return value is None or math.isnan(value) or value < limit
+
+
+def undefined_reference(fidelity: Mapping[str, Any]) -> bool:
+    """No Spearman because the reference has no finite influence to rank against (inf/NaN at the damping
+    as given): there is no distortion to measure, which is not a failed measurement."""
+    value = fidelity.get("median_spearman", math.nan)
+    unmeasured = value is None or math.isnan(value)
+    agreement = fidelity.get("agreement") or {}
+    return unmeasured and any((values or {}).get("reference_nonfinite", 0.0) > 0 for values in agreement.values())
 
 
 def fix_fidelity(
@@ -119,9 +133,11 @@ def fix_fidelity(
 ) -> dict[str, Any]:
     """The final configuration against its reference, with the numbers the `min_fix_spearman` gate reads.
 
-    `snapshots` are the run's scores before any remedy and after each one; rungs climb from least to
-    most distorting, so the earliest trusted one is the least regularized. `float64` is the pair
-    (final configuration, float64 as configured) on the probe, used when no snapshot is trusted.
+    The reference is float64 of the configuration as the user gave it (`float64`: the pair (final
+    configuration, that reference) on the probe): what the user asked for. Only where it cannot be
+    computed (no probe), the earliest trusted of `snapshots` (the run's scores before any remedy and after
+    each one; rungs climb from least to most distorting, so the earliest is the least regularized), and
+    the report says which.
     """
     if len(snapshots) < 2:
         return {"reference": None, "reason": "no remedy was applied"}
@@ -129,7 +145,11 @@ def fix_fidelity(
     if not final.trusted:
         return {"reference": None, "reason": "the final configuration's scores are not finite or not trustworthy"}
     earlier = [s for s in snapshots[:-1] if s.trusted]
-    if earlier:
+    if float64 is not None:
+        candidate, reference = float64
+        result = rankings_against(candidate, reference, kinds, FLOAT64_REFERENCE) | {"reference_kind": "float64"}
+        result["reference_regularization"] = snapshots[0].regularization
+    elif earlier:
         reference = earlier[0]
         agreement = compare_scores(final.scores, reference.scores)
         shape = next(iter(final.scores.values())).shape if final.scores else ()
@@ -141,16 +161,11 @@ def fix_fidelity(
             "queries": int(shape[0]) if len(shape) == 2 else 0,
             "agreement": agreement,
             "reference_regularization": reference.regularization,
+            "reason": "float64 of the configuration as given could not be computed (no probe)",
         }
-    elif float64 is not None:
-        candidate, reference = float64
-        result = rankings_against(candidate, reference, kinds, FLOAT64_REFERENCE) | {"reference_kind": "float64"}
-        result["reference_regularization"] = snapshots[0].regularization
     else:
         return {"reference": None, "reason": "no float64 reference could be computed (no Analyzer or no data)"}
-    if math.isnan(result["median_spearman"]) and any(
-        values.get("reference_nonfinite", 0.0) > 0 for values in result["agreement"].values()
-    ):
+    if undefined_reference(result):
         result["undefined_reference"] = True
         result["reason"] = (
             f"{result['reference']} has no finite influence to rank against (inf/NaN at the damping as given): "

@@ -153,9 +153,11 @@ def _fix_fidelity(document: dict[str, Any], gates: Gates) -> GateResult:
     least-regularized finite run, else float64 of the configuration as given."""
     fix = (document.get("fidelity") or {}).get("fix") or {}
     value = number(fix, "median_spearman")
-    if value is None:
+    if value is None or math.isnan(value):
         reason = fix.get("reason") or "no remedy changed the scores"
-        return GateResult("min_fix_spearman", None, gates.min_fix_spearman, True, reason)
+        # an applied fix that was not measured is never a pass, unless its reference defines no influence
+        measured_nothing = bool(fix.get("reference")) and not fix.get("undefined_reference")
+        return GateResult("min_fix_spearman", None, gates.min_fix_spearman, not measured_nothing, reason)
     return GateResult(
         "min_fix_spearman",
         value,

@@ -105,8 +105,17 @@ def check_fix_fidelity(stage: str, fix: Mapping[str, object]) -> CheckOutcome:
     outcome = CheckOutcome()
     if not fix.get("below_limit"):
         return outcome
-    median, limit = float(fix["median_spearman"]), float(fix["limit"])  # type: ignore[arg-type]
-    if math.isnan(median):
+    median, limit = float(fix.get("median_spearman") or math.nan), float(fix["limit"])  # type: ignore[arg-type]
+    if math.isnan(median):  # an applied fix whose rankings could not be compared: never a pass
+        outcome.findings.append(
+            warn(
+                "scores.fix_fidelity",
+                f"The fix's rankings could not be compared with {fix.get('reference')!r} (no finite Spearman): "
+                f"unmeasured, it is held below {limit:g}, advice and not a cure.",
+                stage=stage,
+                limit=limit,
+            )
+        )
         return outcome
     outcome.findings.append(
         warn(
