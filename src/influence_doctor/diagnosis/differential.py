@@ -213,7 +213,7 @@ def judge_change(problem: Problem, base: Trial, trial: Trial, lab: Lab, threshol
     wrong_before = trial_symptoms(base, lab, thresholds)
     new = trial_symptoms(trial, lab, thresholds) - wrong_before
     new -= {(s.kind, s.stage) for s in symptoms}
-    broken = sorted(item for item in new if passed_before(item[1], base, wrong_before))
+    broken = sorted(item for item in new if passed_before(item, base, wrong_before))
     revealed = sorted(new - set(broken))
     if still:
         return Verdict(False, _one(before), _one(after), f"{still[0].measurement}: {_show(_one(after))}")
@@ -225,13 +225,18 @@ def judge_change(problem: Problem, base: Trial, trial: Trial, lab: Lab, threshol
     return Verdict(True, _one(before), _one(after), "", revealed)
 
 
-def passed_before(stage: str, base: Trial, wrong_before: set[tuple[str, str]]) -> bool:
-    """Whether `base` measured `stage` and found it right: computed, and nothing wrong in it or in a
-    factor stage feeding it (the two score stages do not feed each other)."""
+def passed_before(measurement: tuple[str, str], base: Trial, wrong_before: set[tuple[str, str]]) -> bool:
+    """Whether `base` made this measurement (a symptom kind at a stage) and it passed: the stage was
+    computed from finite inputs (no inf/NaN or error in it or in a factor stage feeding it; the two score
+    stages do not feed each other) and the measurement found nothing. Judged per measurement, not per
+    stage: a covariance rung that clears the covariance's precision loss and overflows it breaks a
+    measurement that passed before, although the covariance had a symptom."""
+    kind, stage = measurement
     if stage not in base.artifacts or base.failure(stage):
         return False
     feeding = {name for name in FACTOR_STAGES if STAGES.index(name) < STAGES.index(stage)} | {stage}
-    return not any(wrong_stage in feeding for _kind, wrong_stage in wrong_before)
+    garbage_in = any(k in PROPAGATING and wrong_stage in feeding for k, wrong_stage in wrong_before)
+    return not garbage_in and (kind, stage) not in wrong_before
 
 
 def _one(values: list[Any]) -> Any:
