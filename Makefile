@@ -3,6 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The tests run on every core (pytest-xdist); a single process takes about 12 minutes on 2 cores.
+PYTEST_ARGS ?= -q -n auto
 
 .PHONY: install diagnose test influence-check lint generated gpu-check clean
 
