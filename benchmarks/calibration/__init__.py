@@ -346,12 +346,10 @@ def derive_limits(curves: Sequence[HealthyCurve], rules: Sequence[LimitRule] = L
     defaults = Thresholds()
     metrics = [training_findings(curve, defaults)[1] for curve in curves]
 
-    def counts(rule: LimitRule, m: dict[str, Any]) -> bool:
-        if m.get(rule.metric) is None:
-            return False
-        return rule.gate is None or float(m.get(rule.gate[0], -math.inf)) > defaults.value(rule.gate[1])
-
-    return {rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if counts(rule, m)]) for rule in rules}
+    return {
+        rule.threshold: rule.derive([float(m[rule.metric]) for m in metrics if m.get(rule.metric) is not None])
+        for rule in rules
+    }
 
 
 # --- sick training curves ------------------------------------------------------------------------------
@@ -456,6 +454,22 @@ class FamilyOutcome:
     @property
     def rate(self) -> float:
         return self.detected / self.members if self.members else math.nan
+
+
+def referenceless(curve: HealthyCurve) -> HealthyCurve:
+    """The curve as the doctor measures a model beyond the evidence budget: the sample loss before and after
+    alone, with no fresh copy's loss, no uphill cosine and no gradient noise."""
+    if curve.sample is None:
+        return curve
+    bare = replace(
+        curve.sample,
+        reference=None,
+        uphill_cosine=None,
+        directional_t=None,
+        gradient_snr=None,
+        gradient_dimensions=None,
+    )
+    return replace(curve, sample=bare)
 
 
 def family_outcome(curves: Sequence[HealthyCurve], family: str, thresholds: Thresholds | None = None) -> FamilyOutcome:
